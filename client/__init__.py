@@ -1,0 +1,1 @@
+"""rf-client: builds labelled synthetic datasets against Triton servers (light: no torch)."""

@@ -1,0 +1,1 @@
+"""rf-export: model bundles to ONNX, TensorRT engines and the Triton model repository."""

@@ -1,0 +1,212 @@
+"""The model bundle contract: a diffusers-layout Stable Diffusion directory, checked and loaded here.
+
+A real user passes a local Stable Diffusion 1.x copy; tests and demos build a tiny one with `build_tiny_bundle`.
+No other stage knows which it got.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from realfake.client.errors import UserError
+
+REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
+OPTIONAL_COMPONENTS = ("image_encoder",)
+TEXT_MAX_LENGTH = 77
+
+# SD 1.x noise schedule: the scheduler config every stage derives its sampler from.
+SD_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+}
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    path: Path
+    has_image_encoder: bool
+    image_size: int  # pixels per side the UNet was built for
+    latent_channels: int
+    vae_scale_factor: int
+    text_hidden_size: int
+
+
+def check_bundle(path: str | Path) -> BundleInfo:
+    """Validate the directory layout and the widths that later stages rely on; raise UserError otherwise."""
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"bundle {root} is not a directory (expected a diffusers-layout model folder)")
+    if not (root / "model_index.json").is_file():
+        raise UserError(f"bundle {root} has no model_index.json (is it a diffusers-format directory?)")
+    missing = [c for c in REQUIRED_COMPONENTS if not (root / c).is_dir()]
+    if missing:
+        raise UserError(f"bundle {root} is missing component(s): {', '.join(missing)}")
+    configs = {}
+    for name, fname in (("unet", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json")):
+        cfg = root / name / fname
+        if not cfg.is_file():
+            raise UserError(f"bundle {root}: {name}/{fname} is missing")
+        configs[name] = json.loads(cfg.read_text())
+    unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
+    vae_scale = 2 ** (len(vae.get("block_out_channels", [1])) - 1)
+    has_image_encoder = (root / "image_encoder" / "config.json").is_file()
+    if has_image_encoder:
+        proj = json.loads((root / "image_encoder" / "config.json").read_text()).get("projection_dim")
+        if proj != text["hidden_size"]:
+            raise UserError(
+                f"bundle {root}: image_encoder projection_dim {proj} != text hidden size {text['hidden_size']}"
+                " (the guidance token replaces a text token, so the widths must match)"
+            )
+    return BundleInfo(
+        path=root,
+        has_image_encoder=has_image_encoder,
+        image_size=int(unet["sample_size"]) * vae_scale,
+        latent_channels=int(unet["in_channels"]),
+        vae_scale_factor=vae_scale,
+        text_hidden_size=int(text["hidden_size"]),
+    )
+
+
+def bundle_identity(path: str | Path) -> str:
+    """A short content hash of the bundle's weights and configs: the model identity the manifest records."""
+    digest = hashlib.sha256()
+    root = Path(path)
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(f.relative_to(root)).encode())
+        digest.update(hashlib.sha256(f.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def _byte_alphabet() -> list[str]:
+    """CLIP's byte-level alphabet in vocabulary order: printable bytes as themselves, then the other bytes
+    mapped to code points from 256 up (so every byte has a visible, non-whitespace symbol)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    others = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+
+
+def clip_bpe_file() -> Path:
+    """The CLIP BPE merges file that open-clip-torch ships (found without importing open_clip or torch)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("open-clip-torch is not installed: it ships the CLIP BPE vocabulary the tokenizer needs")
+    path = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.is_file():
+        raise UserError(f"open-clip-torch has no BPE file at {path}")
+    return path
+
+
+def clip_tokenizer():
+    """The real CLIP tokenizer (49408 tokens), built offline from open-clip-torch's BPE merges."""
+    from transformers import CLIPTokenizer
+
+    lines = gzip.open(clip_bpe_file(), "rt", encoding="utf-8").read().split("\n")
+    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]  # CLIP uses the first 48894 merges
+    alphabet = _byte_alphabet()
+    tokens = alphabet + [a + "</w>" for a in alphabet] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TEXT_MAX_LENGTH)
+
+
+def build_tiny_bundle(
+    out: str | Path,
+    *,
+    seed: int = 0,
+    image_encoder: bool = True,
+    sample_size: int = 16,
+    vae_blocks: tuple[int, ...] = (32, 64),
+    unet_blocks: tuple[int, ...] = (32, 64),
+    text_hidden: int = 32,
+) -> Path:
+    """Write a tiny Stable-Diffusion-layout bundle with seeded random weights (for tests and demos).
+
+    `sample_size` is the latent side; images are `sample_size * 2**(len(vae_blocks)-1)` pixels.
+    """
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    torch.manual_seed(seed)
+    n = len(unet_blocks)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=unet_blocks,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        cross_attention_dim=text_hidden,
+        attention_head_dim=4,
+        norm_num_groups=min(32, unet_blocks[0]),
+    )
+    torch.manual_seed(seed + 1)
+    m = len(vae_blocks)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * m,
+        up_block_types=("UpDecoderBlock2D",) * m,
+        block_out_channels=vae_blocks,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=min(32, vae_blocks[0]),
+        sample_size=sample_size * 2 ** (m - 1),
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=text_hidden,
+            intermediate_size=2 * text_hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=TEXT_MAX_LENGTH,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    vision = None
+    if image_encoder:
+        torch.manual_seed(seed + 3)
+        vision = CLIPVisionModelWithProjection(
+            CLIPVisionConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=32,
+                patch_size=8,
+                projection_dim=text_hidden,
+            )
+        )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=vision,
+        requires_safety_checker=False,
+    )
+    out = Path(out)
+    pipe.save_pretrained(out, safe_serialization=True)
+    check_bundle(out)
+    return out

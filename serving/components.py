@@ -1,0 +1,68 @@
+"""ONNX Runtime sessions for the exported components, in-process (tests, benchmarks, CPU Triton models)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+COMPONENT_IO = {
+    "text_encoder": (("input_ids",), "hidden_states"),
+    "unet": (("sample", "timestep", "encoder_hidden_states"), "noise_pred"),
+    "vae_decoder": (("latents",), "image"),
+    "vae_encoder": (("image",), "moments"),
+    "image_encoder": (("pixel_values",), "image_embeds"),
+}
+
+
+def make_session(path: str | Path, threads: int | None = None):
+    """A CPU (or CUDA, when present) ONNX Runtime session with full graph optimisation.
+
+    `threads` caps intra-op threads (default: all cores, or RF_ORT_THREADS); several sessions in one
+    server share the cores, so the server passes a number.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    threads = threads or int(os.environ.get("RF_ORT_THREADS", "0")) or None
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    available = ort.get_available_providers()
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+
+
+class OrtComponents:
+    """`Components` on in-process ONNX Runtime sessions loaded from an export directory."""
+
+    def __init__(self, onnx_dir: str | Path, threads: int | None = None):
+        onnx_dir = Path(onnx_dir)
+        self.sessions = {
+            name: make_session(onnx_dir / f"{name}.onnx", threads)
+            for name in COMPONENT_IO
+            if (onnx_dir / f"{name}.onnx").is_file()
+        }
+
+    def _run(self, name: str, *arrays: np.ndarray) -> np.ndarray:
+        if name not in self.sessions:
+            raise ValueError(f"this model has no {name} component")
+        inputs, _ = COMPONENT_IO[name]
+        return self.sessions[name].run(None, dict(zip(inputs, arrays)))[0]
+
+    def text_encoder(self, input_ids):
+        return self._run("text_encoder", input_ids)
+
+    def unet(self, sample, timestep, encoder_hidden_states):
+        return self._run("unet", sample, timestep, encoder_hidden_states)
+
+    def vae_decoder(self, latents):
+        return self._run("vae_decoder", latents)
+
+    def vae_encoder(self, image):
+        return self._run("vae_encoder", image)
+
+    def image_encoder(self, pixel_values):
+        return self._run("image_encoder", pixel_values)

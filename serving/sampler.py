@@ -1,0 +1,204 @@
+"""The sampler the Triton `pipeline` model runs, readable top to bottom like the algorithm:
+
+encode prompts -> prepare latents (noise, or the real image's latents noised to `strength`) -> denoising loop
+(UNet on [uncond, cond] in one call, classifier-free guidance, scheduler step) -> VAE decode -> uint8 images.
+
+It is written against `Components` (plain callables on numpy arrays), so the same code runs on in-process
+ONNX Runtime sessions (tests, benchmarks) and on Triton BLS calls (the server). Noise comes from one
+`torch.Generator` per image seeded with that image's seed, drawn in the order diffusers draws it, so an
+image is reproducible from its seed alone and matches diffusers' pipelines given the same seeds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+# CLIP image preprocessing constants (OpenAI CLIP), for the guidance-token image embedding.
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+SCHEDULERS = ("unipc", "ddim", "euler", "dpm")
+
+
+class Components(Protocol):
+    """The exported graphs (see realfake.export.onnx_export for their contracts)."""
+
+    def text_encoder(self, input_ids: np.ndarray) -> np.ndarray: ...
+    def unet(self, sample: np.ndarray, timestep: np.ndarray, encoder_hidden_states: np.ndarray) -> np.ndarray: ...
+    def vae_decoder(self, latents: np.ndarray) -> np.ndarray: ...
+    def vae_encoder(self, image: np.ndarray) -> np.ndarray: ...
+    def image_encoder(self, pixel_values: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the sampler needs to know about the exported model (export.json beside the graphs)."""
+
+    image_size: int
+    latent_channels: int
+    vae_scale_factor: int
+    vae_scaling_factor: float
+    image_encoder_size: int | None
+    bundle_identity: str
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> ModelInfo:
+        meta = json.loads((Path(model_dir) / "export.json").read_text())
+        return cls(
+            image_size=meta["image_size"],
+            latent_channels=meta["latent_channels"],
+            vae_scale_factor=meta["vae_scale_factor"],
+            vae_scaling_factor=meta["vae_scaling_factor"],
+            image_encoder_size=meta.get("image_encoder_size"),
+            bundle_identity=meta["bundle_identity"],
+        )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Settings shared by every image of one sampler call (requests are grouped by these)."""
+
+    steps: int = 30
+    guidance_scale: float = 2.0
+    strength: float = 1.0  # 1.0: from pure noise; < 1: real-image latent prior (img2img)
+    guidance_token: bool = False  # replace the last cond token by the init image's CLIP embedding
+
+
+def make_scheduler(name: str, config: dict):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
+
+    classes = {
+        "unipc": UniPCMultistepScheduler,
+        "ddim": DDIMScheduler,
+        "euler": EulerDiscreteScheduler,
+        "dpm": DPMSolverMultistepScheduler,
+    }
+    if name not in classes:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    return classes[name].from_config(config)
+
+
+class Sampler:
+    def __init__(self, components: Components, model_dir: str | Path, scheduler: str = "unipc"):
+        from transformers import CLIPTokenizer
+
+        model_dir = Path(model_dir)
+        self.components = components
+        self.info = ModelInfo.load(model_dir)
+        self.tokenizer = CLIPTokenizer.from_pretrained(model_dir / "tokenizer", local_files_only=True)
+        self.scheduler_name = scheduler
+        self.scheduler_config = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
+        make_scheduler(scheduler, self.scheduler_config)  # fail at start-up, not on the first request
+
+    # -- the algorithm --------------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: list[str],
+        negative_prompts: list[str],
+        seeds: list[int],
+        settings: Settings,
+        init_images: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Images uint8 [B, H, W, 3] for B prompts; `init_images` uint8 [B, H, W, 3] when strength < 1."""
+        batch = len(prompts)
+        if not (len(negative_prompts) == len(seeds) == batch):
+            raise ValueError("prompts, negative_prompts and seeds must have the same length")
+        use_cfg = settings.guidance_scale > 1.0
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+        # 1. encode prompts: one text-encoder call for [negative; positive]
+        cond = self._encode_text(list(negative_prompts) + list(prompts) if use_cfg else list(prompts))
+        if settings.guidance_token:
+            if init_images is None:
+                raise ValueError("the guidance token needs init images")
+            embeds = self._image_embeds(init_images)
+            cond[-batch:, -1, :] = embeds  # the conditional half only
+        # 2. timesteps and starting latents
+        scheduler = make_scheduler(self.scheduler_name, self.scheduler_config)
+        scheduler.set_timesteps(settings.steps)
+        timesteps = scheduler.timesteps
+        if init_images is None or settings.strength >= 1.0:
+            latents = self._noise(generators) * scheduler.init_noise_sigma
+        else:
+            timesteps = self._truncate_timesteps(scheduler, settings)
+            init_latents = self._encode_images(init_images, generators)
+            noise = self._noise(generators)
+            latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(batch))
+        # 3. denoising loop: both guidance halves in one UNet call
+        context = cond
+        for t in timesteps:
+            model_in = torch.cat([latents, latents]) if use_cfg else latents
+            model_in = scheduler.scale_model_input(model_in, t)
+            t_batch = np.full((model_in.shape[0],), float(t), dtype=np.float32)
+            noise_pred = torch.from_numpy(self.components.unet(model_in.numpy(), t_batch, context))
+            if use_cfg:
+                uncond, text = noise_pred.chunk(2)
+                noise_pred = uncond + settings.guidance_scale * (text - uncond)
+            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        # 4. decode
+        image = self.components.vae_decoder(np.ascontiguousarray(latents.numpy(), dtype=np.float32))
+        return to_uint8(image)
+
+    # -- steps ----------------------------------------------------------------------------------------------
+
+    def _encode_text(self, texts: list[str]) -> np.ndarray:
+        ids = self.tokenizer(
+            texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True
+        ).input_ids
+        return self.components.text_encoder(np.asarray(ids, dtype=np.int64))
+
+    def _noise(self, generators: list[torch.Generator]) -> torch.Tensor:
+        side = self.info.image_size // self.info.vae_scale_factor
+        shape = (1, self.info.latent_channels, side, side)
+        return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+
+    def _encode_images(self, images: np.ndarray, generators: list[torch.Generator]) -> torch.Tensor:
+        """Real images -> latents sampled from the VAE posterior (one draw per image's generator), scaled."""
+        pixels = np.ascontiguousarray(images.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0)
+        moments = torch.from_numpy(self.components.vae_encoder(pixels))
+        mean, logvar = moments.chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        eps = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g) for g in generators])
+        return (mean + std * eps) * self.info.vae_scaling_factor
+
+    @staticmethod
+    def _truncate_timesteps(scheduler, settings: Settings) -> torch.Tensor:
+        init_steps = min(int(settings.steps * settings.strength), settings.steps)
+        start = max(settings.steps - init_steps, 0) * scheduler.order
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
+        return scheduler.timesteps[start:]
+
+    def _image_embeds(self, images: np.ndarray) -> np.ndarray:
+        if self.info.image_encoder_size is None:
+            raise ValueError("this model has no image encoder, so it cannot compute the guidance token")
+        return self.components.image_encoder(clip_preprocess(images, self.info.image_encoder_size))
+
+
+def clip_preprocess(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [B,H,W,3] -> CLIP pixel values [B,3,size,size]: bicubic resize of the short side, centre crop."""
+    from PIL import Image
+
+    out = []
+    for img in images:
+        pil = Image.fromarray(img)
+        scale = size / min(pil.size)
+        w, h = max(size, round(pil.width * scale)), max(size, round(pil.height * scale))
+        pil = pil.resize((w, h), Image.BICUBIC)
+        left, top = (w - size) // 2, (h - size) // 2
+        arr = np.asarray(pil.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
+        out.append(((arr - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1))
+    return np.ascontiguousarray(np.stack(out), dtype=np.float32)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """VAE output [B,3,H,W] in [-1,1] -> uint8 [B,H,W,3], rounded as diffusers rounds."""
+    image = np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+    return (image * 255).round().astype(np.uint8)

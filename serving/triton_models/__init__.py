@@ -1,0 +1,1 @@
+"""Sources of the Triton Python-backend models; `rf-export repo` copies them into a repository."""
