@@ -1,0 +1,209 @@
+"""Start, watch and stop a local Triton server (the `tritonserver` on PATH or the one in nvidia-pytriton).
+
+Pure standard library, so the light client can start the embedded default server without torch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from realfake.client.errors import UserError
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    binary: Path
+    backends: Path  # folder holding python/libtriton_python.so
+    stub: Path | None  # python backend stub matching this Python, when the install ships several
+    libs: tuple[Path, ...]  # extra shared-library folders
+
+
+def find_triton() -> TritonInstall:
+    """Locate a Triton server: nvidia-pytriton's bundled binary first (it matches this venv), else PATH."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is not None and spec.submodule_search_locations:
+        root = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+        binary = root / "bin" / "tritonserver"
+        if binary.is_file():
+            version = f"{sys.version_info.major}.{sys.version_info.minor}"
+            stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+            if not stub.is_file():
+                raise UserError(f"nvidia-pytriton ships no Python backend stub for Python {version}")
+            libs = root.parent.parent / "nvidia_pytriton.libs"
+            return TritonInstall(binary, root / "backends", stub, (libs,) if libs.is_dir() else ())
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return TritonInstall(Path(on_path), Path("/opt/tritonserver/backends"), None, ())
+    raise UserError(
+        "no Triton server found: install the server extra (`pip install realfake[server]`, which brings "
+        "nvidia-pytriton's tritonserver) or put `tritonserver` on PATH, or pass --url of a running server"
+    )
+
+
+def port_is_free(port: int, host: str = LOOPBACK) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class LocalServer:
+    """A tritonserver child process serving `repo` on loopback; use as a context manager."""
+
+    def __init__(
+        self,
+        repo: str | Path,
+        *,
+        http_port: int | None = None,
+        grpc_port: int | None = None,
+        host: str = LOOPBACK,
+        log_path: str | Path | None = None,
+        ready_timeout: float = 300.0,
+    ):
+        self.repo = Path(repo).resolve()
+        if not self.repo.is_dir():
+            raise UserError(f"model repository {self.repo} does not exist (build it with `rf-export repo`)")
+        for port in (http_port, grpc_port):
+            if port is not None and not port_is_free(port, host):
+                raise UserError(f"port {port} on {host} is in use: pick another with --http-port/--grpc-port")
+        self.host = host
+        self.http_port = http_port or free_port(host)
+        self.grpc_port = grpc_port or free_port(host)
+        self.ready_timeout = ready_timeout
+        self._workdir = Path(tempfile.mkdtemp(prefix="rf-triton-"))
+        self.log_path = Path(log_path) if log_path else self._workdir / "tritonserver.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    def _backend_dir(self, install: TritonInstall) -> Path:
+        """A private backend folder: the wheel's python backend plus the stub for this Python version."""
+        if install.stub is None:
+            return install.backends
+        target = self._workdir / "backends" / "python"
+        target.mkdir(parents=True, exist_ok=True)
+        for item in (install.backends / "python").iterdir():
+            if item.is_file():
+                (target / item.name).symlink_to(item)
+        shutil.copy2(install.stub, target / install.stub.name)
+        return target.parent
+
+    def _env(self, install: TritonInstall) -> dict[str, str]:
+        env = dict(os.environ)
+        # The python backend stub runs the `python3` it finds on PATH: make it this interpreter's.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        libs = [str(p) for p in install.libs]
+        libdir = sysconfig.get_config_var("LIBDIR")
+        if libdir:
+            libs.append(libdir)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + [env.get("LD_LIBRARY_PATH", "")]).strip(os.pathsep)
+        return env
+
+    def start(self) -> LocalServer:
+        install = find_triton()
+        cmd = [
+            str(install.binary),
+            f"--model-repository={self.repo}",
+            f"--backend-directory={self._backend_dir(install)}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            "--allow-metrics=false",
+            "--exit-timeout-secs=10",
+            "--log-verbose=0",
+        ]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env(install), start_new_session=True
+        )
+        log.close()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise UserError(
+                    f"Triton exited with code {self.process.returncode} while starting"
+                    f"{self._failure_hint()}; log: {self.log_path}"
+                )
+            if server_ready(self.url):
+                return
+            time.sleep(0.25)
+        raise UserError(f"Triton was not ready after {self.ready_timeout:.0f}s{self._failure_hint()}; log: {self.log_path}")
+
+    def _failure_hint(self) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        failed = re.findall(r"failed to load '([^']+)'", text)
+        if failed:
+            return f" (model(s) failed to load: {', '.join(sorted(set(failed)))})"
+        if "Address already in use" in text or "address already in use" in text.lower():
+            return " (a port is already in use)"
+        return ""
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the server and its stubs (failure-injection tests)."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> LocalServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def server_ready(url: str, timeout: float = 2.0) -> bool:
+    """True when the server at host:port answers ready on its HTTP health endpoint."""
+    try:
+        with urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=timeout) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False

@@ -1,0 +1,111 @@
+"""Turn a list of pipeline requests (as numpy arrays) into sampler calls, and results back into responses.
+
+Triton's dynamic batcher hands the `pipeline` model several requests at once; images whose settings agree
+are sampled in one batch, whatever request they came from. Kept free of Triton so it is unit-tested directly.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from realfake.client.protocol import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, MAX_STEPS
+from realfake.serving.sampler import Sampler, Settings
+
+
+@dataclass
+class Item:
+    request: int
+    row: int
+    prompt: str
+    negative_prompt: str
+    seed: int
+    init_image: np.ndarray | None
+
+
+def _column(arrays: dict, name: str, rows: int, default):
+    if name not in arrays or arrays[name] is None:
+        return [default] * rows
+    values = np.asarray(arrays[name]).reshape(rows, -1)[:, 0]
+    return list(values)
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def parse_request(index: int, arrays: dict, image_size: int) -> list[tuple[Settings, Item]]:
+    """Validate one request's tensors and split it into per-image items; raises ValueError on bad input."""
+    if "PROMPT" not in arrays or "SEED" not in arrays:
+        raise ValueError("PROMPT and SEED are required")
+    rows = int(np.asarray(arrays["PROMPT"]).shape[0])
+    prompts = [_text(p) for p in _column(arrays, "PROMPT", rows, "")]
+    negatives = [_text(p) for p in _column(arrays, "NEGATIVE_PROMPT", rows, b"")]
+    seeds = [int(s) for s in _column(arrays, "SEED", rows, 0)]
+    steps = [int(s) for s in _column(arrays, "STEPS", rows, DEFAULT_STEPS)]
+    scales = [float(g) for g in _column(arrays, "GUIDANCE_SCALE", rows, DEFAULT_GUIDANCE_SCALE)]
+    init = arrays.get("INIT_IMAGE")
+    strengths = [float(s) for s in _column(arrays, "STRENGTH", rows, 1.0 if init is None else 0.75)]
+    tokens = [bool(t) for t in _column(arrays, "GUIDANCE_TOKEN", rows, False)]
+    if init is not None:
+        init = np.asarray(init)
+        if init.dtype != np.uint8 or init.shape != (rows, image_size, image_size, 3):
+            raise ValueError(
+                f"INIT_IMAGE must be uint8 [{rows},{image_size},{image_size},3], got {init.dtype} {list(init.shape)}"
+            )
+    out = []
+    for r in range(rows):
+        if not 1 <= steps[r] <= MAX_STEPS:
+            raise ValueError(f"STEPS must be in 1..{MAX_STEPS}, got {steps[r]}")
+        if not np.isfinite(scales[r]) or scales[r] < 0:
+            raise ValueError(f"GUIDANCE_SCALE must be a finite number >= 0, got {scales[r]}")
+        if not 0.0 < strengths[r] <= 1.0:
+            raise ValueError(f"STRENGTH must be in (0, 1], got {strengths[r]}")
+        if init is None and (strengths[r] < 1.0 or tokens[r]):
+            raise ValueError("STRENGTH < 1 and GUIDANCE_TOKEN need INIT_IMAGE")
+        if seeds[r] < 0:
+            raise ValueError(f"SEED must be >= 0, got {seeds[r]}")
+        settings = Settings(steps[r], scales[r], strengths[r], tokens[r])
+        image = init[r] if init is not None else None
+        out.append((settings, Item(index, r, prompts[r], negatives[r], seeds[r], image)))
+    return out
+
+
+def run_batch(sampler: Sampler, requests: list[dict], max_batch: int = 64) -> list[np.ndarray | Exception]:
+    """Per request: its images uint8 [rows,H,W,3], or the exception that explains why it failed."""
+    results: list[np.ndarray | Exception | None] = [None] * len(requests)
+    groups: dict[tuple, list[Item]] = defaultdict(list)
+    rows_of: dict[int, int] = {}
+    for i, arrays in enumerate(requests):
+        try:
+            parsed = parse_request(i, arrays, sampler.info.image_size)
+        except ValueError as exc:
+            results[i] = exc
+            continue
+        rows_of[i] = len(parsed)
+        for settings, item in parsed:
+            groups[(settings, item.init_image is not None)].append(item)
+    images: dict[tuple[int, int], np.ndarray] = {}
+    for (settings, has_init), items in groups.items():
+        for start in range(0, len(items), max_batch):
+            chunk = items[start : start + max_batch]
+            try:
+                out = sampler.generate(
+                    [it.prompt for it in chunk],
+                    [it.negative_prompt for it in chunk],
+                    [it.seed for it in chunk],
+                    settings,
+                    init_images=np.stack([it.init_image for it in chunk]) if has_init else None,
+                )
+            except Exception as exc:  # noqa: BLE001 - reported to the requests of this chunk, server lives on
+                for it in chunk:
+                    results[it.request] = exc
+                continue
+            for it, img in zip(chunk, out):
+                images[(it.request, it.row)] = img
+    for i, rows in rows_of.items():
+        if results[i] is None:
+            results[i] = np.stack([images[(i, r)] for r in range(rows)])
+    return results  # type: ignore[return-value]

@@ -1,0 +1,76 @@
+"""Triton Python-backend model `pipeline` (copied to <repo>/pipeline/1/model.py by `rf-export repo`).
+
+Thin by design: parse requests, call the sampler (realfake.serving), answer. The components are other
+models in the repository, reached by BLS.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from realfake.client.protocol import PIPELINE_INPUTS
+from realfake.serving.batching import run_batch
+from realfake.serving.components import COMPONENT_IO
+from realfake.serving.sampler import Sampler
+
+
+class BlsComponents:
+    """`Components` whose calls are BLS requests to the component models of this repository."""
+
+    def __init__(self, names: dict[str, str]):
+        self.names = names
+
+    def _run(self, component: str, *arrays):
+        inputs, output = COMPONENT_IO[component]
+        request = pb_utils.InferenceRequest(
+            model_name=self.names[component],
+            requested_output_names=[output],
+            inputs=[pb_utils.Tensor(n, np.ascontiguousarray(a)) for n, a in zip(inputs, arrays)],
+        )
+        response = request.exec()
+        if response.has_error():
+            raise RuntimeError(f"{component}: {response.error().message()}")
+        return pb_utils.get_output_tensor_by_name(response, output).as_numpy()
+
+    def text_encoder(self, input_ids):
+        return self._run("text_encoder", input_ids)
+
+    def unet(self, sample, timestep, encoder_hidden_states):
+        return self._run("unet", sample, timestep, encoder_hidden_states)
+
+    def vae_decoder(self, latents):
+        return self._run("vae_decoder", latents)
+
+    def vae_encoder(self, image):
+        return self._run("vae_encoder", image)
+
+    def image_encoder(self, pixel_values):
+        return self._run("image_encoder", pixel_values)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        model_dir = Path(args["model_repository"]) / args["model_version"] / "model_files"
+        components = BlsComponents({name: name for name in COMPONENT_IO})
+        self.sampler = Sampler(components, model_dir, scheduler=params.get("scheduler", "unipc"))
+        self.max_batch = int(config.get("max_batch_size", 64)) or 64
+
+    def execute(self, requests):
+        arrays = []
+        for request in requests:
+            tensors = {}
+            for name in PIPELINE_INPUTS:
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                tensors[name] = tensor.as_numpy() if tensor is not None else None
+            arrays.append(tensors)
+        responses = []
+        for result in run_batch(self.sampler, arrays, self.max_batch):
+            if isinstance(result, Exception):
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result))))
+            else:
+                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("IMAGE", result)]))
+        return responses
