@@ -1,0 +1,247 @@
+"""`rf-client`: build labelled synthetic datasets against Triton servers; `rf-serve`: a local server."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from realfake.client import dataset as ds
+from realfake.client.classes import BUILTIN, load_classes
+from realfake.client.cliutil import run_cli
+from realfake.client.errors import UserError
+from realfake.client.protocol import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS
+
+app = typer.Typer(
+    help="Build labelled synthetic image datasets (Real-Fake) against one or many Triton servers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks of internal errors.")]
+
+
+@app.command()
+def classes(
+    set_name: Annotated[str, typer.Argument(metavar="SET", help=f"{', '.join(BUILTIN)}, or a class file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    debug: Debug = False,
+) -> None:
+    """List the classes of a class set: index, id (the dataset folder name) and readable name."""
+    rows = load_classes(set_name)
+    if as_json:
+        typer.echo(json.dumps([r.__dict__ for r in rows], indent=1))
+        return
+    for r in rows:
+        typer.echo(f"{r.index}\t{r.id}\t{r.name}")
+
+
+@contextlib.contextmanager
+def servers_for(urls: list[str], log):
+    """The given servers, or (with none) the embedded default: a local Triton on the tiny model."""
+    from realfake.client.triton import normalise_url
+
+    if urls:
+        yield [normalise_url(u) for u in urls]
+        return
+    from realfake.client.local import ensure_default_repo
+    from realfake.client.server import LocalServer
+
+    repo = ensure_default_repo(log)
+    log(f"starting a local Triton server on {repo}")
+    with LocalServer(repo) as server:
+        log(f"server ready at {server.url} (log: {server.log_path})")
+        yield [server.url]
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{time.time_ns()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"output directory {out} is not writable ({exc.strerror or exc})") from None
+
+
+@app.command()
+def generate(
+    classes: Annotated[str, typer.Option(help=f"Class set: {', '.join(BUILTIN)}, or a class file.")],
+    out: Annotated[Path, typer.Option(help="Output directory (ImageFolder + manifest.jsonl).")],
+    per_class: Annotated[int, typer.Option(help="Images per class (text-only mode).")] = 10,
+    url: Annotated[
+        list[str] | None,
+        typer.Option(help="Triton server HOST:PORT (HTTP); repeat for many. None: start a local server."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Job seed: image seeds derive from (seed, class, index).")] = 0,
+    prompt_template: Annotated[str, typer.Option(help="Prompt with {class} and {caption}.")] = ds.DEFAULT_TEMPLATE,
+    negative_prompt: Annotated[str, typer.Option(help="Negative prompt.")] = ds.DEFAULT_NEGATIVE,
+    steps: Annotated[int, typer.Option(help="Sampler steps.")] = DEFAULT_STEPS,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (<= 1 disables it).")] = (
+        DEFAULT_GUIDANCE_SCALE
+    ),
+    batch: Annotated[int, typer.Option(help="Images per request.")] = 4,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight per server.")] = 2,
+    shard: Annotated[str | None, typer.Option(help="I/N: make only this process's share of the job.")] = None,
+    force: Annotated[bool, typer.Option(help="Resume even though the job's settings changed.")] = False,
+    max_attempts: Annotated[int, typer.Option(help="Tries per request before its images count as failed.")] = 4,
+    server_wait: Annotated[float, typer.Option(help="Seconds to wait for any server to come back.")] = 120.0,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Generate a labelled synthetic dataset: OUT/<class_id>/<index>.png plus OUT/manifest.jsonl.
+
+    Re-running the same command resumes: finished images are kept (checked by hash), the rest are made.
+    """
+    from realfake.client.triton import PipelineClient
+
+    class_list = load_classes(classes)
+    if per_class < 1:
+        raise UserError(f"--per-class must be >= 1, got {per_class}")
+    if steps < 1 or batch < 1 or concurrency < 1 or max_attempts < 1:
+        raise UserError("--steps, --batch, --concurrency and --max-attempts must be >= 1")
+    shard_ix = ds.parse_shard(shard)
+    _check_writable(out)
+    log = (lambda *_: None) if quiet else (lambda msg: typer.echo(msg, err=True))
+    with servers_for(url or [], log) as urls:
+        cards = []
+        for u in urls:
+            try:
+                cards.append(PipelineClient(u).card())
+            except UserError as exc:
+                if len(urls) == 1:
+                    raise
+                log(f"warning: {exc}; going on without it until it answers")
+        if not cards:
+            raise UserError(f"none of the servers is usable: {', '.join(urls)}")
+        identities = {c.identity for c in cards}
+        if len(identities) > 1:
+            raise UserError(f"the servers serve different models ({', '.join(sorted(identities))})")
+        spec = ds.JobSpec(
+            classes=[c.__dict__ for c in class_list],
+            per_class=per_class,
+            seed=seed,
+            prompt_template=prompt_template,
+            negative_prompt=negative_prompt,
+            steps=steps,
+            guidance_scale=guidance,
+            model=cards[0].identity,
+        )
+        _check_job(out, spec, force)
+        items = [
+            ds.WorkItem(c, i, ds.image_seed(seed, c.id, i), ds.render_prompt(prompt_template, c.name))
+            for c in class_list
+            for i in range(per_class)
+        ]
+        _run(out, spec, items, urls, shard_ix, batch, concurrency, max_attempts, server_wait, quiet, log)
+
+
+def _check_job(out: Path, spec: ds.JobSpec, force: bool) -> None:
+    path = out / ds.JOB_FILE
+    if path.exists():
+        try:
+            old = ds.JobSpec(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise UserError(f"{path} is unreadable ({exc}); move it away to start a new job") from None
+        changed = old.differences(spec)
+        if changed and not force:
+            raise UserError(
+                f"{out} holds a job with other settings ({', '.join(changed)}): use another --out, "
+                "or --force to resume with the new settings"
+            )
+    ds.write_atomic(path, json.dumps(spec.to_json(), indent=1).encode())
+
+
+def _run(out, spec, items, urls, shard_ix, batch, concurrency, max_attempts, server_wait, quiet, log, load_real=None):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from realfake.client.generate import Runner, write_summary
+
+    width = ds.index_width(spec)
+    mine = [it for it in items if shard_ix[1] == 1 or ds.shard_of(it, shard_ix[1]) == shard_ix[0]]
+    name = ds.manifest_name(shard_ix)
+    done = ds.compact_manifest(out, name)
+    for other in ds.manifest_files(out):
+        if other.name != name:
+            done.update({(r["class_id"], int(r["index"])): r for r in ds.read_manifest_rows(other)})
+    pending = [it for it in mine if it.key not in done]
+    skipped = len(mine) - len(pending)
+    if skipped:
+        log(f"resuming: {skipped} of {len(mine)} images already finished")
+    writer = ds.ManifestWriter(out / name)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        disable=quiet,
+        transient=False,
+    )
+    task = progress.add_task("generating", total=len(pending), rate="")
+    server_tasks = {u: progress.add_task(f"  {u}", total=None, rate="") for u in urls} if len(urls) > 1 else {}
+
+    def on_progress(n_done, n_failed, rates):
+        total_rate = sum(r[1] for r in rates.values())
+        progress.update(task, completed=n_done + n_failed, rate=f"{total_rate:.2f} img/s")
+        for u, (imgs, rate, healthy) in rates.items():
+            if u in server_tasks:
+                state = "" if healthy else " (down)"
+                progress.update(server_tasks[u], completed=imgs, rate=f"{rate:.2f} img/s{state}")
+
+    runner = Runner(
+        out, spec, pending, urls, writer, batch=batch, concurrency=concurrency, max_attempts=max_attempts,
+        server_wait=server_wait, load_real=load_real, on_progress=on_progress,
+    )
+    try:
+        with progress:
+            summary = runner.run()
+    finally:
+        writer.close()
+    summary.skipped = skipped
+    summary_name = "summary.json" if shard_ix[1] == 1 else f"summary.shard-{shard_ix[0]}-of-{shard_ix[1]}.json"
+    path = write_summary(out, summary_name, summary, {"out": str(out), "index_width": width})
+    typer.echo(
+        f"{summary.images} images in {summary.wall_seconds:.1f}s ({summary.images_per_sec:.2f} images/sec), "
+        f"{skipped} already done, {summary.failed} failed, {summary.retries} retries -> {out} (summary: {path})"
+    )
+    if summary.failed:
+        raise UserError(f"{summary.failed} images failed (see {path}); re-run the same command to retry them")
+
+
+@app.command()
+def serve(
+    repo: Annotated[Path | None, typer.Option(help="Model repository (default: the embedded tiny model).")] = None,
+    http_port: Annotated[int, typer.Option(help="HTTP port on 127.0.0.1.")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port on 127.0.0.1.")] = 8001,
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
+    debug: Debug = False,
+) -> None:
+    """Start a local Triton server on a model repository and keep it running until Ctrl-C."""
+    from realfake.client.local import ensure_default_repo
+    from realfake.client.server import LocalServer
+
+    repo = repo or ensure_default_repo(lambda m: typer.echo(m, err=True))
+    with LocalServer(repo, http_port=http_port, grpc_port=grpc_port, host=host) as server:
+        typer.echo(f"Triton ready: HTTP {server.host}:{server.http_port}, gRPC {server.host}:{server.grpc_port}")
+        typer.echo(f"log: {server.log_path}; Ctrl-C to stop")
+        try:
+            while server.process is not None and server.process.poll() is None:
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            typer.echo("stopping")
+            return
+        raise UserError(f"Triton exited with code {server.process.returncode}; log: {server.log_path}")
+
+
+def main() -> None:
+    run_cli(app)
+
+
+def serve_main() -> None:
+    run_cli(lambda: typer.run(serve))

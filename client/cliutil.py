@@ -1,0 +1,29 @@
+"""What every realfake command line shares: one-line user errors (exit 2), tracebacks only with --debug."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from realfake.client.errors import UserError
+
+
+def run_cli(app: Callable[[], object]) -> None:
+    debug = "--debug" in sys.argv
+    try:
+        app()
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence of a CLI
+        if debug:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"internal error: {type(exc).__name__}: {first} (re-run with --debug for the traceback)",
+              file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,197 @@
+"""The dataset a job builds: its settings, the work items, seeds, the on-disk layout and the manifest.
+
+Layout: DIR/<class_id>/<index>.png, DIR/job.json (the settings), DIR/manifest.jsonl (one row per finished image;
+`manifest.shard-I-of-N.jsonl` per shard). Image (class, index) always gets the same seed and prompt for a job,
+so any number of processes can split a job and resume it without overlap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from realfake.client.classes import ClassInfo
+from realfake.client.errors import UserError
+
+JOB_FILE = "job.json"
+DEFAULT_TEMPLATE = "photo of {class}, {caption}, best quality"
+DEFAULT_NEGATIVE = "distorted, unrealistic, blurry, out of frame, cropped, deformed"
+# Settings that may change between runs of one job without changing what it makes.
+TRANSIENT = ("urls", "batch", "concurrency", "shard")
+
+
+def image_seed(job_seed: int, class_id: str, index: int) -> int:
+    """The seed of image (class, index): stable across machines, processes and Python versions."""
+    digest = hashlib.sha256(f"{job_seed}/{class_id}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def render_prompt(template: str, class_name: str, caption: str = "") -> str:
+    """Fill `{class}` and `{caption}`; without a caption its clause is dropped, not left empty."""
+    if not caption:
+        for clause in (", {caption}", "{caption}, ", "{caption}"):
+            template = template.replace(clause, "")
+    return template.replace("{class}", class_name).replace("{caption}", caption)
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    cls: ClassInfo
+    index: int  # image index within its class
+    seed: int
+    prompt: str
+    real_image: str | None = None  # path of the real image (conditioned mode), relative to the real root
+    caption: str = ""
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.cls.id, self.index)
+
+
+@dataclass
+class JobSpec:
+    """Everything that determines the images; stored in job.json and compared on resume."""
+
+    classes: list[dict]
+    per_class: int
+    seed: int = 0
+    prompt_template: str = DEFAULT_TEMPLATE
+    negative_prompt: str = DEFAULT_NEGATIVE
+    steps: int = 30
+    guidance_scale: float = 2.0
+    strength: float | None = None
+    guidance_token: bool = False
+    versions: int = 1
+    real: str | None = None
+    captions_digest: str | None = None
+    model: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def differences(self, other: JobSpec) -> list[str]:
+        mine, theirs = self.to_json(), other.to_json()
+        return sorted(k for k in mine if mine[k] != theirs.get(k))
+
+
+def index_width(spec: JobSpec) -> int:
+    return max(5, len(str(spec.per_class * spec.versions - 1)))
+
+
+def image_relpath(item: WorkItem, width: int) -> str:
+    return f"{item.cls.id}/{item.index:0{width}d}.png"
+
+
+def shard_of(item: WorkItem, shards: int) -> int:
+    """Which of `shards` client processes owns an item: by its key, so the split is stable."""
+    digest = hashlib.sha256(f"{item.cls.id}/{item.index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % shards
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return (0, 1)
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard must look like I/N (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise UserError(f"--shard {text}: need 0 <= I < N")
+    return (i, n)
+
+
+def manifest_name(shard: tuple[int, int]) -> str:
+    i, n = shard
+    return "manifest.jsonl" if n == 1 else f"manifest.shard-{i}-of-{n}.jsonl"
+
+
+def manifest_files(out: Path) -> list[Path]:
+    return sorted(out.glob("manifest*.jsonl"))
+
+
+def read_manifest_rows(path: Path) -> list[dict]:
+    """Rows of a manifest; a torn last line (crash mid-write) is dropped, any other bad line is an error."""
+    rows = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines):
+                break
+            raise UserError(f"{path} line {n} is not valid JSON: the manifest was edited or corrupted") from None
+    return rows
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def encode_png(image) -> bytes:
+    """uint8 HxWx3 -> PNG bytes; deterministic (no timestamps), so re-runs give identical files."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write via a temporary file and rename, so a crash never leaves a partial file under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+class ManifestWriter:
+    """Append-only JSONL, flushed and fsync'd every `sync_every` rows or `sync_seconds` seconds."""
+
+    def __init__(self, path: Path, sync_every: int = 64, sync_seconds: float = 2.0):
+        self.path = path
+        self.file = open(path, "a", encoding="utf-8")
+        self.sync_every, self.sync_seconds = sync_every, sync_seconds
+        self.pending, self.last_sync = 0, time.monotonic()
+
+    def append(self, row: dict) -> None:
+        self.file.write(json.dumps(row, sort_keys=True) + "\n")
+        self.pending += 1
+        if self.pending >= self.sync_every or time.monotonic() - self.last_sync > self.sync_seconds:
+            self.sync()
+
+    def sync(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.pending, self.last_sync = 0, time.monotonic()
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.sync()
+            self.file.close()
+
+
+def compact_manifest(out: Path, name: str, width_ok=lambda row: True) -> dict[tuple[str, int], dict]:
+    """Read this shard's manifest, keep rows whose image exists with the recorded hash, rewrite it atomically.
+
+    Returns the finished items by key. Rows for missing or damaged images are dropped, so they are remade.
+    """
+    path = out / name
+    if not path.exists():
+        return {}
+    done: dict[tuple[str, int], dict] = {}
+    for row in read_manifest_rows(path):
+        image = out / row["path"]
+        if image.is_file() and width_ok(row) and file_sha256(image) == row.get("sha256"):
+            done[(row["class_id"], int(row["index"]))] = row
+    data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in done.values())
+    write_atomic(path, data.encode("utf-8"))
+    return done

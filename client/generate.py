@@ -1,0 +1,258 @@
+"""Run a dataset job against one or many Triton servers: bounded in-flight work per server, retries on
+another server, dead servers dropped and re-probed, files written atomically, the manifest appended and
+fsync'd, progress and a summary. Nothing finished is ever lost or made twice.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from realfake.client.dataset import (
+    JobSpec,
+    ManifestWriter,
+    WorkItem,
+    encode_png,
+    image_relpath,
+    index_width,
+    write_atomic,
+)
+from realfake.client.errors import UserError
+from realfake.client.protocol import PIPELINE_MODEL
+from realfake.client.server import server_ready
+from realfake.client.triton import PipelineClient
+
+
+@dataclass
+class Batch:
+    items: list[WorkItem]
+    attempts: int = 0
+    last_error: str = ""
+
+
+@dataclass
+class ServerState:
+    url: str
+    healthy: bool = True
+    images: int = 0
+    requests: int = 0
+    failures: int = 0
+    busy_seconds: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def summary(self, wall: float) -> dict:
+        return {
+            "url": self.url,
+            "images": self.images,
+            "requests": self.requests,
+            "failures": self.failures,
+            "images_per_sec": round(self.images / wall, 3) if wall > 0 else 0.0,
+        }
+
+
+@dataclass
+class Summary:
+    images: int
+    skipped: int
+    failed: int
+    retries: int
+    wall_seconds: float
+    servers: list[dict]
+    failures: list[dict]
+
+    @property
+    def images_per_sec(self) -> float:
+        return self.images / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "images": self.images,
+            "skipped_already_done": self.skipped,
+            "failed": self.failed,
+            "retries": self.retries,
+            "wall_seconds": round(self.wall_seconds, 3),
+            "images_per_sec": round(self.images_per_sec, 3),
+            "servers": self.servers,
+            "failures": self.failures[:100],
+        }
+
+
+class Runner:
+    """Generates `items` into `out`; call `run()`."""
+
+    def __init__(
+        self,
+        out: Path,
+        spec: JobSpec,
+        items: list[WorkItem],
+        urls: list[str],
+        manifest: ManifestWriter,
+        *,
+        batch: int = 4,
+        concurrency: int = 2,
+        max_attempts: int = 4,
+        server_wait: float = 120.0,
+        load_real: Callable[[WorkItem], np.ndarray] | None = None,
+        on_progress: Callable[[int, int, dict], None] | None = None,
+    ):
+        self.out, self.spec, self.manifest = out, spec, manifest
+        self.width = index_width(spec)
+        self.batches = [Batch(items[i : i + batch]) for i in range(0, len(items), batch)]
+        self.total = len(items)
+        self.servers = [ServerState(u) for u in urls]
+        self.concurrency = concurrency
+        self.max_attempts = max_attempts
+        self.server_wait = server_wait
+        self.load_real = load_real
+        self.on_progress = on_progress
+        self.work: queue.Queue[Batch] = queue.Queue()
+        self.results: queue.Queue[tuple[str, Batch, object]] = queue.Queue()
+        self.stop = threading.Event()
+        self.retries = 0
+
+    # -- workers --------------------------------------------------------------------------------------------
+
+    def _worker(self, server: ServerState) -> None:
+        client: PipelineClient | None = None
+        while not self.stop.is_set():
+            if not server.healthy:
+                if server_ready(server.url, timeout=1.0):
+                    server.healthy = True
+                    client = None
+                else:
+                    self.stop.wait(1.0)
+                    continue
+            try:
+                batch = self.work.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                client = client or PipelineClient(server.url)
+                t0 = time.perf_counter()
+                images = client.generate(self.spec, batch.items, self.load_real)
+                elapsed = time.perf_counter() - t0
+            except Exception as exc:  # noqa: BLE001 - every failure is retried or reported, never lost
+                client = None
+                alive = server_ready(server.url, timeout=1.0)
+                with server.lock:
+                    server.failures += 1
+                    if not alive:
+                        server.healthy = False
+                self.results.put(("failed", batch, f"{server.url}: {_one_line(exc)}"))
+                if alive:  # the server answered but the request failed: back off before the next one
+                    self.stop.wait(min(0.5 * 2**batch.attempts, 8.0))
+                continue
+            rows = []
+            for item, image in zip(batch.items, images):
+                png = encode_png(image)
+                rel = image_relpath(item, self.width)
+                write_atomic(self.out / rel, png)
+                rows.append(self._row(item, rel, png, server.url))
+            with server.lock:
+                server.images += len(rows)
+                server.requests += 1
+                server.busy_seconds += elapsed
+            self.results.put(("done", batch, rows))
+
+    def _row(self, item: WorkItem, rel: str, png: bytes, url: str) -> dict:
+        import hashlib
+
+        s = self.spec
+        return {
+            "path": rel,
+            "class_index": item.cls.index,
+            "class_id": item.cls.id,
+            "class_name": item.cls.name,
+            "index": item.index,
+            "prompt": item.prompt,
+            "negative_prompt": s.negative_prompt,
+            "seed": item.seed,
+            "steps": s.steps,
+            "guidance_scale": s.guidance_scale,
+            "strength": s.strength if item.real_image else None,
+            "guidance_token": bool(s.guidance_token and item.real_image),
+            "real_image": item.real_image,
+            "caption": item.caption or None,
+            "model": s.model,
+            "server": url,
+            "sha256": hashlib.sha256(png).hexdigest(),
+        }
+
+    # -- the job --------------------------------------------------------------------------------------------
+
+    def run(self) -> Summary:
+        for b in self.batches:
+            self.work.put(b)
+        threads = [
+            threading.Thread(target=self._worker, args=(srv,), daemon=True, name=f"rf-{srv.url}-{k}")
+            for srv in self.servers
+            for k in range(self.concurrency)
+        ]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        done = failed = 0
+        failures: list[dict] = []
+        all_down_since: float | None = None
+        try:
+            while done + failed < self.total:
+                try:
+                    kind, batch, payload = self.results.get(timeout=0.5)
+                except queue.Empty:
+                    kind = None
+                if kind == "done":
+                    for row in payload:  # type: ignore[union-attr]
+                        self.manifest.append(row)
+                    done += len(batch.items)
+                elif kind == "failed":
+                    batch.attempts += 1
+                    batch.last_error = str(payload)
+                    if batch.attempts >= self.max_attempts:
+                        failed += len(batch.items)
+                        failures += [{"path": image_relpath(i, self.width), "error": batch.last_error}
+                                     for i in batch.items]
+                    else:
+                        self.retries += 1
+                        self.work.put(batch)
+                if any(s.healthy for s in self.servers):
+                    all_down_since = None
+                elif all_down_since is None:
+                    all_down_since = time.monotonic()
+                elif time.monotonic() - all_down_since > self.server_wait:
+                    raise UserError(
+                        f"no server reachable for {self.server_wait:.0f}s ({', '.join(s.url for s in self.servers)});"
+                        f" {done} images finished and kept: re-run the same command to resume"
+                    )
+                if self.on_progress:
+                    self.on_progress(done, failed, self._rates(time.perf_counter() - start))
+        finally:
+            self.stop.set()
+            self.manifest.sync()
+            for t in threads:
+                t.join(timeout=5)
+        wall = time.perf_counter() - start
+        return Summary(done, 0, failed, self.retries, wall, [s.summary(wall) for s in self.servers], failures)
+
+    def _rates(self, wall: float) -> dict:
+        return {s.url: (s.images, s.images / wall if wall > 0 else 0.0, s.healthy) for s in self.servers}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def write_summary(out: Path, name: str, summary: Summary, extra: dict) -> Path:
+    path = out / name
+    write_atomic(path, json.dumps({**summary.to_json(), **extra}, indent=2).encode())
+    return path
+
+
+__all__ = ["Runner", "Summary", "write_summary", "PIPELINE_MODEL"]

@@ -1,0 +1,120 @@
+"""`rf-export`: bundles to ONNX (parity-checked), Triton repositories, and the tiny test bundle."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from realfake.client.cliutil import run_cli
+
+app = typer.Typer(
+    help="Export a diffusers-layout bundle to ONNX and a Triton model repository.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks of internal errors.")]
+
+
+def _quiet_tracer_warnings() -> None:
+    # The TorchScript exporter warns about every Python branch on tensor shapes; they are expected here.
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        from torch.jit import TracerWarning
+
+        warnings.filterwarnings("ignore", category=TracerWarning)
+    except ImportError:
+        pass
+
+
+@app.command()
+def onnx(
+    bundle: Annotated[Path, typer.Argument(help="Diffusers-layout model directory.")],
+    out: Annotated[Path, typer.Argument(help="Directory for <component>.onnx, export.json, parity.json.")],
+    tolerance: Annotated[float, typer.Option(help="Max |ONNX - PyTorch| allowed per component.")] = 1e-3,
+    debug: Debug = False,
+) -> None:
+    """Export text encoder, UNet, VAE decoder/encoder (and image encoder) to ONNX, then check parity."""
+    from realfake.export.onnx_export import export_onnx
+
+    _quiet_tracer_warnings()
+    export_onnx(bundle, out, tolerance=tolerance)
+    typer.echo(f"ONNX export ok: {out} (parity report: {out / 'parity.json'})")
+
+
+@app.command()
+def parity(
+    bundle: Annotated[Path, typer.Argument(help="The bundle the graphs were exported from.")],
+    onnx_dir: Annotated[Path, typer.Argument(help="Directory written by `rf-export onnx`.")],
+    tolerance: Annotated[float, typer.Option(help="Max |ONNX - PyTorch| allowed per component.")] = 1e-3,
+    debug: Debug = False,
+) -> None:
+    """Re-check an ONNX export against its bundle at batch 1 and 8 (exit 2 above the tolerance)."""
+    from realfake.export.onnx_export import check_parity
+
+    _quiet_tracer_warnings()
+    check_parity(bundle, onnx_dir, tolerance=tolerance)
+    typer.echo(f"parity ok: {onnx_dir / 'parity.json'}")
+
+
+@app.command()
+def repo(
+    onnx_dir: Annotated[Path, typer.Argument(help="Directory written by `rf-export onnx`.")],
+    out: Annotated[Path, typer.Option(help="Model repository to write.")] = Path("triton_repo"),
+    runtime: Annotated[str, typer.Option(help="Component runtime: python-ort (CPU).")] = "python-ort",
+    scheduler: Annotated[str, typer.Option(help="Sampler: unipc, ddim, euler, dpm.")] = "unipc",
+    max_batch: Annotated[int, typer.Option(help="Largest pipeline batch the dynamic batcher forms.")] = 32,
+    queue_delay_us: Annotated[int, typer.Option(help="Dynamic batching queue delay, microseconds.")] = 5000,
+    debug: Debug = False,
+) -> None:
+    """Write the Triton model repository: component models plus the BLS `pipeline` model."""
+    from realfake.export.repo import write_repository
+
+    write_repository(onnx_dir, out, runtime=runtime, scheduler=scheduler, max_batch=max_batch,
+                     queue_delay_us=queue_delay_us)
+    typer.echo(f"model repository written: {out}")
+
+
+@app.command("tiny-bundle")
+def tiny_bundle(
+    out: Annotated[Path, typer.Argument(help="Directory for the bundle.")],
+    seed: Annotated[int, typer.Option(help="Weight seed.")] = 0,
+    image_encoder: Annotated[bool, typer.Option(help="Include a CLIP image encoder.")] = True,
+    debug: Debug = False,
+) -> None:
+    """Build a tiny Stable-Diffusion-layout bundle with seeded random weights (tests, demos)."""
+    from realfake.export.bundle import build_tiny_bundle
+
+    _quiet_tracer_warnings()
+    build_tiny_bundle(out, seed=seed, image_encoder=image_encoder)
+    typer.echo(f"tiny bundle written: {out}")
+
+
+@app.command()
+def tiny(
+    out: Annotated[Path, typer.Option(help="Directory for bundle/, onnx/ and repo/.")],
+    seed: Annotated[int, typer.Option(help="Weight seed.")] = 0,
+    debug: Debug = False,
+) -> None:
+    """The embedded default model in one step: tiny bundle -> ONNX (parity-checked) -> repository."""
+    from realfake.export.bundle import build_tiny_bundle
+    from realfake.export.onnx_export import export_onnx
+    from realfake.export.repo import write_repository
+
+    _quiet_tracer_warnings()
+    build_tiny_bundle(out / "bundle", seed=seed)
+    export_onnx(out / "bundle", out / "onnx", log=lambda m: typer.echo(m, err=True))
+    write_repository(out / "onnx", out / "repo")
+    typer.echo(f"tiny model ready: {out / 'repo'}")
+
+
+def main() -> None:
+    run_cli(app)
+
+
+if __name__ == "__main__":
+    main()
