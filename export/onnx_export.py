@@ -71,6 +71,15 @@ SPECS = {
 }
 
 
+def quiet_loading() -> None:
+    """Loading a local bundle needs no per-shard progress bars from transformers/diffusers."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    tlog.disable_progress_bar()
+    dlog.disable_progress_bar()
+
+
 def load_torch_components(bundle: str | Path) -> tuple[BundleInfo, dict]:
     """The bundle's modules as small torch wrappers whose signatures are the graph contracts above."""
     import torch
@@ -79,6 +88,7 @@ def load_torch_components(bundle: str | Path) -> tuple[BundleInfo, dict]:
 
     info = check_bundle(bundle)
     root = info.path
+    quiet_loading()
     try:
         unet = UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True).eval()
         vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True).eval()

@@ -1,0 +1,102 @@
+"""The bundle contract, the offline CLIP tokenizer, ONNX export and its parity report, repository configs."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from conftest import rf
+
+from realfake.client.errors import UserError
+from realfake.export.bundle import check_bundle, clip_tokenizer
+from realfake.export.onnx_export import PARITY_BATCHES, check_parity
+
+
+def test_tokenizer_is_real_clip_bpe():
+    tok = clip_tokenizer()
+    # ids of the released CLIP vocabulary (openai/clip-vit-large-patch14): "a photo of a cat"
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert len(tok) == 49408
+    padded = tok("tench", padding="max_length", max_length=77).input_ids
+    assert len(padded) == 77 and padded[-1] == 49407
+
+
+def test_tiny_bundle_layout(tiny_bundle):
+    info = check_bundle(tiny_bundle)
+    index = json.loads((tiny_bundle / "model_index.json").read_text())
+    assert {"unet", "vae", "text_encoder", "tokenizer", "scheduler", "image_encoder"} <= set(index)
+    assert info.has_image_encoder and info.image_size == 32 and info.text_hidden_size == 32
+
+
+def test_bundle_missing_component_is_one_clear_line(tiny_bundle, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bundle, broken)
+    shutil.rmtree(broken / "unet")
+    with pytest.raises(UserError, match="missing component.*unet"):
+        check_bundle(broken)
+    result = rf("rf-export", "onnx", str(broken), str(tmp_path / "onnx"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: bundle {broken} is missing component(s): unet"]
+
+
+def test_image_encoder_width_must_match_text(tiny_bundle, tmp_path):
+    broken = tmp_path / "b"
+    shutil.copytree(tiny_bundle, broken)
+    cfg_path = broken / "image_encoder" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["projection_dim"] = 64
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="projection_dim 64"):
+        check_bundle(broken)
+
+
+def test_onnx_export_parity_report(tiny_onnx):
+    report = json.loads((tiny_onnx / "parity.json").read_text())
+    assert report["ok"] is True
+    assert set(report["components"]) == {"text_encoder", "unet", "vae_decoder", "vae_encoder", "image_encoder"}
+    for name, row in report["components"].items():
+        assert set(row) == {f"batch{b}" for b in PARITY_BATCHES}
+        assert all(v is not None and v < report["tolerance"] for v in row.values()), name
+    # dynamic batch axis: the graph input's first dim is symbolic
+    graph = onnx.load(str(tiny_onnx / "unet.onnx"), load_external_data=False).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param
+
+
+def test_parity_failure_is_detected(tiny_bundle, tiny_onnx, tmp_path):
+    """A corrupted graph (one weight scaled) must fail the parity check with a clear message and exit 2."""
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_onnx, bad)
+    model = onnx.load(str(bad / "vae_decoder.onnx"))
+    init = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+    arr = onnx.numpy_helper.to_array(init) * 1.5
+    init.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), init.name))
+    onnx.save(model, str(bad / "vae_decoder.onnx"))
+    with pytest.raises(UserError, match="vae_decoder: max \\|ONNX - PyTorch\\|"):
+        check_parity(tiny_bundle, bad, log=lambda *_: None)
+    assert json.loads((bad / "parity.json").read_text())["ok"] is False
+    result = rf("rf-export", "parity", str(tiny_bundle), str(bad))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "ONNX parity failed" in result.stderr
+
+
+def test_repository_configs_parse_back(tiny_repo):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    names = sorted(p.name for p in tiny_repo.iterdir() if (p / "config.pbtxt").is_file())
+    assert names == ["image_encoder", "pipeline", "text_encoder", "unet", "vae_decoder", "vae_encoder"]
+    for name in names:
+        cfg = text_format.Parse((tiny_repo / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        assert cfg.name == name and cfg.backend == "python"
+        assert (tiny_repo / name / "1" / "model.py").is_file()
+    pipe = text_format.Parse((tiny_repo / "pipeline" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert pipe.max_batch_size > 0 and pipe.HasField("dynamic_batching")
+    assert {i.name for i in pipe.input if i.optional} >= {"STEPS", "INIT_IMAGE", "STRENGTH"}
+    unet = text_format.Parse((tiny_repo / "unet" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert [list(i.dims) for i in unet.input] == [[-1, 4, -1, -1], [-1], [-1, 77, 32]]
+
+
+def test_repo_from_a_non_export_dir_fails(tmp_path):
+    result = rf("rf-export", "repo", str(tmp_path), "--out", str(tmp_path / "r"))
+    assert result.returncode == 2 and "no export.json" in result.stderr
