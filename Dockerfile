@@ -1,0 +1,25 @@
+# Serving image: the official Triton server (Python backend included) plus realfake's pipeline code.
+# Mount a diffusers-layout bundle at /models/bundle (or a ready repository at /models/repo); the entrypoint
+# exports what is missing, then serves it.
+FROM nvcr.io/nvidia/tritonserver:25.01-py3
+
+ENV PIP_NO_CACHE_DIR=1 \
+    RF_MODELS=/models
+
+WORKDIR /opt/realfake
+COPY pyproject.toml README.md ./
+COPY client ./client
+COPY export ./export
+COPY serving ./serving
+COPY training ./training
+COPY triton_repo ./triton_repo
+RUN python3 -m pip install --upgrade pip \
+ && python3 -m pip install '.[server]' onnxruntime-gpu \
+ && python3 -m pip install --no-deps 'open-clip-torch>=2.20'
+
+COPY docker/entrypoint.sh /usr/local/bin/rf-entrypoint
+RUN chmod +x /usr/local/bin/rf-entrypoint
+
+EXPOSE 8000 8001 8002
+VOLUME ["/models"]
+ENTRYPOINT ["/usr/local/bin/rf-entrypoint"]
