@@ -26,8 +26,18 @@ CIFAR100 = (
     "skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television "
     "tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm"
 ).split()
-FASHION_MNIST = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                 "Ankle boot"]
+FASHION_MNIST = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 BUILTIN = ("imagenet", "cifar10", "cifar100", "fashion-mnist")
 
 

@@ -14,7 +14,7 @@ from realfake.client import dataset as ds
 from realfake.client.classes import BUILTIN, load_classes
 from realfake.client.cliutil import run_cli
 from realfake.client.errors import UserError
-from realfake.client.protocol import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS
+from realfake.client.protocol import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, DEFAULT_STRENGTH
 
 app = typer.Typer(
     help="Build labelled synthetic image datasets (Real-Fake) against one or many Triton servers.",
@@ -73,7 +73,23 @@ def _check_writable(out: Path) -> None:
 def generate(
     classes: Annotated[str, typer.Option(help=f"Class set: {', '.join(BUILTIN)}, or a class file.")],
     out: Annotated[Path, typer.Option(help="Output directory (ImageFolder + manifest.jsonl).")],
-    per_class: Annotated[int, typer.Option(help="Images per class (text-only mode).")] = 10,
+    per_class: Annotated[
+        int | None, typer.Option(help="Images per class (text-only mode); with --real: real images used per class.")
+    ] = None,
+    real: Annotated[
+        Path | None, typer.Option(help="ImageFolder of real images: each yields --versions images conditioned on it.")
+    ] = None,
+    versions: Annotated[int, typer.Option(help="Synthetic images per real image (with --real).")] = 1,
+    strength: Annotated[
+        float, typer.Option(help="Latent prior strength (with --real): 1.0 = from noise, lower = closer to the real.")
+    ] = DEFAULT_STRENGTH,
+    captions: Annotated[
+        Path | None, typer.Option(help='JSONL captions: {"image": <path or stem>, "caption": <text>} per line.')
+    ] = None,
+    guidance_token: Annotated[
+        str,
+        typer.Option(help="Image-embedding guidance token (with --real): auto (when the model has one), on, off."),
+    ] = "auto",
     url: Annotated[
         list[str] | None,
         typer.Option(help="Triton server HOST:PORT (HTTP); repeat for many. None: start a local server."),
@@ -98,14 +114,27 @@ def generate(
 
     Re-running the same command resumes: finished images are kept (checked by hash), the rest are made.
     """
+    from realfake.client import real as realmod
     from realfake.client.triton import PipelineClient
 
     class_list = load_classes(classes)
-    if per_class < 1:
+    if per_class is None and real is None:
+        raise UserError("--per-class is required in text-only mode (without --real)")
+    if per_class is not None and per_class < 1:
         raise UserError(f"--per-class must be >= 1, got {per_class}")
-    if steps < 1 or batch < 1 or concurrency < 1 or max_attempts < 1:
-        raise UserError("--steps, --batch, --concurrency and --max-attempts must be >= 1")
+    if steps < 1 or batch < 1 or concurrency < 1 or max_attempts < 1 or versions < 1:
+        raise UserError("--steps, --batch, --concurrency, --max-attempts and --versions must be >= 1")
+    if not 0.0 < strength <= 1.0:
+        raise UserError(f"--strength must be in (0, 1], got {strength}")
+    if guidance_token not in ("auto", "on", "off"):
+        raise UserError(f"--guidance-token must be auto, on or off, got {guidance_token!r}")
     shard_ix = ds.parse_shard(shard)
+    caption_map = realmod.load_captions(captions) if captions else {}
+    real_map = realmod.scan_real(real, class_list) if real else {}
+    if real_map and per_class is not None:
+        real_map = {k: v[:per_class] for k, v in real_map.items()}
+    if caption_map and real_map:
+        _check_captions(caption_map, real_map, captions)
     _check_writable(out)
     log = (lambda *_: None) if quiet else (lambda msg: typer.echo(msg, err=True))
     with servers_for(url or [], log) as urls:
@@ -122,23 +151,65 @@ def generate(
         identities = {c.identity for c in cards}
         if len(identities) > 1:
             raise UserError(f"the servers serve different models ({', '.join(sorted(identities))})")
+        card = cards[0]
+        use_token = bool(real) and (guidance_token == "on" or (guidance_token == "auto" and card.has_image_encoder))
+        if use_token and not card.has_image_encoder:
+            raise UserError("--guidance-token on needs a model with an image encoder; this one has none")
+        if real and use_token is False and guidance_token == "auto":
+            log("the served model has no image encoder: generating without the guidance token")
         spec = ds.JobSpec(
             classes=[c.__dict__ for c in class_list],
-            per_class=per_class,
+            per_class=per_class if not real else max(len(v) for v in real_map.values()),
             seed=seed,
             prompt_template=prompt_template,
             negative_prompt=negative_prompt,
             steps=steps,
             guidance_scale=guidance,
-            model=cards[0].identity,
+            strength=strength if real else None,
+            guidance_token=use_token,
+            versions=versions if real else 1,
+            real=str(real.resolve()) if real else None,
+            captions_digest=ds.file_sha256(captions) if captions else None,
+            model=card.identity,
         )
         _check_job(out, spec, force)
-        items = [
-            ds.WorkItem(c, i, ds.image_seed(seed, c.id, i), ds.render_prompt(prompt_template, c.name))
-            for c in class_list
-            for i in range(per_class)
-        ]
-        _run(out, spec, items, urls, shard_ix, batch, concurrency, max_attempts, server_wait, quiet, log)
+        if real:
+            items = _real_items(class_list, real_map, caption_map, spec)
+            size = card.image_size
+
+            def load_real(item):
+                return realmod.load_real_image(real / item.real_image, size)
+        else:
+            items = [
+                ds.WorkItem(c, i, ds.image_seed(seed, c.id, i), ds.render_prompt(prompt_template, c.name))
+                for c in class_list
+                for i in range(per_class)
+            ]
+            load_real = None
+        _run(out, spec, items, urls, shard_ix, batch, concurrency, max_attempts, server_wait, quiet, log, load_real)
+
+
+def _real_items(class_list, real_map, caption_map, spec: ds.JobSpec) -> list[ds.WorkItem]:
+    """Real image r of a class yields versions v = 0..V-1 as indices r*V + v, each with its own seed."""
+    from realfake.client.real import caption_for
+
+    items = []
+    for c in class_list:
+        for r, rel in enumerate(real_map.get(c.id, [])):
+            caption = caption_for(caption_map, rel)
+            prompt = ds.render_prompt(spec.prompt_template, c.name, caption)
+            for v in range(spec.versions):
+                index = r * spec.versions + v
+                items.append(ds.WorkItem(c, index, ds.image_seed(spec.seed, c.id, index), prompt, rel, caption))
+    return items
+
+
+def _check_captions(caption_map: dict, real_map: dict, path: Path) -> None:
+    known = {rel for rels in real_map.values() for rel in rels}
+    known |= {Path(rel).stem for rel in known}
+    unknown = [k for k in caption_map if k not in known]
+    if len(unknown) == len(caption_map):
+        raise UserError(f"captions file {path} names none of the real images (e.g. {unknown[0]!r})")
 
 
 def _check_job(out: Path, spec: ds.JobSpec, force: bool) -> None:
@@ -165,6 +236,7 @@ def _run(out, spec, items, urls, shard_ix, batch, concurrency, max_attempts, ser
     width = ds.index_width(spec)
     mine = [it for it in items if shard_ix[1] == 1 or ds.shard_of(it, shard_ix[1]) == shard_ix[0]]
     name = ds.manifest_name(shard_ix)
+    ds.remove_stale_temporaries(out, shard_ix)
     done = ds.compact_manifest(out, name)
     for other in ds.manifest_files(out):
         if other.name != name:
@@ -195,8 +267,17 @@ def _run(out, spec, items, urls, shard_ix, batch, concurrency, max_attempts, ser
                 progress.update(server_tasks[u], completed=imgs, rate=f"{rate:.2f} img/s{state}")
 
     runner = Runner(
-        out, spec, pending, urls, writer, batch=batch, concurrency=concurrency, max_attempts=max_attempts,
-        server_wait=server_wait, load_real=load_real, on_progress=on_progress,
+        out,
+        spec,
+        pending,
+        urls,
+        writer,
+        batch=batch,
+        concurrency=concurrency,
+        max_attempts=max_attempts,
+        server_wait=server_wait,
+        load_real=load_real,
+        on_progress=on_progress,
     )
     try:
         with progress:
@@ -210,8 +291,114 @@ def _run(out, spec, items, urls, shard_ix, batch, concurrency, max_attempts, ser
         f"{summary.images} images in {summary.wall_seconds:.1f}s ({summary.images_per_sec:.2f} images/sec), "
         f"{skipped} already done, {summary.failed} failed, {summary.retries} retries -> {out} (summary: {path})"
     )
+    if summary.skipped_real:
+        typer.echo(
+            f"warning: {summary.skipped_real} images skipped: their real image does not decode (see {path})", err=True
+        )
     if summary.failed:
         raise UserError(f"{summary.failed} images failed (see {path}); re-run the same command to retry them")
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{option} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UserError(f"{option} takes integers >= 1, got {text!r}")
+    return values
+
+
+@app.command()
+def verify(
+    out: Annotated[Path, typer.Argument(help="An rf-client output directory.")],
+    no_decode: Annotated[bool, typer.Option("--no-decode", help="Check hashes only, skip decoding.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Check a dataset: every manifest row has its image (same hash, decodes) and every image has one row.
+
+    Exits 1 when anything is missing, damaged, duplicated or unlisted.
+    """
+    from realfake.client.verify import verify as run_verify
+
+    report = run_verify(out, decode=not no_decode)
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=1))
+    else:
+        counts = sorted(report.class_counts.values())
+        spread = f"{counts[0]}..{counts[-1]} per class" if counts else "no classes"
+        typer.echo(f"{out}: {report.rows} manifest rows, {report.images} images, {len(counts)} classes ({spread})")
+        for label in ("missing", "undecodable", "hash_mismatch", "duplicate_rows", "unlisted"):
+            items = getattr(report, label)
+            if items:
+                more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+                typer.echo(f"  {label.replace('_', ' ')}: {len(items)}: {', '.join(items[:5])}{more}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def pack(
+    out: Annotated[Path, typer.Argument(help="A verified rf-client output directory.")],
+    target: Annotated[Path, typer.Argument(help="Directory for the WebDataset shards.")],
+    shard_size: Annotated[int, typer.Option(help="Images per tar shard.")] = 1000,
+    debug: Debug = False,
+) -> None:
+    """Write a finished dataset as WebDataset tar shards (<key>.png, <key>.cls, <key>.json)."""
+    from realfake.client.verify import pack_webdataset
+
+    shards = pack_webdataset(out, target, shard_size)
+    typer.echo(f"{len(shards)} shards written to {target}")
+
+
+@app.command()
+def bench(
+    url: Annotated[list[str] | None, typer.Option(help="Server HOST:PORT; none: start the embedded default.")] = None,
+    concurrency: Annotated[str, typer.Option(help="Comma-separated in-flight request counts.")] = "1,2,4",
+    batch: Annotated[str, typer.Option(help="Comma-separated images per request.")] = "1,4",
+    requests: Annotated[int, typer.Option(help="Requests measured per setting.")] = 8,
+    steps: Annotated[int, typer.Option(help="Sampler steps.")] = DEFAULT_STEPS,
+    guidance: Annotated[float, typer.Option(help="Guidance scale.")] = DEFAULT_GUIDANCE_SCALE,
+    out: Annotated[Path, typer.Option(help="Results path stem: writes STEM.json and STEM.csv.")] = Path("bench"),
+    debug: Debug = False,
+) -> None:
+    """Measure images/sec and latency p50/p95/p99 per (concurrency, batch) against a server."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from realfake.client.bench import measure, write_results
+    from realfake.client.triton import PipelineClient
+
+    levels, batches = _int_list(concurrency, "--concurrency"), _int_list(batch, "--batch")
+    if requests < 1 or steps < 1:
+        raise UserError("--requests and --steps must be >= 1")
+    console = Console()
+    with servers_for(url or [], lambda m: typer.echo(m, err=True)) as urls:
+        card = PipelineClient(urls[0]).card()
+        rows = []
+        for b in batches:
+            for c in levels:
+                row = measure(urls[0], c, b, requests, steps, guidance)
+                rows.append(row)
+                console.print(f"concurrency {c} batch {b}: {row.images_per_sec:.2f} img/s, p50 {row.latency_p50_ms} ms")
+    table = Table(title=f"rf-client bench: {urls[0]}, model {card.identity}, {steps} steps, guidance {guidance}")
+    for col in ("concurrency", "batch", "images/s", "p50 ms", "p95 ms", "p99 ms", "errors"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            str(r.concurrency),
+            str(r.batch),
+            f"{r.images_per_sec:.2f}",
+            f"{r.latency_p50_ms:.1f}",
+            f"{r.latency_p95_ms:.1f}",
+            f"{r.latency_p99_ms:.1f}",
+            str(r.errors),
+        )
+    console.print(table)
+    meta = {"url": urls[0], "model": card.identity, "steps": steps, "guidance_scale": guidance, "requests": requests}
+    json_path, csv_path = write_results(rows, out, meta)
+    typer.echo(f"results: {json_path} {csv_path}")
 
 
 @app.command()

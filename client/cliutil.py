@@ -24,6 +24,5 @@ def run_cli(app: Callable[[], object]) -> None:
         if debug:
             raise
         first = (str(exc).strip().splitlines() or [""])[0]
-        print(f"internal error: {type(exc).__name__}: {first} (re-run with --debug for the traceback)",
-              file=sys.stderr)
+        print(f"internal error: {type(exc).__name__}: {first} (re-run with --debug for the traceback)", file=sys.stderr)
         sys.exit(1)

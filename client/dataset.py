@@ -153,6 +153,16 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def remove_stale_temporaries(out: Path, shard: tuple[int, int]) -> None:
+    """Delete temporaries a killed run left behind (never a finished file: those have their final name).
+
+    Only unsharded runs clean up: shard processes may run side by side and own each other's temporaries.
+    """
+    if shard[1] == 1:
+        for tmp in out.glob("*/.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
 class ManifestWriter:
     """Append-only JSONL, flushed and fsync'd every `sync_every` rows or `sync_seconds` seconds."""
 

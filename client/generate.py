@@ -66,6 +66,7 @@ class Summary:
     wall_seconds: float
     servers: list[dict]
     failures: list[dict]
+    skipped_real: int = 0
 
     @property
     def images_per_sec(self) -> float:
@@ -76,6 +77,7 @@ class Summary:
             "images": self.images,
             "skipped_already_done": self.skipped,
             "failed": self.failed,
+            "skipped_undecodable_real": self.skipped_real,
             "retries": self.retries,
             "wall_seconds": round(self.wall_seconds, 3),
             "images_per_sec": round(self.images_per_sec, 3),
@@ -133,10 +135,15 @@ class Runner:
                 batch = self.work.get(timeout=0.2)
             except queue.Empty:
                 continue
+            items, init_images, skipped = self._prepare(batch)
+            if skipped:
+                self.results.put(("skipped", Batch([it for it, _ in skipped]), skipped))
+            if not items:
+                continue
             try:
                 client = client or PipelineClient(server.url)
                 t0 = time.perf_counter()
-                images = client.generate(self.spec, batch.items, self.load_real)
+                images = client.generate(self.spec, items, init_images)
                 elapsed = time.perf_counter() - t0
             except Exception as exc:  # noqa: BLE001 - every failure is retried or reported, never lost
                 client = None
@@ -145,12 +152,12 @@ class Runner:
                     server.failures += 1
                     if not alive:
                         server.healthy = False
-                self.results.put(("failed", batch, f"{server.url}: {_one_line(exc)}"))
+                self.results.put(("failed", Batch(items, batch.attempts), f"{server.url}: {_one_line(exc)}"))
                 if alive:  # the server answered but the request failed: back off before the next one
                     self.stop.wait(min(0.5 * 2**batch.attempts, 8.0))
                 continue
             rows = []
-            for item, image in zip(batch.items, images):
+            for item, image in zip(items, images, strict=True):
                 png = encode_png(image)
                 rel = image_relpath(item, self.width)
                 write_atomic(self.out / rel, png)
@@ -159,7 +166,20 @@ class Runner:
                 server.images += len(rows)
                 server.requests += 1
                 server.busy_seconds += elapsed
-            self.results.put(("done", batch, rows))
+            self.results.put(("done", Batch(items), rows))
+
+    def _prepare(self, batch: Batch) -> tuple[list[WorkItem], np.ndarray | None, list[tuple[WorkItem, str]]]:
+        """Load the batch's real images; an image that does not decode is skipped (and reported), not retried."""
+        if self.load_real is None or batch.items[0].real_image is None:
+            return batch.items, None, []
+        items, images, skipped = [], [], []
+        for item in batch.items:
+            try:
+                images.append(self.load_real(item))
+                items.append(item)
+            except Exception as exc:  # noqa: BLE001 - a bad input file must not stop the job
+                skipped.append((item, f"real image {item.real_image} does not decode ({_one_line(exc)})"))
+        return items, (np.stack(images) if images else None), skipped
 
     def _row(self, item: WorkItem, rel: str, png: bytes, url: str) -> dict:
         import hashlib
@@ -198,11 +218,11 @@ class Runner:
         start = time.perf_counter()
         for t in threads:
             t.start()
-        done = failed = 0
+        done = failed = skipped = 0
         failures: list[dict] = []
         all_down_since: float | None = None
         try:
-            while done + failed < self.total:
+            while done + failed + skipped < self.total:
                 try:
                     kind, batch, payload = self.results.get(timeout=0.5)
                 except queue.Empty:
@@ -211,13 +231,25 @@ class Runner:
                     for row in payload:  # type: ignore[union-attr]
                         self.manifest.append(row)
                     done += len(batch.items)
+                elif kind == "skipped":
+                    skipped += len(batch.items)
+                    failures += [
+                        {
+                            "path": image_relpath(i, self.width),
+                            "real_image": i.real_image,
+                            "error": reason,
+                            "kind": "skipped",
+                        }
+                        for i, reason in payload
+                    ]
                 elif kind == "failed":
                     batch.attempts += 1
                     batch.last_error = str(payload)
                     if batch.attempts >= self.max_attempts:
                         failed += len(batch.items)
-                        failures += [{"path": image_relpath(i, self.width), "error": batch.last_error}
-                                     for i in batch.items]
+                        failures += [
+                            {"path": image_relpath(i, self.width), "error": batch.last_error} for i in batch.items
+                        ]
                     else:
                         self.retries += 1
                         self.work.put(batch)
@@ -231,14 +263,15 @@ class Runner:
                         f" {done} images finished and kept: re-run the same command to resume"
                     )
                 if self.on_progress:
-                    self.on_progress(done, failed, self._rates(time.perf_counter() - start))
+                    self.on_progress(done, failed + skipped, self._rates(time.perf_counter() - start))
         finally:
             self.stop.set()
             self.manifest.sync()
             for t in threads:
                 t.join(timeout=5)
         wall = time.perf_counter() - start
-        return Summary(done, 0, failed, self.retries, wall, [s.summary(wall) for s in self.servers], failures)
+        servers = [s.summary(wall) for s in self.servers]
+        return Summary(done, 0, failed, self.retries, wall, servers, failures, skipped_real=skipped)
 
     def _rates(self, wall: float) -> dict:
         return {s.url: (s.images, s.images / wall if wall > 0 else 0.0, s.healthy) for s in self.servers}

@@ -57,7 +57,9 @@ def find_triton() -> TritonInstall:
 
 
 def port_is_free(port: int, host: str = LOOPBACK) -> bool:
+    """True when nothing listens on the port (a restarted server may reuse a port in TIME_WAIT, as Triton does)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -163,7 +165,9 @@ class LocalServer:
             if server_ready(self.url):
                 return
             time.sleep(0.25)
-        raise UserError(f"Triton was not ready after {self.ready_timeout:.0f}s{self._failure_hint()}; log: {self.log_path}")
+        raise UserError(
+            f"Triton was not ready after {self.ready_timeout:.0f}s{self._failure_hint()}; log: {self.log_path}"
+        )
 
     def _failure_hint(self) -> str:
         try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,13 +52,13 @@ class PipelineClient:
         try:
             live = self.client.is_server_ready()
         except Exception as exc:  # noqa: BLE001 - any transport failure means unreachable
-            raise UserError(f"server {self.url} is unreachable ({type(exc).__name__}): is Triton running there?") from None
+            raise UserError(
+                f"server {self.url} is unreachable ({type(exc).__name__}): is Triton running there?"
+            ) from None
         if not live:
             raise UserError(f"server {self.url} answers but is not ready")
         if not self.client.is_model_ready(PIPELINE_MODEL):
-            raise UserError(
-                f"server {self.url} is up but model '{PIPELINE_MODEL}' is not ready (see the server's log)"
-            )
+            raise UserError(f"server {self.url} is up but model '{PIPELINE_MODEL}' is not ready (see the server's log)")
         config = self.client.get_model_config(PIPELINE_MODEL)
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         return ModelCard(
@@ -81,7 +80,7 @@ class PipelineClient:
         result = self.client.infer(PIPELINE_MODEL, inputs, outputs=[output])
         return result.as_numpy("IMAGE")
 
-    def generate(self, spec, items, load_real: Callable | None = None) -> np.ndarray:
+    def generate(self, spec, items, init_images: np.ndarray | None = None) -> np.ndarray:
         """Images uint8 [B,H,W,3] for a batch of work items of one job."""
         n = len(items)
         arrays = {
@@ -91,10 +90,8 @@ class PipelineClient:
             "STEPS": np.full((n, 1), spec.steps, dtype=np.int32),
             "GUIDANCE_SCALE": np.full((n, 1), spec.guidance_scale, dtype=np.float32),
         }
-        if items[0].real_image is not None:
-            if load_real is None:
-                raise ValueError("conditioned items need a real-image loader")
-            arrays["INIT_IMAGE"] = np.stack([load_real(it) for it in items])
+        if init_images is not None:
+            arrays["INIT_IMAGE"] = init_images
             arrays["STRENGTH"] = np.full((n, 1), spec.strength, dtype=np.float32)
             arrays["GUIDANCE_TOKEN"] = np.full((n, 1), bool(spec.guidance_token), dtype=np.bool_)
         images = self.infer(arrays)

@@ -74,8 +74,9 @@ def repo(
     """Write the Triton model repository: component models plus the BLS `pipeline` model."""
     from realfake.export.repo import write_repository
 
-    write_repository(onnx_dir, out, runtime=runtime, scheduler=scheduler, max_batch=max_batch,
-                     queue_delay_us=queue_delay_us)
+    write_repository(
+        onnx_dir, out, runtime=runtime, scheduler=scheduler, max_batch=max_batch, queue_delay_us=queue_delay_us
+    )
     typer.echo(f"model repository written: {out}")
 
 

@@ -188,9 +188,7 @@ def _image_encoder_size(modules: dict) -> int:
     return int(vision.vision.config.image_size) if vision is not None else 224
 
 
-def export_onnx(
-    bundle: str | Path, out: str | Path, *, tolerance: float = DEFAULT_TOLERANCE, log=print
-) -> dict:
+def export_onnx(bundle: str | Path, out: str | Path, *, tolerance: float = DEFAULT_TOLERANCE, log=print) -> dict:
     """Export every component of `bundle` into `out/<component>.onnx`, then check parity; returns the report."""
     import torch
 

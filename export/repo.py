@@ -78,8 +78,14 @@ def component_config(name: str, inputs: list[TensorSpec], outputs: list[TensorSp
 
 
 def pipeline_config(params: dict[str, str], max_batch: int, queue_delay_us: int) -> str:
-    to_type = {"BYTES": "TYPE_STRING", "INT64": "TYPE_INT64", "INT32": "TYPE_INT32", "FP32": "TYPE_FP32",
-               "UINT8": "TYPE_UINT8", "BOOL": "TYPE_BOOL"}
+    to_type = {
+        "BYTES": "TYPE_STRING",
+        "INT64": "TYPE_INT64",
+        "INT32": "TYPE_INT32",
+        "FP32": "TYPE_FP32",
+        "UINT8": "TYPE_UINT8",
+        "BOOL": "TYPE_BOOL",
+    }
     inputs = [TensorSpec(n, to_type[t], tuple(d), opt) for n, (t, d, opt) in PIPELINE_INPUTS.items()]
     outputs = [TensorSpec(n, to_type[t], tuple(d)) for n, (t, d) in PIPELINE_OUTPUTS.items()]
     return (

@@ -103,7 +103,7 @@ def run_batch(sampler: Sampler, requests: list[dict], max_batch: int = 64) -> li
                 for it in chunk:
                     results[it.request] = exc
                 continue
-            for it, img in zip(chunk, out):
+            for it, img in zip(chunk, out, strict=True):
                 images[(it.request, it.row)] = img
     for i, rows in rows_of.items():
         if results[i] is None:

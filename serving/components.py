@@ -50,7 +50,7 @@ class OrtComponents:
         if name not in self.sessions:
             raise ValueError(f"this model has no {name} component")
         inputs, _ = COMPONENT_IO[name]
-        return self.sessions[name].run(None, dict(zip(inputs, arrays)))[0]
+        return self.sessions[name].run(None, dict(zip(inputs, arrays, strict=True)))[0]
 
     def text_encoder(self, input_ids):
         return self._run("text_encoder", input_ids)

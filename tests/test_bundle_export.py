@@ -6,11 +6,12 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from conftest import rf
 
 from realfake.client.errors import UserError
 from realfake.export.bundle import check_bundle, clip_tokenizer
 from realfake.export.onnx_export import PARITY_BATCHES, check_parity
+
+from conftest import rf
 
 
 def test_tokenizer_is_real_clip_bpe():

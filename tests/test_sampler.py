@@ -46,8 +46,14 @@ def _diff(a, b) -> int:
 
 def test_text_to_image_matches_diffusers(sampler, diffusers_pipe):
     ours = sampler.generate(PROMPTS, NEGATIVE, SEEDS, Settings(steps=12, guidance_scale=2.0))
-    ref = diffusers_pipe(PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=12, guidance_scale=2.0,
-                         generator=_generators(SEEDS), output_type="np").images
+    ref = diffusers_pipe(
+        PROMPTS,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=12,
+        guidance_scale=2.0,
+        generator=_generators(SEEDS),
+        output_type="np",
+    ).images
     assert ours.shape == (3, 32, 32, 3) and ours.dtype == np.uint8
     assert _diff(ours, _uint8(ref)) <= MAX_PIXEL_DIFF
     assert ours.std() > 5  # not a flat image: the comparison means something
@@ -58,19 +64,29 @@ def test_img2img_latent_prior_matches_diffusers(sampler, diffusers_pipe):
 
     rng = np.random.default_rng(0)
     init = rng.integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
-    ours = sampler.generate(PROMPTS, NEGATIVE, SEEDS, Settings(steps=12, guidance_scale=2.0, strength=0.75),
-                            init_images=init)
+    ours = sampler.generate(
+        PROMPTS, NEGATIVE, SEEDS, Settings(steps=12, guidance_scale=2.0, strength=0.75), init_images=init
+    )
     img2img = StableDiffusionImg2ImgPipeline(**diffusers_pipe.components)
     img2img.set_progress_bar_config(disable=True)
-    ref = img2img(PROMPTS, image=[Image.fromarray(x) for x in init], negative_prompt=NEGATIVE, strength=0.75,
-                  num_inference_steps=12, guidance_scale=2.0, generator=_generators(SEEDS), output_type="np").images
+    ref = img2img(
+        PROMPTS,
+        image=[Image.fromarray(x) for x in init],
+        negative_prompt=NEGATIVE,
+        strength=0.75,
+        num_inference_steps=12,
+        guidance_scale=2.0,
+        generator=_generators(SEEDS),
+        output_type="np",
+    ).images
     assert _diff(ours, _uint8(ref)) <= MAX_PIXEL_DIFF
 
 
 def test_no_guidance_path_matches_diffusers(sampler, diffusers_pipe):
     ours = sampler.generate(PROMPTS[:1], [""], SEEDS[:1], Settings(steps=5, guidance_scale=1.0))
-    ref = diffusers_pipe(PROMPTS[:1], num_inference_steps=5, guidance_scale=1.0, generator=_generators(SEEDS[:1]),
-                         output_type="np").images
+    ref = diffusers_pipe(
+        PROMPTS[:1], num_inference_steps=5, guidance_scale=1.0, generator=_generators(SEEDS[:1]), output_type="np"
+    ).images
     assert _diff(ours, _uint8(ref)) <= MAX_PIXEL_DIFF
 
 

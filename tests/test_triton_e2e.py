@@ -7,12 +7,13 @@ import socket
 import numpy as np
 import pytest
 import torch
-from conftest import rf
 from PIL import Image
 
 from realfake.client.errors import UserError
 from realfake.client.server import LocalServer, free_port
 from realfake.client.triton import PipelineClient
+
+from conftest import rf
 
 pytestmark = pytest.mark.slow
 
@@ -56,18 +57,26 @@ def test_pipeline_through_triton_matches_diffusers(triton, tiny_bundle):
 
     prompts, seeds = ["photo of tench, best quality", "photo of a red car"], [5, 6]
     client = PipelineClient(triton.url)
-    images = client.infer({
-        "PROMPT": np.array([[p.encode()] for p in prompts], dtype=object),
-        "NEGATIVE_PROMPT": np.array([[b"blurry"]] * 2, dtype=object),
-        "SEED": np.array([[s] for s in seeds], dtype=np.int64),
-        "STEPS": np.full((2, 1), 10, np.int32),
-        "GUIDANCE_SCALE": np.full((2, 1), 2.0, np.float32),
-    })
+    images = client.infer(
+        {
+            "PROMPT": np.array([[p.encode()] for p in prompts], dtype=object),
+            "NEGATIVE_PROMPT": np.array([[b"blurry"]] * 2, dtype=object),
+            "SEED": np.array([[s] for s in seeds], dtype=np.int64),
+            "STEPS": np.full((2, 1), 10, np.int32),
+            "GUIDANCE_SCALE": np.full((2, 1), 2.0, np.float32),
+        }
+    )
     pipe = StableDiffusionPipeline.from_pretrained(tiny_bundle, local_files_only=True)
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    ref = pipe(prompts, negative_prompt=["blurry"] * 2, num_inference_steps=10, guidance_scale=2.0,
-               generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="np").images
+    ref = pipe(
+        prompts,
+        negative_prompt=["blurry"] * 2,
+        num_inference_steps=10,
+        guidance_scale=2.0,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        output_type="np",
+    ).images
     ref = (ref * 255).round().astype(np.int16)
     assert images.dtype == np.uint8 and images.shape == (2, 32, 32, 3)
     assert np.abs(images.astype(np.int16) - ref).max() <= 2  # a few /255 at most (ORT vs PyTorch rounding)
@@ -76,18 +85,30 @@ def test_pipeline_through_triton_matches_diffusers(triton, tiny_bundle):
 def test_bad_request_is_an_error_not_a_crash(triton):
     client = PipelineClient(triton.url)
     with pytest.raises(Exception, match="STEPS must be in"):
-        client.infer({
-            "PROMPT": np.array([[b"x"]], dtype=object),
-            "SEED": np.array([[1]], dtype=np.int64),
-            "STEPS": np.array([[0]], dtype=np.int32),
-        })
+        client.infer(
+            {
+                "PROMPT": np.array([[b"x"]], dtype=object),
+                "SEED": np.array([[1]], dtype=np.int64),
+                "STEPS": np.array([[0]], dtype=np.int32),
+            }
+        )
     assert client.card().identity  # the server is still serving
 
 
 def test_unreachable_server(tmp_path):
     port = free_port()
-    r = rf("rf-client", "generate", "--classes", "cifar10", "--per-class", "1", "--out", str(tmp_path / "o"),
-           "--url", f"127.0.0.1:{port}")
+    r = rf(
+        "rf-client",
+        "generate",
+        "--classes",
+        "cifar10",
+        "--per-class",
+        "1",
+        "--out",
+        str(tmp_path / "o"),
+        "--url",
+        f"127.0.0.1:{port}",
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: server 127.0.0.1:{port} is unreachable")
@@ -98,8 +119,18 @@ def test_model_not_ready(tiny_repo, tmp_path):
     shutil.copytree(tiny_repo, repo, symlinks=True)
     shutil.rmtree(repo / "pipeline")
     with LocalServer(repo) as server:
-        r = rf("rf-client", "generate", "--classes", "cifar10", "--per-class", "1", "--out", str(tmp_path / "o"),
-               "--url", server.url)
+        r = rf(
+            "rf-client",
+            "generate",
+            "--classes",
+            "cifar10",
+            "--per-class",
+            "1",
+            "--out",
+            str(tmp_path / "o"),
+            "--url",
+            server.url,
+        )
     assert r.returncode == 2
     assert "model 'pipeline' is not ready" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
@@ -129,6 +160,16 @@ def test_port_in_use(tiny_repo):
 def test_unwritable_output(tmp_path, triton):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    r = rf("rf-client", "generate", "--classes", "cifar10", "--per-class", "1", "--out", str(blocker / "sub"),
-           "--url", triton.url)
+    r = rf(
+        "rf-client",
+        "generate",
+        "--classes",
+        "cifar10",
+        "--per-class",
+        "1",
+        "--out",
+        str(blocker / "sub"),
+        "--url",
+        triton.url,
+    )
     assert r.returncode == 2 and "is not writable" in r.stderr

@@ -27,7 +27,7 @@ class BlsComponents:
         request = pb_utils.InferenceRequest(
             model_name=self.names[component],
             requested_output_names=[output],
-            inputs=[pb_utils.Tensor(n, np.ascontiguousarray(a)) for n, a in zip(inputs, arrays)],
+            inputs=[pb_utils.Tensor(n, np.ascontiguousarray(a)) for n, a in zip(inputs, arrays, strict=True)],
         )
         response = request.exec()
         if response.has_error():

@@ -1,0 +1,106 @@
+"""`rf-client bench`: images/sec and request latency percentiles at several concurrencies and batch sizes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from realfake.client.dataset import write_atomic
+from realfake.client.triton import PipelineClient
+
+
+@dataclass
+class BenchRow:
+    concurrency: int
+    batch: int
+    requests: int
+    images: int
+    wall_seconds: float
+    images_per_sec: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    latency_p99_ms: float
+    errors: int
+
+
+def _arrays(batch: int, seed0: int, steps: int, guidance: float, prompt: str) -> dict[str, np.ndarray]:
+    return {
+        "PROMPT": np.array([[prompt.encode()]] * batch, dtype=np.object_),
+        "NEGATIVE_PROMPT": np.array([[b"blurry"]] * batch, dtype=np.object_),
+        "SEED": np.arange(seed0, seed0 + batch, dtype=np.int64).reshape(batch, 1),
+        "STEPS": np.full((batch, 1), steps, dtype=np.int32),
+        "GUIDANCE_SCALE": np.full((batch, 1), guidance, dtype=np.float32),
+    }
+
+
+def measure(
+    url: str, concurrency: int, batch: int, requests: int, steps: int, guidance: float, warmup: int = 1
+) -> BenchRow:
+    """Send `requests` requests of `batch` images from `concurrency` threads; time each and the whole."""
+    prompt = "photo of a tench, best quality"
+    warm = PipelineClient(url)
+    for k in range(warmup):
+        warm.infer(_arrays(batch, 10_000 + k, steps, guidance, prompt))
+    latencies: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+    counter = iter(range(requests))
+
+    def worker() -> None:
+        nonlocal errors
+        client = PipelineClient(url)  # tritonclient.http clients belong to the thread that made them
+        while True:
+            with lock:
+                k = next(counter, None)
+            if k is None:
+                return
+            t0 = time.perf_counter()
+            try:
+                client.infer(_arrays(batch, k * batch, steps, guidance, prompt))
+            except Exception:  # noqa: BLE001 - counted, the benchmark goes on
+                with lock:
+                    errors += 1
+                continue
+            with lock:
+                latencies.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    lat = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+    images = len(latencies) * batch
+    return BenchRow(
+        concurrency=concurrency,
+        batch=batch,
+        requests=requests,
+        images=images,
+        wall_seconds=round(wall, 4),
+        images_per_sec=round(images / wall, 4) if wall > 0 else 0.0,
+        latency_p50_ms=round(float(np.percentile(lat, 50)), 2),
+        latency_p95_ms=round(float(np.percentile(lat, 95)), 2),
+        latency_p99_ms=round(float(np.percentile(lat, 99)), 2),
+        errors=errors,
+    )
+
+
+def write_results(rows: list[BenchRow], out: Path, meta: dict) -> tuple[Path, Path]:
+    """`out`.json (with the settings) and `out`.csv."""
+    json_path, csv_path = out.with_suffix(".json"), out.with_suffix(".csv")
+    write_atomic(json_path, json.dumps({**meta, "results": [asdict(r) for r in rows]}, indent=2).encode())
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(asdict(rows[0])))
+    writer.writeheader()
+    writer.writerows(asdict(r) for r in rows)
+    write_atomic(csv_path, buf.getvalue().encode())
+    return json_path, csv_path

@@ -1,0 +1,95 @@
+"""Real images for the conditioned (Real-Fake) mode: an ImageFolder scan, per-image captions, and loading an
+image as the latent prior at the model's resolution."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from realfake.client.classes import ClassInfo
+from realfake.client.errors import UserError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+def scan_real(root: Path, classes: list[ClassInfo]) -> dict[str, list[str]]:
+    """Class id -> sorted image paths relative to `root`. Class folders are matched by class id or name."""
+    if not root.is_dir():
+        raise UserError(f"--real {root} is not a directory (expected an ImageFolder: one folder per class)")
+    by_key = {c.id: c for c in classes} | {c.name: c for c in classes}
+    found: dict[str, list[str]] = {}
+    unknown = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        cls = by_key.get(folder.name)
+        if cls is None:
+            unknown.append(folder.name)
+            continue
+        files = sorted(
+            p.relative_to(root).as_posix()
+            for p in folder.rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if files:
+            found.setdefault(cls.id, []).extend(files)
+    if unknown:
+        raise UserError(
+            f"--real {root}: folder(s) {', '.join(unknown[:5])} match no class of the set "
+            "(folders must be named by class id or class name)"
+        )
+    if not found:
+        raise UserError(f"--real {root} holds no images in class folders ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return found
+
+
+def load_captions(path: Path) -> dict[str, str]:
+    """JSONL, one object a line: {"image": <id or relative path>, "caption": <text>}; ids are also keyed by stem."""
+    if not path.is_file():
+        raise UserError(f"captions file {path} does not exist")
+    captions: dict[str, str] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            key, text = str(row["image"]), str(row["caption"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(
+                f'captions file {path} line {n} is malformed: expected {{"image": ..., "caption": ...}}'
+            ) from None
+        captions[key] = text.strip()
+    if not captions:
+        raise UserError(f"captions file {path} is empty")
+    return captions
+
+
+def caption_for(captions: dict[str, str], relpath: str) -> str:
+    if relpath in captions:
+        return captions[relpath]
+    return captions.get(Path(relpath).stem, "")
+
+
+def load_real_image(path: Path, size: int) -> np.ndarray:
+    """Decode, convert to RGB, resize the short side to `size` and centre-crop: uint8 [size, size, 3]."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        scale = size / min(im.size)
+        w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
+        im = im.resize((w, h), Image.BICUBIC)
+        left, top = (w - size) // 2, (h - size) // 2
+        return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def check_decodes(path: Path) -> str | None:
+    """None when the image decodes, else the reason."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a reason to skip the image
+        return f"{type(exc).__name__}: {exc}"
+    return None

@@ -1,0 +1,292 @@
+"""rf-client jobs against real Triton servers: crashes, dead servers, shards, real-image conditioning, bad input."""
+
+import json
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from realfake.client.server import LocalServer, free_port
+
+from conftest import VENV_BIN, rf
+
+pytestmark = pytest.mark.slow
+
+JOB = ["--classes", "cifar10", "--per-class", "12", "--steps", "20", "--seed", "3", "--batch", "2", "--quiet"]
+
+
+def _pngs(out):
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.glob("*/*.png"))}
+
+
+def _verify_ok(out):
+    r = rf("rf-client", "verify", str(out), "--json")
+    report = json.loads(r.stdout)
+    assert r.returncode == 0 and report["ok"], report
+    return report
+
+
+@pytest.fixture(scope="module")
+def reference(triton, tmp_path_factory):
+    """The job made once without incidents: what every interrupted run must end up equal to."""
+    out = tmp_path_factory.mktemp("reference")
+    r = rf("rf-client", "generate", *JOB, "--out", str(out), "--url", triton.url)
+    assert r.returncode == 0, r.stderr
+    files = _pngs(out)
+    assert len(files) == 120
+    return files
+
+
+def _start_client(out, *urls, extra=()):
+    args = [str(VENV_BIN / "rf-client"), "generate", *JOB, "--out", str(out), *extra]
+    for u in urls:
+        args += ["--url", u]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_images(out, n, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(list(out.glob("*/*.png"))) >= n:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"client ended early: {proc.communicate()}")
+        time.sleep(0.05)
+    pytest.fail(f"fewer than {n} images after {timeout}s")
+
+
+def test_server_killed_mid_job_restarts_and_job_completes(tiny_repo, reference, tmp_path):
+    http, grpc = free_port(), free_port()
+    out = tmp_path / "out"
+    server = LocalServer(tiny_repo, http_port=http, grpc_port=grpc).start()
+    try:
+        proc = _start_client(out, server.url, extra=["--server-wait", "90"])
+        _wait_for_images(out, 30, proc)
+        server.kill()  # SIGKILL, mid-job
+        server = LocalServer(tiny_repo, http_port=http, grpc_port=grpc).start()
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+    finally:
+        server.stop()
+    assert _pngs(out) == reference  # 0 missing, 0 duplicate, 0 damaged: byte for byte
+    report = _verify_ok(out)
+    assert report["rows"] == 120 and set(report["class_counts"].values()) == {12}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["retries"] >= 1 and summary["failed"] == 0
+
+
+def test_client_killed_then_resumed(triton, reference, tmp_path):
+    out = tmp_path / "out"
+    proc = _start_client(out, triton.url)
+    _wait_for_images(out, 40, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = len(list(out.glob("*/*.png")))
+    assert 0 < partial < 120
+    r = rf("rf-client", "generate", *JOB, "--out", str(out), "--url", triton.url)
+    assert r.returncode == 0, r.stderr
+    assert "already done" in r.stdout
+    assert _pngs(out) == reference
+    assert _verify_ok(out)["rows"] == 120
+    assert not list(out.glob("*/.*.tmp"))
+
+
+def test_two_servers_one_dies(triton, tiny_repo, reference, tmp_path):
+    out = tmp_path / "out"
+    doomed = LocalServer(tiny_repo).start()
+    try:
+        proc = _start_client(out, triton.url, doomed.url)
+        _wait_for_images(out, 30, proc)
+        doomed.kill()
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+    finally:
+        doomed.stop()
+    assert _pngs(out) == reference
+    summary = json.loads((out / "summary.json").read_text())
+    by_url = {s["url"]: s for s in summary["servers"]}
+    assert by_url[triton.url]["images"] > 0 and sum(s["images"] for s in summary["servers"]) == 120
+
+
+def test_shards_together_equal_the_whole_job(triton, reference, tmp_path):
+    out = tmp_path / "out"
+    procs = [_start_client(out, triton.url, extra=["--shard", f"{k}/2"]) for k in range(2)]
+    for p in procs:
+        _, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr
+    assert _pngs(out) == reference
+    rows = [
+        json.loads(line)
+        for f in ("manifest.shard-0-of-2.jsonl", "manifest.shard-1-of-2.jsonl")
+        for line in (out / f).read_text().splitlines()
+    ]
+    assert len(rows) == 120 and len({r["path"] for r in rows}) == 120
+    assert _verify_ok(out)["rows"] == 120
+
+
+def _real_folder(root, classes=("airplane", "cat", "dog"), per=2):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per):
+            Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(root / c / f"{c}_{i}.png")
+    return root
+
+
+def test_real_conditioned_mode(triton, tiny_onnx, tmp_path):
+    from realfake.client.real import load_real_image
+    from realfake.serving.components import OrtComponents
+    from realfake.serving.sampler import Sampler, Settings
+
+    real = _real_folder(tmp_path / "real")
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text(json.dumps({"image": "cat_1", "caption": "a cat on a red sofa"}) + "\n")
+    (real / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "out"
+    r = rf(
+        "rf-client",
+        "generate",
+        "--classes",
+        "cifar10",
+        "--real",
+        str(real),
+        "--versions",
+        "2",
+        "--captions",
+        str(captions),
+        "--steps",
+        "8",
+        "--out",
+        str(out),
+        "--url",
+        triton.url,
+        "--quiet",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "2 images skipped" in r.stderr  # the broken file, both its versions
+    rows = {json.loads(line)["path"]: json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()}
+    assert len(rows) == 12  # 3 classes x 2 decodable real images x 2 versions
+    # cat's real images sort as broken.png, cat_0.png, cat_1.png: cat_1 version 1 is index 2 * 2 + 1
+    row = rows["cat/00005.png"]
+    assert row["real_image"] == "cat/cat_1.png" and row["caption"] == "a cat on a red sofa"
+    assert row["prompt"] == "photo of cat, a cat on a red sofa, best quality"
+    assert row["strength"] == 0.75 and row["guidance_token"] is True
+    assert rows["cat/00004.png"]["seed"] != row["seed"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_undecodable_real"] == 2
+    assert {f["real_image"] for f in summary["failures"]} == {"cat/broken.png"}
+    # the server made exactly what the sampler makes in-process from the same real image and seed
+    sampler = Sampler(OrtComponents(tiny_onnx), tiny_onnx)
+    init = load_real_image(real / "cat" / "cat_1.png", 32)[None]
+    expected = sampler.generate(
+        [row["prompt"]], [row["negative_prompt"]], [row["seed"]], Settings(8, 2.0, 0.75, True), init_images=init
+    )[0]
+    got = np.asarray(Image.open(out / "cat/00005.png"))
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--per-class", "0"], "--per-class must be >= 1"),
+        (["--per-class", "-3"], "--per-class must be >= 1"),
+        (["--per-class", "2", "--shard", "2/2"], "--shard 2/2: need 0 <= I < N"),
+        (["--per-class", "2", "--strength", "1.5"], "--strength must be in (0, 1]"),
+    ],
+)
+def test_bad_arguments(args, message, tmp_path, triton):
+    r = rf("rf-client", "generate", "--classes", "cifar10", "--out", str(tmp_path / "o"), "--url", triton.url, *args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}")
+
+
+def test_bad_real_and_caption_inputs(tmp_path, triton):
+    empty = tmp_path / "real"
+    (empty / "cat").mkdir(parents=True)
+    r = rf(
+        "rf-client",
+        "generate",
+        "--classes",
+        "cifar10",
+        "--real",
+        str(empty),
+        "--out",
+        str(tmp_path / "o"),
+        "--url",
+        triton.url,
+    )
+    assert r.returncode == 2 and "holds no images" in r.stderr
+    real = _real_folder(tmp_path / "real2", classes=("cat",), per=1)
+    caps = tmp_path / "c.jsonl"
+    caps.write_text('{"image": "cat_0", "caption": "ok"}\n{"image": "cat_0" "caption": "x"}\n')
+    r = rf(
+        "rf-client",
+        "generate",
+        "--classes",
+        "cifar10",
+        "--real",
+        str(real),
+        "--captions",
+        str(caps),
+        "--out",
+        str(tmp_path / "o"),
+        "--url",
+        triton.url,
+    )
+    assert r.returncode == 2 and "line 2 is malformed" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_resume_with_changed_settings_is_refused_then_forced(tmp_path, triton):
+    out = tmp_path / "o"
+    base = [
+        "rf-client",
+        "generate",
+        "--classes",
+        "cifar10",
+        "--per-class",
+        "1",
+        "--steps",
+        "3",
+        "--out",
+        str(out),
+        "--url",
+        triton.url,
+        "--quiet",
+    ]
+    assert rf(*base).returncode == 0
+    before = _pngs(out)
+    r = rf(*base, "--guidance", "3.0")
+    assert r.returncode == 2 and "other settings (guidance_scale)" in r.stderr
+    assert _pngs(out) == before  # nothing finished was touched
+    assert rf(*base, "--guidance", "3.0", "--force").returncode == 0
+
+
+def test_bench_writes_table_json_csv(triton, tmp_path):
+    stem = tmp_path / "bench"
+    r = rf(
+        "rf-client",
+        "bench",
+        "--url",
+        triton.url,
+        "--concurrency",
+        "1,2",
+        "--batch",
+        "1,2",
+        "--requests",
+        "3",
+        "--steps",
+        "4",
+        "--out",
+        str(stem),
+    )
+    assert r.returncode == 0, r.stderr
+    data = json.loads(stem.with_suffix(".json").read_text())
+    assert [(row["concurrency"], row["batch"]) for row in data["results"]] == [(1, 1), (2, 1), (1, 2), (2, 2)]
+    for row in data["results"]:
+        assert row["errors"] == 0 and row["images"] == 3 * row["batch"] and row["images_per_sec"] > 0
+        assert row["latency_p50_ms"] <= row["latency_p95_ms"] <= row["latency_p99_ms"]
+    assert stem.with_suffix(".csv").read_text().splitlines()[0].startswith("concurrency,batch,")
+    assert "p95 ms" in r.stdout

@@ -1,0 +1,203 @@
+"""The client's dataset machinery without a server: class sets, prompts, seeds, shards, manifest, real images."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from realfake.client import dataset as ds
+from realfake.client.classes import ClassInfo, load_classes
+from realfake.client.errors import UserError
+from realfake.client.real import caption_for, load_captions, load_real_image, scan_real
+from realfake.client.verify import pack_webdataset, verify
+
+
+def test_imagenet_is_the_standard_1000():
+    classes = load_classes("imagenet")
+    assert len(classes) == 1000 and len({c.id for c in classes}) == 1000
+    assert (classes[0].id, classes[0].name) == ("n01440764", "tench")
+    assert (classes[999].id, classes[999].name) == ("n15075141", "toilet tissue")
+    assert [c.index for c in classes] == list(range(1000))
+    assert all(c.id.startswith("n") and len(c.id) == 9 for c in classes)
+
+
+@pytest.mark.parametrize(
+    "name, n, first, last",
+    [
+        ("cifar10", 10, "airplane", "truck"),
+        ("cifar100", 100, "apple", "worm"),
+        ("fashion-mnist", 10, "T-shirt/top", "Ankle boot"),
+    ],
+)
+def test_builtin_sets(name, n, first, last):
+    classes = load_classes(name)
+    assert len(classes) == n and classes[0].name == first and classes[-1].name == last
+    assert len({c.id for c in classes}) == n and all("/" not in c.id for c in classes)
+
+
+def test_class_files(tmp_path):
+    (tmp_path / "a.txt").write_text("red fox\n# comment\n\ngray wolf\n")
+    assert [(c.id, c.name) for c in load_classes(str(tmp_path / "a.txt"))] == [
+        ("red_fox", "red fox"),
+        ("gray_wolf", "gray wolf"),
+    ]
+    (tmp_path / "b.csv").write_text("id,name\nn1,fox\nn2,wolf\n")
+    assert [c.id for c in load_classes(str(tmp_path / "b.csv"))] == ["n1", "n2"]
+    (tmp_path / "c.json").write_text(json.dumps([{"id": "x1", "name": "cat"}, "dog"]))
+    assert [(c.id, c.name) for c in load_classes(str(tmp_path / "c.json"))] == [("x1", "cat"), ("dog", "dog")]
+
+
+@pytest.mark.parametrize(
+    "fname, text, message",
+    [
+        ("empty.txt", "  \n", "is empty"),
+        ("bad.json", "{not json", "is malformed"),
+        ("bad.csv", "label\nfox\n", "needs a header with a 'name'"),
+        ("dup.csv", "id,name\nn1,fox\nn1,wolf\n", "duplicate class ids n1"),
+        ("list.json", "[1, 2]", "entry 1 is neither"),
+    ],
+)
+def test_bad_class_files(tmp_path, fname, text, message):
+    (tmp_path / fname).write_text(text)
+    with pytest.raises(UserError, match=message):
+        load_classes(str(tmp_path / fname))
+
+
+def test_unknown_class_set():
+    with pytest.raises(UserError, match="unknown class set 'imagenet22k'"):
+        load_classes("imagenet22k")
+
+
+def test_prompt_template():
+    assert ds.render_prompt(ds.DEFAULT_TEMPLATE, "tench") == "photo of tench, best quality"
+    assert ds.render_prompt(ds.DEFAULT_TEMPLATE, "tench", "a man holding a fish") == (
+        "photo of tench, a man holding a fish, best quality"
+    )
+    assert ds.render_prompt("{caption}, a {class}", "dog") == "a dog"
+
+
+def test_seeds_are_stable_and_distinct():
+    assert ds.image_seed(0, "n01440764", 0) == ds.image_seed(0, "n01440764", 0)
+    # a fixed value: a change here silently changes every dataset ever made
+    assert ds.image_seed(0, "n01440764", 0) == int.from_bytes(
+        __import__("hashlib").sha256(b"0/n01440764/0").digest()[:8], "big"
+    ) & (2**63 - 1)
+    seeds = {ds.image_seed(1, c, i) for c in ("a", "b") for i in range(500)}
+    assert len(seeds) == 1000 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_shards_partition_the_job():
+    cls = ClassInfo(0, "c", "c")
+    items = [ds.WorkItem(cls, i, 0, "p") for i in range(400)]
+    parts = [[it for it in items if ds.shard_of(it, 3) == k] for k in range(3)]
+    assert sorted(it.index for p in parts for it in p) == list(range(400))
+    assert all(len(p) > 80 for p in parts)
+    assert ds.parse_shard("1/3") == (1, 3)
+    for bad in ("3/3", "a/b", "1", "-1/2"):
+        with pytest.raises(UserError):
+            ds.parse_shard(bad)
+
+
+def test_manifest_torn_last_line_is_dropped_other_damage_is_an_error(tmp_path):
+    path = tmp_path / "manifest.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}\n{"a": 3, "b"')
+    assert ds.read_manifest_rows(path) == [{"a": 1}, {"a": 2}]
+    path.write_text('{"a": 1}\nnot json\n{"a": 3}\n')
+    with pytest.raises(UserError, match="line 2 is not valid JSON"):
+        ds.read_manifest_rows(path)
+
+
+def _fake_dataset(out, n=4):
+    writer = ds.ManifestWriter(out / "manifest.jsonl")
+    for i in range(n):
+        png = ds.encode_png(np.full((8, 8, 3), i * 40, np.uint8))
+        rel = f"c/{i:05d}.png"
+        ds.write_atomic(out / rel, png)
+        writer.append(
+            {
+                "path": rel,
+                "class_id": "c",
+                "class_index": 0,
+                "index": i,
+                "sha256": __import__("hashlib").sha256(png).hexdigest(),
+            }
+        )
+    writer.close()
+
+
+def test_compact_manifest_keeps_only_whole_images(tmp_path):
+    _fake_dataset(tmp_path)
+    (tmp_path / "c/00001.png").unlink()
+    (tmp_path / "c/00002.png").write_bytes(b"\x89PNG truncated")
+    done = ds.compact_manifest(tmp_path, "manifest.jsonl")
+    assert sorted(done) == [("c", 0), ("c", 3)]
+    assert len(ds.read_manifest_rows(tmp_path / "manifest.jsonl")) == 2
+
+
+def test_verify_finds_every_kind_of_hole(tmp_path):
+    _fake_dataset(tmp_path)
+    assert verify(tmp_path).ok
+    (tmp_path / "c/00000.png").unlink()
+    (tmp_path / "c/00001.png").write_bytes(b"junk")
+    ds.write_atomic(tmp_path / "c/00009.png", ds.encode_png(np.zeros((4, 4, 3), np.uint8)))
+    with open(tmp_path / "manifest.jsonl", "a") as f:
+        f.write((tmp_path / "manifest.jsonl").read_text().splitlines()[3] + "\n")
+    report = verify(tmp_path)
+    assert not report.ok
+    assert report.missing == ["c/00000.png"] and report.hash_mismatch == ["c/00001.png"]
+    assert report.unlisted == ["c/00009.png"] and report.duplicate_rows == ["c/00003.png"]
+
+
+def test_pack_webdataset(tmp_path):
+    import tarfile
+
+    (tmp_path / "d").mkdir()
+    _fake_dataset(tmp_path / "d", n=5)
+    shards = pack_webdataset(tmp_path / "d", tmp_path / "wds", shard_size=2)
+    assert [p.name for p in shards] == ["shard-00000.tar", "shard-00001.tar", "shard-00002.tar"]
+    with tarfile.open(shards[0]) as tar:
+        names = tar.getnames()
+        assert names == [
+            "c__00000.png",
+            "c__00000.cls",
+            "c__00000.json",
+            "c__00001.png",
+            "c__00001.cls",
+            "c__00001.json",
+        ]
+        assert tar.extractfile("c__00001.png").read() == (tmp_path / "d/c/00001.png").read_bytes()
+
+
+def test_real_folder_scan_and_loading(tmp_path):
+    classes = load_classes("cifar10")
+    for cls, n in (("airplane", 2), ("cat", 1)):
+        (tmp_path / cls).mkdir()
+        for i in range(n):
+            Image.new("RGB", (40, 30), (i * 50, 10, 10)).save(tmp_path / cls / f"img{i}.jpg")
+    found = scan_real(tmp_path, classes)
+    assert found == {"airplane": ["airplane/img0.jpg", "airplane/img1.jpg"], "cat": ["cat/img0.jpg"]}
+    img = load_real_image(tmp_path / "airplane/img0.jpg", 32)
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+    (tmp_path / "zebra").mkdir()
+    (tmp_path / "zebra" / "z.png").write_bytes(b"")
+    with pytest.raises(UserError, match="folder\\(s\\) zebra match no class"):
+        scan_real(tmp_path, classes)
+
+
+def test_real_folder_without_images(tmp_path):
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="holds no images"):
+        scan_real(tmp_path, load_classes("cifar10"))
+
+
+def test_captions(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"image": "cat/img0.jpg", "caption": "a cat on a sofa"}\n{"image": "img7", "caption": "x"}\n')
+    caps = load_captions(path)
+    assert caption_for(caps, "cat/img0.jpg") == "a cat on a sofa"
+    assert caption_for(caps, "dog/img7.png") == "x" and caption_for(caps, "dog/none.png") == ""
+    path.write_text('{"image": "a", "caption": "b"}\n{"image": "a"}\n')
+    with pytest.raises(UserError, match="line 2 is malformed"):
+        load_captions(path)

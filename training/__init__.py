@@ -1,0 +1,1 @@
+"""rf-train: the Real-Fake distribution-matching finetune and classifier training on synthetic data."""

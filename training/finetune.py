@@ -1,0 +1,367 @@
+"""`rf-train finetune`: LoRA on a bundle's UNet with the Real-Fake objective, on a real labelled ImageFolder.
+
+Writes OUT/lora/pytorch_lora_weights.safetensors (diffusers' LoRA format), OUT/bundle/ (the LoRA fused at the
+generation scale: a bundle `rf-export onnx` takes as is), OUT/metrics.jsonl, OUT/checkpoints/, OUT/finetune.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from realfake.client.classes import load_classes
+from realfake.client.dataset import write_atomic
+from realfake.client.errors import UserError
+from realfake.export.bundle import check_bundle
+from realfake.training.data import FinetuneDataset, RealSample, collect_samples, load_rgb
+from realfake.training.objective import realfake_loss, snr
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+@dataclass
+class FinetuneConfig:
+    bundle: Path
+    data: Path
+    out: Path
+    classes: str
+    captions: Path | None = None
+    rank: int = 4
+    lora_alpha: float | None = None  # None: equal to rank
+    lr: float = 1e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 1000
+    dm_weight: float = 0.003
+    snr_gamma: float = 5.0
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    merge_scale: float = 0.5
+    mixed_precision: str = "no"  # no | fp16 | bf16 (GPU)
+    guidance_token: bool = True  # used when the bundle has an image encoder
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for name in ("rank", "batch_size", "grad_accum", "max_steps", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.dm_weight < 0 or self.snr_gamma <= 0:
+            raise UserError("--lr and --snr-gamma must be > 0 and --dm-weight >= 0")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise UserError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+
+
+@dataclass
+class Models:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    image_encoder: torch.nn.Module | None
+    noise_scheduler: object
+
+
+def load_models(bundle: Path, with_image_encoder: bool) -> Models:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+
+    from realfake.export.onnx_export import quiet_loading
+
+    info = check_bundle(bundle)
+    quiet_loading()
+    try:
+        unet = UNet2DConditionModel.from_pretrained(bundle / "unet", local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(bundle / "vae", local_files_only=True)
+        text = CLIPTextModel.from_pretrained(bundle / "text_encoder", local_files_only=True)
+        tokenizer = CLIPTokenizer.from_pretrained(bundle / "tokenizer", local_files_only=True)
+        image_encoder = None
+        if with_image_encoder and info.has_image_encoder:
+            image_encoder = CLIPVisionModelWithProjection.from_pretrained(
+                bundle / "image_encoder", local_files_only=True
+            )
+        scheduler = DDPMScheduler.from_pretrained(bundle / "scheduler", local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"bundle {bundle}: could not load weights ({exc})") from exc
+    for module in (vae, text, image_encoder):
+        if module is not None:
+            module.requires_grad_(False).eval()
+    return Models(unet, vae, text, tokenizer, image_encoder, scheduler)
+
+
+def add_lora(unet: torch.nn.Module, rank: int, alpha: float | None) -> None:
+    """Freeze the UNet and add a LoRA adapter to its attention projections (only the adapter trains)."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS
+    )
+    unet.add_adapter(config)
+
+
+def lora_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+# -- the guidance token ---------------------------------------------------------------------------------
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.name}/{st.st_size}/{st.st_mtime_ns}".encode()).hexdigest()[:24]
+
+
+def _model_key(bundle: Path) -> str:
+    weights = sorted((bundle / "image_encoder").glob("*.safetensors")) + sorted(
+        (bundle / "image_encoder").glob("*.bin")
+    )
+    digest = hashlib.sha256()
+    for w in weights:
+        st = w.stat()
+        digest.update(f"{w.name}/{st.st_size}/{st.st_mtime_ns}".encode())
+    digest.update((bundle / "image_encoder" / "config.json").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def image_embeddings(
+    models: Models, bundle: Path, root: Path, samples: list[RealSample], cache_dir: Path, log
+) -> torch.Tensor:
+    """CLIP image embeddings [N, D] of the real images, cached on disk per (file, image-encoder weights)."""
+    from safetensors.torch import load_file, save_file
+
+    from realfake.serving.sampler import clip_preprocess
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"image_embeds-{_model_key(bundle)}.safetensors"
+    cache = load_file(str(path)) if path.is_file() else {}
+    keys = [_file_key(root / s.relpath) for s in samples]
+    missing = [i for i, k in enumerate(keys) if k not in cache]
+    size = int(models.image_encoder.config.image_size)
+    for start in range(0, len(missing), 32):
+        chunk = missing[start : start + 32]
+        pixels = clip_preprocess(np.stack([_square(load_rgb(root / samples[i].relpath)) for i in chunk]), size)
+        embeds = models.image_encoder(pixel_values=torch.from_numpy(pixels)).image_embeds
+        for i, e in zip(chunk, embeds, strict=True):
+            cache[keys[i]] = e.contiguous().clone()
+    if missing:
+        tmp = path.with_suffix(".tmp")
+        save_file(cache, str(tmp))
+        os.replace(tmp, path)
+    log(f"guidance token: {len(missing)} image embeddings computed, {len(samples) - len(missing)} from cache")
+    return torch.stack([cache[k] for k in keys])
+
+
+def _square(image: np.ndarray) -> np.ndarray:
+    """Centre square crop, so images of any aspect go through CLIP preprocessing alike."""
+    h, w = image.shape[:2]
+    s = min(h, w)
+    return image[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
+
+
+def conditioning(models: Models, prompts: list[str], image_embeds: torch.Tensor | None) -> torch.Tensor:
+    """Text-encoder hidden states [B,77,D]; with image embeddings, they replace each sample's last token."""
+    ids = models.tokenizer(
+        prompts, padding="max_length", max_length=models.tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    with torch.no_grad():
+        context = models.text_encoder(ids.to(models.text_encoder.device))[0]
+    if image_embeds is not None:
+        context = context.clone()
+        context[:, -1, :] = image_embeds.to(context)
+    return context
+
+
+# -- training -------------------------------------------------------------------------------------------
+
+
+def training_step_loss(models: Models, unet, pixels, context, generator: torch.Generator, cfg: FinetuneConfig):
+    """One forward pass of the objective on a micro-batch; returns (total, denoise, dm)."""
+    sched = models.noise_scheduler
+    with torch.no_grad():
+        dist = models.vae.encode(pixels).latent_dist
+        eps = torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
+        latents = (dist.mean + dist.std * eps) * models.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    t = t.to(latents.device)
+    noisy = sched.add_noise(latents, noise, t)
+    prediction_type = sched.config.prediction_type
+    target = noise if prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+    pred = unet(noisy, t, context).sample
+    return realfake_loss(
+        pred, target, snr(sched.alphas_cumprod, t), gamma=cfg.snr_gamma, dm_weight=cfg.dm_weight,
+        prediction_type=prediction_type,
+    )
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted((out / "checkpoints").glob("step-*.pt"))
+
+
+def _save_checkpoint(out: Path, unet, optimizer, step: int, cfg: FinetuneConfig) -> None:
+    from peft.utils import get_peft_model_state_dict
+
+    path = out / "checkpoints" / f"step-{step:07d}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    state = {"lora": get_peft_model_state_dict(unet), "optimizer": optimizer.state_dict(), "step": step}
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    for old in _checkpoints(out)[: -cfg.keep_checkpoints]:
+        old.unlink()
+
+
+def save_lora(unet, directory: Path) -> Path:
+    """The adapter in diffusers' LoRA format (`load_lora_weights` reads it)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
+    return directory / LORA_WEIGHTS
+
+
+def merge_bundle(bundle: Path, lora_dir: Path, out: Path, scale: float) -> Path:
+    """The base bundle with the LoRA fused into the UNet at `scale`, saved as a complete bundle."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        bundle, local_files_only=True, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.load_lora_weights(lora_dir, weight_name=LORA_WEIGHTS)
+    pipe.fuse_lora(lora_scale=scale)
+    pipe.unload_lora_weights()
+    tmp = out.with_name(out.name + ".tmp")
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    check_bundle(out)
+    return out
+
+
+def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
+    from accelerate import Accelerator
+    from peft.utils import set_peft_model_state_dict
+    from tqdm.auto import tqdm
+
+    cfg.validate()
+    bundle, out = Path(cfg.bundle), Path(cfg.out)
+    info = check_bundle(bundle)
+    classes = load_classes(cfg.classes)
+    samples = collect_samples(Path(cfg.data), classes, cfg.captions)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else "no",
+        gradient_accumulation_steps=cfg.grad_accum,
+        cpu=not torch.cuda.is_available(),
+    )
+    say = log if accelerator.is_main_process else (lambda *_: None)
+    use_token = cfg.guidance_token and info.has_image_encoder
+    models = load_models(bundle, use_token)
+    if not use_token:
+        say("guidance token: off (" + ("disabled" if info.has_image_encoder else "the bundle has no image_encoder")
+            + "); training on text conditioning alone")
+    embeds = image_embeddings(models, bundle, Path(cfg.data), samples, out / "cache", say) if use_token else None
+    add_lora(models.unet, cfg.rank, cfg.lora_alpha)
+    params = lora_parameters(models.unet)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    unet, optimizer = accelerator.prepare(models.unet, optimizer)
+    device = accelerator.device
+    for module in (models.vae, models.text_encoder):
+        module.to(device)
+
+    step = 0
+    checkpoints = _checkpoints(out)
+    if checkpoints:
+        state = torch.load(checkpoints[-1], map_location="cpu", weights_only=False)
+        set_peft_model_state_dict(accelerator.unwrap_model(unet), state["lora"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        say(f"resuming from checkpoint {checkpoints[-1].name} (step {step})")
+    (out / "finetune_config.json").write_text(json.dumps(_jsonable(asdict(cfg)), indent=1))
+
+    dataset = FinetuneDataset(Path(cfg.data), samples, info.image_size, cfg.seed)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_step = cfg.batch_size * world
+    metrics = open(out / "metrics.jsonl", "a") if accelerator.is_main_process else None
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="finetune", disable=not accelerator.is_main_process)
+    t0, images_seen = time.perf_counter(), 0
+    unet.train()
+    while step < cfg.max_steps:
+        for micro in range(cfg.grad_accum):
+            indices = _batch_indices(len(samples), per_step, step * cfg.grad_accum + micro, cfg.seed)
+            mine = indices[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
+            batch = [dataset.item(i, step * cfg.grad_accum + micro) for i in mine]
+            pixels = torch.stack([b["pixels"] for b in batch]).to(device)
+            context = conditioning(models, [b["prompt"] for b in batch], embeds[mine] if embeds is not None else None)
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + (step * cfg.grad_accum + micro) * 97 + rank)
+            with accelerator.accumulate(unet):
+                with accelerator.autocast():
+                    loss, denoise, dm = training_step_loss(models, unet, pixels, context.to(device), generator, cfg)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+            images_seen += len(mine) * world
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if metrics is not None:
+            rate = images_seen / (time.perf_counter() - t0)
+            metrics.write(json.dumps({"step": step, "loss": loss.item(), "loss_denoise": denoise.item(),
+                                      "loss_dm": dm.item(), "lr": cfg.lr, "images_per_sec": round(rate, 3)}) + "\n")
+            metrics.flush()
+        if step % cfg.checkpoint_every == 0 and accelerator.is_main_process:
+            _save_checkpoint(out, accelerator.unwrap_model(unet), optimizer, step, cfg)
+    bar.close()
+    if metrics is not None:
+        metrics.close()
+    accelerator.wait_for_everyone()
+    result = {}
+    if accelerator.is_main_process:
+        final_unet = accelerator.unwrap_model(unet)
+        lora_path = save_lora(final_unet, out / "lora")
+        merged = merge_bundle(bundle, out / "lora", out / "bundle", cfg.merge_scale)
+        result = {
+            "steps": step,
+            "images": len(samples),
+            "classes": len({s.cls.id for s in samples}),
+            "guidance_token": use_token,
+            "lora": str(lora_path),
+            "merged_bundle": str(merged),
+            "merge_scale": cfg.merge_scale,
+            "wall_seconds": round(time.perf_counter() - t0, 2),
+        }
+        write_atomic(out / "finetune.json", json.dumps(result, indent=1).encode())
+        say(f"finetune done: LoRA {lora_path}, merged bundle {merged} (scale {cfg.merge_scale})")
+    return result
+
+
+def _batch_indices(n: int, per_step: int, micro_step: int, seed: int) -> list[int]:
+    """The sample indices of a global micro-step: epoch-wise permutations, so any step is reproducible."""
+    start = micro_step * per_step
+    out: list[int] = []
+    while len(out) < per_step:
+        epoch, offset = divmod(start + len(out), n)
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        take = min(per_step - len(out), n - offset)
+        out.extend(int(i) for i in order[offset : offset + take])
+    return out
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
