@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check client export serving tests && $(BIN)/ruff format --check client export serving tests
+	$(BIN)/ruff check client export serving training tests && $(BIN)/ruff format --check client export serving training tests
 
 clean:
 	rm -rf $(VENV) out

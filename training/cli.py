@@ -19,6 +19,11 @@ app = typer.Typer(
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks of internal errors.")]
 
 
+@app.callback()
+def _root() -> None:
+    """Real-Fake training: distribution-matched LoRA finetuning, and classifiers on synthetic data."""
+
+
 @app.command()
 def finetune(
     bundle: Annotated[Path, typer.Option(help="Base diffusers-layout bundle (local directory).")],
@@ -45,10 +50,23 @@ def finetune(
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     cfg = FinetuneConfig(
-        bundle=bundle, data=data, out=out, classes=classes, captions=captions, rank=rank, lr=lr,
-        batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps, dm_weight=dm_weight,
-        snr_gamma=snr_gamma, checkpoint_every=checkpoint_every, merge_scale=merge_scale,
-        mixed_precision=mixed_precision, guidance_token=guidance_token, seed=seed,
+        bundle=bundle,
+        data=data,
+        out=out,
+        classes=classes,
+        captions=captions,
+        rank=rank,
+        lr=lr,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_steps=max_steps,
+        dm_weight=dm_weight,
+        snr_gamma=snr_gamma,
+        checkpoint_every=checkpoint_every,
+        merge_scale=merge_scale,
+        mixed_precision=mixed_precision,
+        guidance_token=guidance_token,
+        seed=seed,
     )
     run_finetune(cfg, log=lambda m: typer.echo(m, err=True))
 

@@ -47,7 +47,9 @@ def collect_samples(root: Path, classes: list[ClassInfo], captions: Path | None 
                 f" (first: {unknown[0]!r})"
             )
     return [
-        RealSample(rel, by_id[cid], caption_for(caption_map, rel)) for cid, rels in sorted(found.items()) for rel in rels
+        RealSample(rel, by_id[cid], caption_for(caption_map, rel))
+        for cid, rels in sorted(found.items())
+        for rel in rels
     ]
 
 
@@ -87,5 +89,5 @@ class FinetuneDataset(torch.utils.data.Dataset):
         """Sample i with the augmentation drawn from (seed, salt, i): a resumed run sees the same crops."""
         rng = np.random.default_rng([self.seed, salt, i])
         image = random_crop_flip(load_rgb(self.root / self.samples[i].relpath), self.size, rng)
-        pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1.0
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1.0
         return {"pixels": pixels, "prompt": self.samples[i].prompt, "index": i}

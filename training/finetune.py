@@ -102,9 +102,7 @@ def add_lora(unet: torch.nn.Module, rank: int, alpha: float | None) -> None:
     from peft import LoraConfig
 
     unet.requires_grad_(False)
-    config = LoraConfig(
-        r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS
-    )
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
     unet.add_adapter(config)
 
 
@@ -171,7 +169,10 @@ def _square(image: np.ndarray) -> np.ndarray:
 def conditioning(models: Models, prompts: list[str], image_embeds: torch.Tensor | None) -> torch.Tensor:
     """Text-encoder hidden states [B,77,D]; with image embeddings, they replace each sample's last token."""
     ids = models.tokenizer(
-        prompts, padding="max_length", max_length=models.tokenizer.model_max_length, truncation=True,
+        prompts,
+        padding="max_length",
+        max_length=models.tokenizer.model_max_length,
+        truncation=True,
         return_tensors="pt",
     ).input_ids
     with torch.no_grad():
@@ -200,7 +201,11 @@ def training_step_loss(models: Models, unet, pixels, context, generator: torch.G
     target = noise if prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
     pred = unet(noisy, t, context).sample
     return realfake_loss(
-        pred, target, snr(sched.alphas_cumprod, t), gamma=cfg.snr_gamma, dm_weight=cfg.dm_weight,
+        pred,
+        target,
+        snr(sched.alphas_cumprod, t),
+        gamma=cfg.snr_gamma,
+        dm_weight=cfg.dm_weight,
         prediction_type=prediction_type,
     )
 
@@ -274,8 +279,11 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
     use_token = cfg.guidance_token and info.has_image_encoder
     models = load_models(bundle, use_token)
     if not use_token:
-        say("guidance token: off (" + ("disabled" if info.has_image_encoder else "the bundle has no image_encoder")
-            + "); training on text conditioning alone")
+        say(
+            "guidance token: off ("
+            + ("disabled" if info.has_image_encoder else "the bundle has no image_encoder")
+            + "); training on text conditioning alone"
+        )
     embeds = image_embeddings(models, bundle, Path(cfg.data), samples, out / "cache", say) if use_token else None
     add_lora(models.unet, cfg.rank, cfg.lora_alpha)
     params = lora_parameters(models.unet)
@@ -309,7 +317,9 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
             batch = [dataset.item(i, step * cfg.grad_accum + micro) for i in mine]
             pixels = torch.stack([b["pixels"] for b in batch]).to(device)
             context = conditioning(models, [b["prompt"] for b in batch], embeds[mine] if embeds is not None else None)
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + (step * cfg.grad_accum + micro) * 97 + rank)
+            generator = torch.Generator().manual_seed(
+                cfg.seed * 1_000_003 + (step * cfg.grad_accum + micro) * 97 + rank
+            )
             with accelerator.accumulate(unet):
                 with accelerator.autocast():
                     loss, denoise, dm = training_step_loss(models, unet, pixels, context.to(device), generator, cfg)
@@ -322,8 +332,19 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if metrics is not None:
             rate = images_seen / (time.perf_counter() - t0)
-            metrics.write(json.dumps({"step": step, "loss": loss.item(), "loss_denoise": denoise.item(),
-                                      "loss_dm": dm.item(), "lr": cfg.lr, "images_per_sec": round(rate, 3)}) + "\n")
+            metrics.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "loss": loss.item(),
+                        "loss_denoise": denoise.item(),
+                        "loss_dm": dm.item(),
+                        "lr": cfg.lr,
+                        "images_per_sec": round(rate, 3),
+                    }
+                )
+                + "\n"
+            )
             metrics.flush()
         if step % cfg.checkpoint_every == 0 and accelerator.is_main_process:
             _save_checkpoint(out, accelerator.unwrap_model(unet), optimizer, step, cfg)
