@@ -71,6 +71,57 @@ def finetune(
     run_finetune(cfg, log=lambda m: typer.echo(m, err=True))
 
 
+@app.command()
+def classify(
+    classes: Annotated[str, typer.Option(help="Class set that defines the labels (ids/names resolve against it).")],
+    val: Annotated[Path, typer.Option(help="Real validation ImageFolder (folders: class id or name).")],
+    out: Annotated[Path, typer.Option(help="Run directory: metrics.jsonl, best.pt, result.json.")],
+    synthetic: Annotated[Path | None, typer.Option(help="rf-client output dir, or a dir of WebDataset shards.")] = None,
+    real: Annotated[Path | None, typer.Option(help="Real training ImageFolder to mix in (or train on alone).")] = None,
+    real_fraction: Annotated[float, typer.Option(help="Fraction of --real used (stratified per class).")] = 1.0,
+    model: Annotated[str, typer.Option(help="resnet50, resnet18, or resnet-small (28-32 px).")] = "resnet50",
+    image_size: Annotated[int | None, typer.Option(help="Input side (default 224, or 32 for resnet-small).")] = None,
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 30,
+    batch_size: Annotated[int, typer.Option(help="Global batch size (split over DDP processes).")] = 128,
+    lr: Annotated[float, typer.Option(help="SGD learning rate.")] = 0.1,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 5e-4,
+    milestones: Annotated[str, typer.Option(help="LR decay points as fractions of the epochs.")] = "0.5,0.75",
+    gamma: Annotated[float, typer.Option(help="LR multiplier at each milestone.")] = 0.2,
+    workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of data order, subsets and init.")] = 0,
+    amp: Annotated[bool, typer.Option(help="Mixed precision (GPU only).")] = True,
+    debug: Debug = False,
+) -> None:
+    """Train a classifier from scratch on synthetic (and/or real) images; top-1/top-5 on the real val set.
+
+    Runs as one process, or as DDP under `torchrun --nproc-per-node N -m realfake.training.cli classify ...`.
+    """
+    from realfake.training.classify import ClassifyConfig, run_classify
+
+    cfg = ClassifyConfig(
+        classes=classes,
+        val=val,
+        out=out,
+        synthetic=synthetic,
+        real=real,
+        real_fraction=real_fraction,
+        model=model,
+        image_size=image_size,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        milestones=milestones,
+        gamma=gamma,
+        workers=workers,
+        seed=seed,
+        amp=amp,
+    )
+    run_classify(cfg, log=lambda m: typer.echo(m, err=True))
+
+
 def main() -> None:
     run_cli(app)
 
