@@ -53,7 +53,7 @@ def fake_synthetic(fmnist, tmp_path_factory):
     out = tmp_path_factory.mktemp("syn")
     images, labels = load_split(DEBIAN_DIR, "train")
     writer = ManifestWriter(out / "manifest.jsonl")
-    for n, i in enumerate(balanced_subset(labels, 40, seed=7)):
+    for n, i in enumerate(balanced_subset(labels, 60, seed=7)):
         cls = CLASSES[int(labels[i])]
         png = encode_png(np.repeat(images[i][:, :, None], 3, axis=2))
         rel = f"z{9 - cls.index}/{n:05d}.png"
@@ -149,9 +149,9 @@ def test_synthetic_plus_fraction_of_real_is_counted(fmnist, fake_synthetic, tmp_
     )
     assert r.returncode == 0, r.stderr[-2000:]
     train = _result(tmp_path / "mix")["train"]
-    assert train["synthetic_images"] == 400
+    assert train["synthetic_images"] == 600
     assert train["real_available"] == 10 * TRAIN_PER_CLASS and train["real_images"] == 10 * 15  # 0.25 x 60 per class
-    assert train["total_images"] == 550
+    assert train["total_images"] == 750
 
 
 def test_synthetic_only_from_ids_and_from_webdataset(fmnist, fake_synthetic, tmp_path):
@@ -185,7 +185,7 @@ def test_synthetic_only_from_ids_and_from_webdataset(fmnist, fake_synthetic, tmp
         str(tmp_path / "wdsrun"),
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert _result(tmp_path / "wdsrun")["train"]["synthetic_images"] == 400
+    assert _result(tmp_path / "wdsrun")["train"]["synthetic_images"] == 600
 
 
 def test_bad_input(fmnist, tmp_path):
