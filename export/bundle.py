@@ -126,6 +126,7 @@ def build_tiny_bundle(
     vae_blocks: tuple[int, ...] = (32, 64),
     unet_blocks: tuple[int, ...] = (32, 64),
     text_hidden: int = 32,
+    vae_attention: bool = True,
 ) -> Path:
     """Write a tiny Stable-Diffusion-layout bundle with seeded random weights (for tests and demos).
 
@@ -166,6 +167,7 @@ def build_tiny_bundle(
         layers_per_block=1,
         norm_num_groups=min(32, vae_blocks[0]),
         sample_size=sample_size * 2 ** (m - 1),
+        mid_block_add_attention=vae_attention,
     )
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(

@@ -91,6 +91,7 @@ def classify(
     workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of data order, subsets and init.")] = 0,
     amp: Annotated[bool, typer.Option(help="Mixed precision (GPU only).")] = True,
+    eval_every: Annotated[int, typer.Option(help="Epochs between validations (the last is always validated).")] = 1,
     debug: Debug = False,
 ) -> None:
     """Train a classifier from scratch on synthetic (and/or real) images; top-1/top-5 on the real val set.
@@ -120,6 +121,63 @@ def classify(
         amp=amp,
     )
     run_classify(cfg, log=lambda m: typer.echo(m, err=True))
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Run directory (stages/, datasets, results.json/.md, grid PNG).")] = Path(
+        "out/realfake-demo"
+    ),
+    fmnist: Annotated[Path, typer.Option(help="Directory with the four Fashion-MNIST idx .gz files.")] = Path(
+        "/usr/share/datasets/fashion-mnist"
+    ),
+    per_class: Annotated[int, typer.Option(help="Real training images per class.")] = 100,
+    test_images: Annotated[int, typer.Option(help="Real test images to evaluate on (max 10000).")] = 10000,
+    base_vae_steps: Annotated[int, typer.Option(help="Training steps of the base model's VAE.")] = 150,
+    base_unet_steps: Annotated[int, typer.Option(help="Training steps of the base model's UNet.")] = 500,
+    finetune_steps: Annotated[int, typer.Option(help="Real-Fake finetuning steps.")] = 100,
+    steps: Annotated[int, typer.Option(help="Sampler steps at generation.")] = 30,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 2.0,
+    strength: Annotated[float, typer.Option(help="Latent prior strength.")] = 0.75,
+    epochs: Annotated[int, typer.Option(help="Classifier epochs.")] = 15,
+    ablate: Annotated[bool, typer.Option(help="Add ablation rows (text-only base, + finetune, + prior).")] = False,
+    http_port: Annotated[int | None, typer.Option(help="Port of the local Triton (default: a free one).")] = None,
+    fresh: Annotated[bool, typer.Option(help="Forget finished stages of OUT and start over.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of everything.")] = 0,
+    debug: Debug = False,
+) -> None:
+    """The whole Real-Fake loop on Fashion-MNIST on CPU: base model, finetune, export, Triton, generate,
+    classifiers on real / synthetic / both, and the table of accuracies. Re-running resumes."""
+    import shutil
+
+    from realfake.client.local import home
+    from realfake.training.demo import Demo, DemoConfig
+
+    warnings.filterwarnings("ignore")
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    cfg = DemoConfig(
+        out=out,
+        fmnist=fmnist,
+        per_class=per_class,
+        test_images=test_images,
+        base_vae_steps=base_vae_steps,
+        base_unet_steps=base_unet_steps,
+        finetune_steps=finetune_steps,
+        steps=steps,
+        guidance=guidance,
+        strength=strength,
+        epochs=epochs,
+        model="resnet-small",
+        ablate=ablate,
+        seed=seed,
+        http_port=http_port,
+    )
+    Demo(cfg, home() / "demo", log=lambda m: typer.echo(m, err=True)).run()
+
+
+def demo_main() -> None:
+    run_cli(lambda: typer.run(demo))
 
 
 def main() -> None:
