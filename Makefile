@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine: `make demo` (the main job on the embedded default) and `make test`.
+# Two entry points for a fresh machine: `make demo` (the whole Real-Fake loop on CPU) and `make test`.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -22,13 +22,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/rf-client generate --classes cifar10 --per-class 8 --out out/demo
+	$(BIN)/rf-demo --out out/realfake-demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check client export serving training tests && $(BIN)/ruff format --check client export serving training tests
+	$(BIN)/ruff check client export serving training bench tests && $(BIN)/ruff format --check client export serving training bench tests
 
 clean:
 	rm -rf $(VENV) out

@@ -432,3 +432,7 @@ def main() -> None:
 
 def serve_main() -> None:
     run_cli(lambda: typer.run(serve))
+
+
+if __name__ == "__main__":
+    main()

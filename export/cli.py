@@ -69,13 +69,22 @@ def repo(
     scheduler: Annotated[str, typer.Option(help="Sampler: unipc, ddim, euler, dpm.")] = "unipc",
     max_batch: Annotated[int, typer.Option(help="Largest pipeline batch the dynamic batcher forms.")] = 32,
     queue_delay_us: Annotated[int, typer.Option(help="Dynamic batching queue delay, microseconds.")] = 5000,
+    components: Annotated[
+        str, typer.Option(help="bls: graphs as separate models called by BLS; inprocess: inside the pipeline.")
+    ] = "bls",
     debug: Debug = False,
 ) -> None:
-    """Write the Triton model repository: component models plus the BLS `pipeline` model."""
+    """Write the Triton model repository: component models plus the `pipeline` model."""
     from realfake.export.repo import write_repository
 
     write_repository(
-        onnx_dir, out, runtime=runtime, scheduler=scheduler, max_batch=max_batch, queue_delay_us=queue_delay_us
+        onnx_dir,
+        out,
+        runtime=runtime,
+        scheduler=scheduler,
+        max_batch=max_batch,
+        queue_delay_us=queue_delay_us,
+        components=components,
     )
     typer.echo(f"model repository written: {out}")
 

@@ -23,6 +23,7 @@ from realfake.client.protocol import (
 )
 
 RUNTIMES = ("python-ort",)
+COMPONENT_MODES = ("bls", "inprocess")
 MODELS_SRC = Path(__file__).resolve().parent.parent / "serving" / "triton_models"
 ONNX_TO_TRITON = {1: "TYPE_FP32", 7: "TYPE_INT64", 6: "TYPE_INT32", 10: "TYPE_FP16", 9: "TYPE_BOOL", 2: "TYPE_UINT8"}
 
@@ -117,8 +118,13 @@ def write_repository(
     max_batch: int = 32,
     queue_delay_us: int = 5000,
     threads: int | None = None,
+    components: str = "bls",
 ) -> Path:
-    """Fill `out` with the component models and the BLS `pipeline` model for `runtime`."""
+    """Fill `out` with the component models and the `pipeline` model for `runtime`.
+
+    `components`: `bls` serves each graph as its own model and the pipeline calls them by BLS; `inprocess`
+    puts the graphs inside the pipeline model (one process, no copies between steps).
+    """
     onnx_dir, out = Path(onnx_dir), Path(out)
     if runtime not in RUNTIMES:
         raise UserError(f"unknown runtime {runtime!r}; this build supports: {', '.join(RUNTIMES)}")
@@ -126,9 +132,11 @@ def write_repository(
     if not meta_path.is_file():
         raise UserError(f"{onnx_dir} is not an ONNX export (no export.json): run `rf-export onnx` first")
     meta = json.loads(meta_path.read_text())
+    if components not in COMPONENT_MODES:
+        raise UserError(f"unknown components mode {components!r}; choose one of {', '.join(COMPONENT_MODES)}")
     threads = threads or os.cpu_count() or 1
     out.mkdir(parents=True, exist_ok=True)
-    for name in meta["components"]:
+    for name in meta["components"] if components == "bls" else []:
         graph = onnx_dir / f"{name}.onnx"
         if not graph.is_file():
             raise UserError(f"{graph} is missing from the export")
@@ -144,12 +152,20 @@ def write_repository(
     for sub in ("tokenizer", "scheduler"):
         shutil.copytree(onnx_dir / sub, files / sub)
     shutil.copy2(meta_path, files / "export.json")
+    if components == "inprocess":
+        for name in meta["components"]:
+            _link_or_copy(onnx_dir / f"{name}.onnx", files / f"{name}.onnx")
+        for name in meta["components"]:  # a repository rewritten from bls mode keeps no stale component models
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
     shutil.copy2(MODELS_SRC / "pipeline.py", out / PIPELINE_MODEL / "1" / "model.py")
     params = {
         "scheduler": scheduler,
         PARAM_BUNDLE_IDENTITY: meta["bundle_identity"],
         PARAM_IMAGE_SIZE: str(meta["image_size"]),
         PARAM_HAS_IMAGE_ENCODER: str("image_encoder" in meta["components"]).lower(),
+        "components": components,
+        "intra_op_threads": str(threads),
     }
     (out / PIPELINE_MODEL / "config.pbtxt").write_text(pipeline_config(params, max_batch, queue_delay_us))
     return out

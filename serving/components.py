@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 COMPONENT_IO = {
     "text_encoder": (("input_ids",), "hidden_states"),
@@ -36,7 +37,10 @@ def make_session(path: str | Path, threads: int | None = None):
 
 
 class OrtComponents:
-    """`Components` on in-process ONNX Runtime sessions loaded from an export directory."""
+    """`Components` on in-process ONNX Runtime sessions loaded from an export directory (host tensors; CPU
+    tensors cross to numpy and back without copies)."""
+
+    device = torch.device("cpu")
 
     def __init__(self, onnx_dir: str | Path, threads: int | None = None):
         onnx_dir = Path(onnx_dir)
@@ -46,11 +50,12 @@ class OrtComponents:
             if (onnx_dir / f"{name}.onnx").is_file()
         }
 
-    def _run(self, name: str, *arrays: np.ndarray) -> np.ndarray:
+    def _run(self, name: str, *tensors: torch.Tensor) -> torch.Tensor:
         if name not in self.sessions:
             raise ValueError(f"this model has no {name} component")
         inputs, _ = COMPONENT_IO[name]
-        return self.sessions[name].run(None, dict(zip(inputs, arrays, strict=True)))[0]
+        feed = {n: np.ascontiguousarray(t.detach().cpu().numpy()) for n, t in zip(inputs, tensors, strict=True)}
+        return torch.from_numpy(self.sessions[name].run(None, feed)[0])
 
     def text_encoder(self, input_ids):
         return self._run("text_encoder", input_ids)

@@ -3,8 +3,9 @@
 encode prompts -> prepare latents (noise, or the real image's latents noised to `strength`) -> denoising loop
 (UNet on [uncond, cond] in one call, classifier-free guidance, scheduler step) -> VAE decode -> uint8 images.
 
-It is written against `Components` (plain callables on numpy arrays), so the same code runs on in-process
-ONNX Runtime sessions (tests, benchmarks) and on Triton BLS calls (the server). Noise comes from one
+It is written against `Components` (plain callables on torch tensors), so the same code runs on in-process
+ONNX Runtime sessions (tests, benchmarks, CPU servers) and on Triton BLS calls, where tensors stay on the GPU
+between calls (DLPack) when the components are GPU models. Noise comes from one
 `torch.Generator` per image seeded with that image's seed, drawn in the order diffusers draws it, so an
 image is reproducible from its seed alone and matches diffusers' pipelines given the same seeds.
 """
@@ -27,13 +28,19 @@ SCHEDULERS = ("unipc", "ddim", "euler", "dpm")
 
 
 class Components(Protocol):
-    """The exported graphs (see realfake.export.onnx_export for their contracts)."""
+    """The exported graphs (see realfake.export.onnx_export for their contracts), on torch tensors.
 
-    def text_encoder(self, input_ids: np.ndarray) -> np.ndarray: ...
-    def unet(self, sample: np.ndarray, timestep: np.ndarray, encoder_hidden_states: np.ndarray) -> np.ndarray: ...
-    def vae_decoder(self, latents: np.ndarray) -> np.ndarray: ...
-    def vae_encoder(self, image: np.ndarray) -> np.ndarray: ...
-    def image_encoder(self, pixel_values: np.ndarray) -> np.ndarray: ...
+    `device` is where they want their inputs and leave their outputs."""
+
+    device: torch.device
+
+    def text_encoder(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+    def unet(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor: ...
+    def vae_decoder(self, latents: torch.Tensor) -> torch.Tensor: ...
+    def vae_encoder(self, image: torch.Tensor) -> torch.Tensor: ...
+    def image_encoder(self, pixel_values: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,7 @@ class Sampler:
         if not (len(negative_prompts) == len(seeds) == batch):
             raise ValueError("prompts, negative_prompts and seeds must have the same length")
         use_cfg = settings.guidance_scale > 1.0
+        device = self.components.device
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
         # 1. encode prompts: one text-encoder call for [negative; positive]
@@ -127,7 +135,7 @@ class Sampler:
             cond[-batch:, -1, :] = embeds  # the conditional half only
         # 2. timesteps and starting latents
         scheduler = make_scheduler(self.scheduler_name, self.scheduler_config)
-        scheduler.set_timesteps(settings.steps)
+        scheduler.set_timesteps(settings.steps, device=device)
         timesteps = scheduler.timesteps
         if init_images is None or settings.strength >= 1.0:
             latents = self._noise(generators) * scheduler.init_noise_sigma
@@ -141,36 +149,38 @@ class Sampler:
         for t in timesteps:
             model_in = torch.cat([latents, latents]) if use_cfg else latents
             model_in = scheduler.scale_model_input(model_in, t)
-            t_batch = np.full((model_in.shape[0],), float(t), dtype=np.float32)
-            noise_pred = torch.from_numpy(self.components.unet(model_in.numpy(), t_batch, context))
+            t_batch = torch.full((model_in.shape[0],), float(t), dtype=torch.float32, device=device)
+            noise_pred = self.components.unet(model_in.contiguous(), t_batch, context)
             if use_cfg:
                 uncond, text = noise_pred.chunk(2)
                 noise_pred = uncond + settings.guidance_scale * (text - uncond)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
         # 4. decode
-        image = self.components.vae_decoder(np.ascontiguousarray(latents.numpy(), dtype=np.float32))
+        image = self.components.vae_decoder(latents.to(torch.float32).contiguous())
         return to_uint8(image)
 
     # -- steps ----------------------------------------------------------------------------------------------
 
-    def _encode_text(self, texts: list[str]) -> np.ndarray:
+    def _encode_text(self, texts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(
             texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True
         ).input_ids
-        return self.components.text_encoder(np.asarray(ids, dtype=np.int64))
+        return self.components.text_encoder(torch.tensor(ids, dtype=torch.int64, device=self.components.device))
 
     def _noise(self, generators: list[torch.Generator]) -> torch.Tensor:
         side = self.info.image_size // self.info.vae_scale_factor
         shape = (1, self.info.latent_channels, side, side)
-        return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+        # drawn on the CPU from each image's own generator, so an image is the same on any device
+        noise = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+        return noise.to(self.components.device)
 
     def _encode_images(self, images: np.ndarray, generators: list[torch.Generator]) -> torch.Tensor:
         """Real images -> latents sampled from the VAE posterior (one draw per image's generator), scaled."""
-        pixels = np.ascontiguousarray(images.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0)
-        moments = torch.from_numpy(self.components.vae_encoder(pixels))
+        pixels = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(self.components.device)
+        moments = self.components.vae_encoder(pixels.to(torch.float32) / 127.5 - 1.0)
         mean, logvar = moments.chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        eps = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g) for g in generators])
+        eps = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g) for g in generators]).to(mean.device)
         return (mean + std * eps) * self.info.vae_scaling_factor
 
     @staticmethod
@@ -181,10 +191,11 @@ class Sampler:
             scheduler.set_begin_index(start)
         return scheduler.timesteps[start:]
 
-    def _image_embeds(self, images: np.ndarray) -> np.ndarray:
+    def _image_embeds(self, images: np.ndarray) -> torch.Tensor:
         if self.info.image_encoder_size is None:
             raise ValueError("this model has no image encoder, so it cannot compute the guidance token")
-        return self.components.image_encoder(clip_preprocess(images, self.info.image_encoder_size))
+        pixels = torch.from_numpy(clip_preprocess(images, self.info.image_encoder_size))
+        return self.components.image_encoder(pixels.to(self.components.device))
 
 
 def clip_preprocess(images: np.ndarray, size: int) -> np.ndarray:
@@ -203,7 +214,7 @@ def clip_preprocess(images: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(np.stack(out), dtype=np.float32)
 
 
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """VAE output [B,3,H,W] in [-1,1] -> uint8 [B,H,W,3], rounded as diffusers rounds."""
-    image = np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
-    return (image * 255).round().astype(np.uint8)
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """VAE output [B,3,H,W] in [-1,1] -> uint8 [B,H,W,3] on the host, rounded as diffusers rounds."""
+    image = (image.float() / 2 + 0.5).clamp(0.0, 1.0).permute(0, 2, 3, 1)
+    return (image * 255).round().to(torch.uint8).cpu().numpy()

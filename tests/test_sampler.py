@@ -106,7 +106,7 @@ def test_guidance_token_reaches_the_unet(sampler):
     unet = sampler.components.unet
 
     def spy(sample, t, ctx):
-        seen.append(ctx.copy())
+        seen.append(ctx.clone())
         return unet(sample, t, ctx)
 
     sampler.components.unet = spy
@@ -117,9 +117,9 @@ def test_guidance_token_reaches_the_unet(sampler):
     finally:
         del sampler.components.unet
     plain, token = seen[0], seen[-1]
-    assert np.array_equal(plain[:, :-1], token[:, :-1])  # only the last token differs
-    assert np.array_equal(plain[0], token[0])  # the unconditional half keeps its text token
-    assert not np.allclose(plain[1, -1], token[1, -1])
+    assert torch.equal(plain[:, :-1], token[:, :-1])  # only the last token differs
+    assert torch.equal(plain[0], token[0])  # the unconditional half keeps its text token
+    assert not torch.allclose(plain[1, -1], token[1, -1])
 
 
 def _request(n=2, **extra):

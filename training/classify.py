@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tarfile
 import time
 from collections import defaultdict
@@ -298,7 +299,9 @@ def run_classify(cfg: ClassifyConfig, log=print) -> dict:
         )
         net.train()
         t0, loss_sum, correct, count = time.perf_counter(), 0.0, 0.0, 0.0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not main, leave=False)
+        bar = tqdm(
+            loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (main and sys.stderr.isatty()), leave=False
+        )
         join = ddp.join() if ddp is not None else contextlib.nullcontext()
         with join:
             for images, labels in bar:

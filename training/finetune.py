@@ -307,7 +307,9 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = cfg.batch_size * world
     metrics = open(out / "metrics.jsonl", "a") if accelerator.is_main_process else None
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="finetune", disable=not accelerator.is_main_process)
+    bar = tqdm(
+        total=cfg.max_steps, initial=step, desc="finetune", mininterval=1.0, disable=not accelerator.is_main_process
+    )
     t0, images_seen = time.perf_counter(), 0
     unet.train()
     while step < cfg.max_steps:

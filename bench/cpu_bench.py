@@ -1,0 +1,198 @@
+"""CPU throughput, measured in one run on the same bundle, prompts, seeds, steps and guidance:
+
+  (a) diffusers' StableDiffusionPipeline in-process, eager PyTorch (the baseline a user would script),
+  (b) realfake's sampler in-process on ONNX Runtime,
+  (c) the full path: rf-client's PipelineClient -> local Triton -> `pipeline` model.
+
+Rounds alternate (a), (b), (c) several times; medians of images/sec are reported with the ratios (c)/(a) and
+(c)/(b), printed and written as JSON. Usage: python bench/cpu_bench.py [--sizes tiny,mid] [--out bench-cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+SIZES = {
+    # the tiny test bundle, and one with 4x its UNet/VAE/text widths (same image size)
+    "tiny": {"unet_blocks": (32, 64), "vae_blocks": (32, 64), "text_hidden": 32},
+    "mid": {"unet_blocks": (128, 256), "vae_blocks": (128, 256), "text_hidden": 128},
+}
+PROMPT = "photo of tench, best quality"
+NEGATIVE = "distorted, unrealistic, blurry, out of frame, cropped, deformed"
+
+
+def build(size: str, root: Path) -> tuple[Path, Path, Path]:
+    from realfake.export.bundle import build_tiny_bundle
+    from realfake.export.onnx_export import export_onnx
+    from realfake.export.repo import write_repository
+
+    bundle = build_tiny_bundle(root / size / "bundle", seed=0, **SIZES[size])
+    export_onnx(bundle, root / size / "onnx", log=lambda *_: None)
+    repo = write_repository(root / size / "onnx", root / size / "repo")
+    return bundle, root / size / "onnx", repo
+
+
+def run_diffusers(bundle: Path, images: int, batch: int, steps: int, guidance: float):
+    import torch
+    from diffusers import StableDiffusionPipeline, UniPCMultistepScheduler
+
+    pipe = StableDiffusionPipeline.from_pretrained(bundle, local_files_only=True)
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+
+    def go():
+        for start in range(0, images, batch):
+            n = min(batch, images - start)
+            gens = [torch.Generator().manual_seed(start + i) for i in range(n)]
+            pipe(
+                [PROMPT] * n,
+                negative_prompt=[NEGATIVE] * n,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=gens,
+                output_type="np",
+            )
+
+    return go
+
+
+def run_ort(onnx_dir: Path, images: int, batch: int, steps: int, guidance: float):
+    from realfake.serving.components import OrtComponents
+    from realfake.serving.sampler import Sampler, Settings
+
+    sampler = Sampler(OrtComponents(onnx_dir), onnx_dir)
+
+    def go():
+        for start in range(0, images, batch):
+            n = min(batch, images - start)
+            sampler.generate([PROMPT] * n, [NEGATIVE] * n, list(range(start, start + n)), Settings(steps, guidance))
+
+    return go
+
+
+def run_triton(url: str, images: int, batch: int, steps: int, guidance: float, concurrency: int):
+    from realfake.client.bench import _arrays
+    from realfake.client.triton import PipelineClient
+
+    def go():
+        starts = iter(range(0, images, batch))
+        lock = threading.Lock()
+        errors = []
+
+        def worker():
+            client = PipelineClient(url)
+            while True:
+                with lock:
+                    start = next(starts, None)
+                if start is None:
+                    return
+                arrays = _arrays(min(batch, images - start), start, steps, guidance, PROMPT)
+                arrays["NEGATIVE_PROMPT"] = np.array([[NEGATIVE.encode()]] * len(arrays["SEED"]), dtype=np.object_)
+                try:
+                    client.infer(arrays)
+                except Exception as exc:  # noqa: BLE001 - reported after the round
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise RuntimeError(f"{len(errors)} Triton requests failed: {errors[0]}")
+
+    return go
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="tiny,mid")
+    parser.add_argument("--images", type=int, default=16, help="images per round and path")
+    parser.add_argument("--batches", default="1,8", help="images per call/request")
+    parser.add_argument("--concurrency", type=int, default=2, help="requests in flight for (c)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench-cpu.json"))
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    from realfake.client.server import LocalServer
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="rf-bench-") as tmp:
+        for size in args.sizes.split(","):
+            bundle, onnx_dir, repo = build(size, Path(tmp))
+            with LocalServer(repo) as server:
+                for batch in (int(b) for b in args.batches.split(",")):
+                    paths = {
+                        "a_diffusers_eager": run_diffusers(bundle, args.images, batch, args.steps, args.guidance),
+                        "b_ort_in_process": run_ort(onnx_dir, args.images, batch, args.steps, args.guidance),
+                        "c_triton": run_triton(
+                            server.url, args.images, batch, args.steps, args.guidance, args.concurrency
+                        ),
+                    }
+                    for fn in paths.values():  # warm-up: first calls allocate, load kernels
+                        fn()
+                    times: dict[str, list[float]] = {k: [] for k in paths}
+                    for _ in range(args.repeats):
+                        for name, fn in paths.items():  # alternate, so drift hits every path alike
+                            times[name].append(timed(fn))
+                    ips = {k: args.images / statistics.median(v) for k, v in times.items()}
+                    row = {
+                        "size": size,
+                        "batch": batch,
+                        "images": args.images,
+                        "steps": args.steps,
+                        "guidance": args.guidance,
+                        "concurrency_c": args.concurrency,
+                        "repeats": args.repeats,
+                        "images_per_sec": {k: round(v, 3) for k, v in ips.items()},
+                        "seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
+                        "c_over_a": round(ips["c_triton"] / ips["a_diffusers_eager"], 3),
+                        "c_over_b": round(ips["c_triton"] / ips["b_ort_in_process"], 3),
+                        "b_over_a": round(ips["b_ort_in_process"] / ips["a_diffusers_eager"], 3),
+                    }
+                    results.append(row)
+                    print(
+                        f"{size:>5} batch {batch:>2}: diffusers {ips['a_diffusers_eager']:.2f} img/s, "
+                        f"ORT {ips['b_ort_in_process']:.2f}, Triton {ips['c_triton']:.2f} | "
+                        f"(c)/(a) {row['c_over_a']:.2f}  (c)/(b) {row['c_over_b']:.2f}",
+                        flush=True,
+                    )
+    best = {}
+    for row in results:
+        if row["size"] not in best or row["c_over_a"] > best[row["size"]]["c_over_a"]:
+            best[row["size"]] = row
+    summary = {
+        "cpu_count": os.cpu_count(),
+        "results": results,
+        "best_by_size": {
+            k: {"batch": v["batch"], "c_over_a": v["c_over_a"], "c_over_b": v["c_over_b"]} for k, v in best.items()
+        },
+    }
+    args.out.write_text(json.dumps(summary, indent=2))
+    print(
+        "best (c)/(a) per size: "
+        + ", ".join(f"{k}: {v['c_over_a']:.2f} at batch {v['batch']}" for k, v in best.items())
+        + f"; written to {args.out}"
+    )
+
+
+if __name__ == "__main__":
+    main()

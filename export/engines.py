@@ -1,0 +1,195 @@
+"""`rf-export engines`: ONNX -> TensorRT fp16 plans with optimisation profiles, a shared timing cache, and a
+metadata JSON per plan; a plan built for another GPU, TensorRT version, ONNX graph or profile is rebuilt.
+
+Plans are named `<component>.<gpu-arch>.<trt-version>.plan` (e.g. `unet.sm90.10.13.0.plan`). Everything that
+can be decided without a GPU (profiles, names, the rebuild decision) is plain Python and unit-tested on CPU;
+building needs an NVIDIA GPU and the `tensorrt` package, and says so in one line when either is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from realfake.client.errors import UserError
+from realfake.export.bundle import TEXT_MAX_LENGTH
+
+TIMING_CACHE = "timing.cache"
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    name: str
+    compute_capability: tuple[int, int]
+
+    @property
+    def arch(self) -> str:
+        return f"sm{self.compute_capability[0]}{self.compute_capability[1]}"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """min/opt/max shape of every input of one component."""
+
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+
+    def to_json(self) -> dict:
+        return {k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in sorted(self.shapes.items())}
+
+
+def component_profiles(meta: dict, batch_sizes: list[int], cfg: bool = True) -> dict[str, Profile]:
+    """Profiles from the image batch sizes the server will form. With classifier-free guidance the text encoder
+    and UNet see both halves, so twice the images (the pipeline encodes [negative; positive] in one call)."""
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise UserError("batch sizes must be integers >= 1")
+    lo, hi = min(batch_sizes), max(batch_sizes)
+    opt = sorted(batch_sizes)[len(batch_sizes) // 2]
+    k = 2 if cfg else 1
+    side = meta["image_size"] // meta["vae_scale_factor"]
+    ch, hid, img = meta["latent_channels"], meta["text_hidden_size"], meta["image_size"]
+
+    def b(shape_of):
+        return tuple(shape_of(n) for n in (lo, opt, hi))
+
+    profiles = {
+        "text_encoder": Profile({"input_ids": b(lambda n: (k * n, TEXT_MAX_LENGTH))}),
+        "unet": Profile({
+            "sample": b(lambda n: (k * n, ch, side, side)),
+            "timestep": b(lambda n: (k * n,)),
+            "encoder_hidden_states": b(lambda n: (k * n, TEXT_MAX_LENGTH, hid)),
+        }),
+        "vae_decoder": Profile({"latents": b(lambda n: (n, ch, side, side))}),
+        "vae_encoder": Profile({"image": b(lambda n: (n, 3, img, img))}),
+    }
+    if meta.get("image_encoder_size"):
+        s = meta["image_encoder_size"]
+        profiles["image_encoder"] = Profile({"pixel_values": b(lambda n: (n, 3, s, s))})
+    return {name: p for name, p in profiles.items() if name in meta["components"]}
+
+
+def plan_name(component: str, gpu: GpuInfo, trt_version: str) -> str:
+    return f"{component}.{gpu.arch}.{trt_version}.plan"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def engine_meta(component: str, gpu: GpuInfo, trt_version: str, onnx_hash: str, profile: Profile, fp16: bool) -> dict:
+    return {
+        "component": component,
+        "gpu_name": gpu.name,
+        "compute_capability": list(gpu.compute_capability),
+        "tensorrt_version": trt_version,
+        "onnx_sha256": onnx_hash,
+        "profiles": profile.to_json(),
+        "fp16": fp16,
+    }
+
+
+def rebuild_reason(meta_path: Path, wanted: dict) -> str | None:
+    """None when the plan beside `meta_path` was built exactly as `wanted`; else why it must be rebuilt."""
+    plan = meta_path.with_suffix(".plan")
+    if not plan.is_file() or not meta_path.is_file():
+        return "no plan yet"
+    try:
+        have = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+        return "metadata unreadable"
+    for key, label in (("compute_capability", "GPU architecture"), ("tensorrt_version", "TensorRT version"),
+                       ("onnx_sha256", "ONNX graph"), ("profiles", "optimisation profiles"), ("fp16", "precision")):
+        if have.get(key) != wanted.get(key):
+            return f"{label} changed ({have.get(key)} -> {wanted.get(key)})"
+    return None
+
+
+def detect_gpu() -> GpuInfo:
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is None or not torch.cuda.is_available():
+        raise UserError("rf-export engines needs an NVIDIA GPU (none is visible here); on CPU use --runtime python-ort")
+    return GpuInfo(torch.cuda.get_device_name(0), tuple(torch.cuda.get_device_capability(0)))
+
+
+def import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise UserError("rf-export engines needs the `tensorrt` Python package (pip install tensorrt) and a GPU")
+    return trt
+
+
+def build_plan(onnx_path: Path, plan_path: Path, profile: Profile, cache_path: Path, fp16: bool = True,
+               workspace_gb: float = 8.0) -> None:
+    """Build one serialized engine with one optimisation profile, reusing and updating the timing cache."""
+    trt = import_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0 if int(trt.__version__.split(".")[0]) >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise UserError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    opt_profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profile.shapes.items():
+        opt_profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(opt_profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise UserError(f"TensorRT failed to build {onnx_path.name} (see the messages above)")
+    tmp = plan_path.with_suffix(".plan.tmp")
+    tmp.write_bytes(bytes(serialized))
+    tmp.replace(plan_path)
+    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+
+
+@dataclass
+class EngineResult:
+    component: str
+    plan: str
+    built: bool
+    reason: str
+    seconds: float
+
+
+def build_engines(onnx_dir: Path, out: Path, batch_sizes: list[int], fp16: bool = True, log=print) -> list[EngineResult]:
+    """Plans for every component of an ONNX export, for the GPU of this machine; up-to-date plans are kept."""
+    meta_path = onnx_dir / "export.json"
+    if not meta_path.is_file():
+        raise UserError(f"{onnx_dir} is not an ONNX export (no export.json): run `rf-export onnx` first")
+    meta = json.loads(meta_path.read_text())
+    profiles = component_profiles(meta, batch_sizes)
+    gpu = detect_gpu()
+    trt = import_tensorrt()
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for component, profile in profiles.items():
+        onnx_path = onnx_dir / f"{component}.onnx"
+        plan = out / plan_name(component, gpu, trt.__version__)
+        wanted = engine_meta(component, gpu, trt.__version__, file_sha256(onnx_path), profile, fp16)
+        reason = rebuild_reason(plan.with_suffix(".json"), wanted)
+        t0 = time.perf_counter()
+        if reason is not None:
+            log(f"building {plan.name}: {reason}")
+            build_plan(onnx_path, plan, profile, out / TIMING_CACHE, fp16)
+            plan.with_suffix(".json").write_text(json.dumps(wanted, indent=1))
+        results.append(EngineResult(component, str(plan), reason is not None, reason or "up to date",
+                                    round(time.perf_counter() - t0, 2)))
+    (out / "engines.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    return results
