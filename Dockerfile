@@ -1,6 +1,7 @@
 # Serving image: the official Triton server (Python backend included) plus realfake's pipeline code.
-# Mount a diffusers-layout bundle at /models/bundle (or a ready repository at /models/repo); the entrypoint
-# exports what is missing, then serves it.
+# Mount a diffusers-layout bundle at /models/bundle (or a ready repository at /models/repo) as a volume; at
+# start the entrypoint exports what is missing, builds TensorRT plans for the GPU it finds (kept in the volume,
+# rebuilt when the GPU or TensorRT changes), writes the repository (RF_RUNTIME) and starts Triton.
 FROM nvcr.io/nvidia/tritonserver:25.01-py3
 
 ENV PIP_NO_CACHE_DIR=1 \
@@ -14,7 +15,7 @@ COPY serving ./serving
 COPY training ./training
 COPY triton_repo ./triton_repo
 RUN python3 -m pip install --upgrade pip \
- && python3 -m pip install '.[server]' onnxruntime-gpu \
+ && python3 -m pip install '.[server]' onnxruntime-gpu 'tensorrt>=10.0' \
  && python3 -m pip install --no-deps 'open-clip-torch>=2.20'
 
 COPY docker/entrypoint.sh /usr/local/bin/rf-entrypoint

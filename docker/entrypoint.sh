@@ -1,13 +1,25 @@
 #!/usr/bin/env bash
-# Export the mounted bundle once (cached in the /models volume), write the repository, start Triton.
+# Start-up of the serving image: export the mounted bundle once (cached in the /models volume), build or keep
+# TensorRT plans for the GPU this container runs on, write the repository for the chosen runtime, serve it.
+#   RF_RUNTIME      tensorrt (default) | onnxruntime | pytorch
+#   RF_BATCH_SIZES  image batch sizes the engines are optimised for (default 1,4,8,16)
 set -euo pipefail
 models="${RF_MODELS:-/models}"
-if [ ! -f "$models/repo/pipeline/config.pbtxt" ]; then
-  if [ ! -f "$models/bundle/model_index.json" ]; then
-    echo "error: mount a diffusers-layout bundle at $models/bundle or a repository at $models/repo" >&2
-    exit 2
-  fi
+runtime="${RF_RUNTIME:-tensorrt}"
+if [ ! -f "$models/bundle/model_index.json" ] && [ ! -f "$models/repo/pipeline/config.pbtxt" ]; then
+  echo "error: mount a diffusers-layout bundle at $models/bundle (or a ready repository at $models/repo)" >&2
+  exit 2
+fi
+if [ -f "$models/bundle/model_index.json" ]; then
   [ -f "$models/onnx/export.json" ] || rf-export onnx "$models/bundle" "$models/onnx"
-  rf-export repo "$models/onnx" --out "$models/repo"
+  case "$runtime" in
+    tensorrt)
+      rf-export engines "$models/onnx" --out "$models/engines" --batch-sizes "${RF_BATCH_SIZES:-1,4,8,16}"
+      rf-export repo "$models/onnx" --out "$models/repo" --runtime tensorrt --engines "$models/engines" ;;
+    pytorch)
+      rf-export repo "$models/onnx" --out "$models/repo" --runtime pytorch --bundle "$models/bundle" ;;
+    *)
+      rf-export repo "$models/onnx" --out "$models/repo" --runtime "$runtime" ;;
+  esac
 fi
 exec tritonserver --model-repository="$models/repo" "$@"

@@ -65,7 +65,9 @@ def parity(
 def repo(
     onnx_dir: Annotated[Path, typer.Argument(help="Directory written by `rf-export onnx`.")],
     out: Annotated[Path, typer.Option(help="Model repository to write.")] = Path("triton_repo"),
-    runtime: Annotated[str, typer.Option(help="Component runtime: python-ort (CPU).")] = "python-ort",
+    runtime: Annotated[
+        str, typer.Option(help="python-ort (CPU), onnxruntime or tensorrt (native GPU models), pytorch (GPU, fp16).")
+    ] = "python-ort",
     scheduler: Annotated[str, typer.Option(help="Sampler: unipc, ddim, euler, dpm.")] = "unipc",
     max_batch: Annotated[int, typer.Option(help="Largest pipeline batch the dynamic batcher forms.")] = 32,
     queue_delay_us: Annotated[int, typer.Option(help="Dynamic batching queue delay, microseconds.")] = 5000,
@@ -87,6 +89,30 @@ def repo(
         components=components,
     )
     typer.echo(f"model repository written: {out}")
+
+
+@app.command()
+def engines(
+    onnx_dir: Annotated[Path, typer.Argument(help="Directory written by `rf-export onnx`.")],
+    out: Annotated[Path, typer.Option(help="Folder for the plans, their metadata and the timing cache.")] = Path(
+        "engines"
+    ),
+    batch_sizes: Annotated[
+        str, typer.Option(help="Image batch sizes the server will form (min/opt/max).")
+    ] = "1,4,8,16",
+    fp16: Annotated[bool, typer.Option(help="Build fp16 engines.")] = True,
+    debug: Debug = False,
+) -> None:
+    """Build TensorRT plans for this machine's GPU (kept when already built for it; rebuilt when not)."""
+    from realfake.client.errors import UserError
+    from realfake.export.engines import build_engines
+
+    try:
+        sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise UserError(f"--batch-sizes takes comma-separated integers, got {batch_sizes!r}") from None
+    for r in build_engines(onnx_dir, out, sizes, fp16=fp16, log=lambda m: typer.echo(m, err=True)):
+        typer.echo(f"{r.component:<13} {'built' if r.built else 'kept '} {r.plan} ({r.reason}, {r.seconds:.0f}s)")
 
 
 @app.command("tiny-bundle")

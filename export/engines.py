@@ -56,11 +56,13 @@ def component_profiles(meta: dict, batch_sizes: list[int], cfg: bool = True) -> 
 
     profiles = {
         "text_encoder": Profile({"input_ids": b(lambda n: (k * n, TEXT_MAX_LENGTH))}),
-        "unet": Profile({
-            "sample": b(lambda n: (k * n, ch, side, side)),
-            "timestep": b(lambda n: (k * n,)),
-            "encoder_hidden_states": b(lambda n: (k * n, TEXT_MAX_LENGTH, hid)),
-        }),
+        "unet": Profile(
+            {
+                "sample": b(lambda n: (k * n, ch, side, side)),
+                "timestep": b(lambda n: (k * n,)),
+                "encoder_hidden_states": b(lambda n: (k * n, TEXT_MAX_LENGTH, hid)),
+            }
+        ),
         "vae_decoder": Profile({"latents": b(lambda n: (n, ch, side, side))}),
         "vae_encoder": Profile({"image": b(lambda n: (n, 3, img, img))}),
     }
@@ -103,8 +105,13 @@ def rebuild_reason(meta_path: Path, wanted: dict) -> str | None:
         have = json.loads(meta_path.read_text())
     except json.JSONDecodeError:
         return "metadata unreadable"
-    for key, label in (("compute_capability", "GPU architecture"), ("tensorrt_version", "TensorRT version"),
-                       ("onnx_sha256", "ONNX graph"), ("profiles", "optimisation profiles"), ("fp16", "precision")):
+    for key, label in (
+        ("compute_capability", "GPU architecture"),
+        ("tensorrt_version", "TensorRT version"),
+        ("onnx_sha256", "ONNX graph"),
+        ("profiles", "optimisation profiles"),
+        ("fp16", "precision"),
+    ):
         if have.get(key) != wanted.get(key):
             return f"{label} changed ({have.get(key)} -> {wanted.get(key)})"
     return None
@@ -124,17 +131,22 @@ def import_tensorrt():
     try:
         import tensorrt as trt
     except ImportError:
-        raise UserError("rf-export engines needs the `tensorrt` Python package (pip install tensorrt) and a GPU")
+        raise UserError(
+            "rf-export engines needs the `tensorrt` Python package (pip install tensorrt) and a GPU"
+        ) from None
     return trt
 
 
-def build_plan(onnx_path: Path, plan_path: Path, profile: Profile, cache_path: Path, fp16: bool = True,
-               workspace_gb: float = 8.0) -> None:
+def build_plan(
+    onnx_path: Path, plan_path: Path, profile: Profile, cache_path: Path, fp16: bool = True, workspace_gb: float = 8.0
+) -> None:
     """Build one serialized engine with one optimisation profile, reusing and updating the timing cache."""
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 0 if int(trt.__version__.split(".")[0]) >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    flags = (
+        0 if int(trt.__version__.split(".")[0]) >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    )
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
@@ -168,7 +180,9 @@ class EngineResult:
     seconds: float
 
 
-def build_engines(onnx_dir: Path, out: Path, batch_sizes: list[int], fp16: bool = True, log=print) -> list[EngineResult]:
+def build_engines(
+    onnx_dir: Path, out: Path, batch_sizes: list[int], fp16: bool = True, log=print
+) -> list[EngineResult]:
     """Plans for every component of an ONNX export, for the GPU of this machine; up-to-date plans are kept."""
     meta_path = onnx_dir / "export.json"
     if not meta_path.is_file():
@@ -189,7 +203,10 @@ def build_engines(onnx_dir: Path, out: Path, batch_sizes: list[int], fp16: bool 
             log(f"building {plan.name}: {reason}")
             build_plan(onnx_path, plan, profile, out / TIMING_CACHE, fp16)
             plan.with_suffix(".json").write_text(json.dumps(wanted, indent=1))
-        results.append(EngineResult(component, str(plan), reason is not None, reason or "up to date",
-                                    round(time.perf_counter() - t0, 2)))
+        results.append(
+            EngineResult(
+                component, str(plan), reason is not None, reason or "up to date", round(time.perf_counter() - t0, 2)
+            )
+        )
     (out / "engines.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
     return results

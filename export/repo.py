@@ -22,7 +22,7 @@ from realfake.client.protocol import (
     PIPELINE_OUTPUTS,
 )
 
-RUNTIMES = ("python-ort",)
+RUNTIMES = ("python-ort", "onnxruntime", "tensorrt", "pytorch")
 COMPONENT_MODES = ("bls", "inprocess")
 MODELS_SRC = Path(__file__).resolve().parent.parent / "serving" / "triton_models"
 ONNX_TO_TRITON = {1: "TYPE_FP32", 7: "TYPE_INT64", 6: "TYPE_INT32", 10: "TYPE_FP16", 9: "TYPE_BOOL", 2: "TYPE_UINT8"}
@@ -67,18 +67,39 @@ def _parameters(params: dict[str, str]) -> str:
     )
 
 
-def component_config(name: str, inputs: list[TensorSpec], outputs: list[TensorSpec], threads: int) -> str:
-    """A component served by the Python backend on ONNX Runtime; batching is done by the pipeline."""
+def component_config(
+    name: str, inputs: list[TensorSpec], outputs: list[TensorSpec], threads: int, runtime: str = "python-ort"
+) -> str:
+    """One component model. Batching is done by the pipeline (it sends whole batches), so max_batch_size is 0
+    and the batch axis is an explicit dimension.
+
+    python-ort: Python backend running ONNX Runtime (the CPU path); onnxruntime: Triton's native
+    onnxruntime_onnx on the GPU; tensorrt: a tensorrt_plan built by `rf-export engines`.
+    """
+    if runtime == "python-ort":
+        head, kind, params = 'backend: "python"\n', "KIND_CPU", {"intra_op_threads": str(threads)}
+    elif runtime == "onnxruntime":
+        head, kind, params = 'platform: "onnxruntime_onnx"\ndefault_model_filename: "model.onnx"\n', "KIND_GPU", {}
+    elif runtime == "tensorrt":
+        head, kind, params = 'platform: "tensorrt_plan"\ndefault_model_filename: "model.plan"\n', "KIND_GPU", {}
+    else:
+        raise UserError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     return (
-        f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
+        f'name: "{name}"\n{head}max_batch_size: 0\n'
         + _tensor_block("input", inputs)
         + _tensor_block("output", outputs)
-        + "instance_group [ { count: 1, kind: KIND_CPU } ]\n"
-        + _parameters({"intra_op_threads": str(threads)})
+        + f"instance_group [ {{ count: 1, kind: {kind} }} ]\n"
+        + _parameters(params)
     )
 
 
-def pipeline_config(params: dict[str, str], max_batch: int, queue_delay_us: int) -> str:
+def pipeline_config(
+    params: dict[str, str],
+    max_batch: int,
+    queue_delay_us: int,
+    gpu: bool = False,
+    preferred: tuple[int, ...] = (),
+) -> str:
     to_type = {
         "BYTES": "TYPE_STRING",
         "INT64": "TYPE_INT64",
@@ -89,12 +110,13 @@ def pipeline_config(params: dict[str, str], max_batch: int, queue_delay_us: int)
     }
     inputs = [TensorSpec(n, to_type[t], tuple(d), opt) for n, (t, d, opt) in PIPELINE_INPUTS.items()]
     outputs = [TensorSpec(n, to_type[t], tuple(d)) for n, (t, d) in PIPELINE_OUTPUTS.items()]
+    sizes = "".join(f"\n  preferred_batch_size: {b}" for b in preferred if b <= max_batch)
     return (
         f'name: "{PIPELINE_MODEL}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
         + _tensor_block("input", inputs)
         + _tensor_block("output", outputs)
-        + f"dynamic_batching {{\n  max_queue_delay_microseconds: {queue_delay_us}\n}}\n"
-        + "instance_group [ { count: 1, kind: KIND_CPU } ]\n"
+        + f"dynamic_batching {{{sizes}\n  max_queue_delay_microseconds: {queue_delay_us}\n}}\n"
+        + f"instance_group [ {{ count: 1, kind: {'KIND_GPU' if gpu else 'KIND_CPU'} }} ]\n"
         + _parameters(params)
     )
 
@@ -109,6 +131,19 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def _plans(engines: Path | None, components: list[str]) -> dict[str, Path]:
+    """The newest plan of each component in an engines folder (`rf-export engines` names them)."""
+    if engines is None or not Path(engines).is_dir():
+        raise UserError("--runtime tensorrt needs --engines: the folder `rf-export engines` wrote")
+    plans = {}
+    for name in components:
+        found = sorted(Path(engines).glob(f"{name}.sm*.plan"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise UserError(f"no TensorRT plan for {name} in {engines}: run `rf-export engines` on this GPU")
+        plans[name] = found[-1]
+    return plans
+
+
 def write_repository(
     onnx_dir: str | Path,
     out: str | Path,
@@ -119,11 +154,16 @@ def write_repository(
     queue_delay_us: int = 5000,
     threads: int | None = None,
     components: str = "bls",
+    engines: str | Path | None = None,
+    bundle: str | Path | None = None,
+    preferred: tuple[int, ...] = (4, 8, 16),
 ) -> Path:
     """Fill `out` with the component models and the `pipeline` model for `runtime`.
 
     `components`: `bls` serves each graph as its own model and the pipeline calls them by BLS; `inprocess`
-    puts the graphs inside the pipeline model (one process, no copies between steps).
+    puts the graphs inside the pipeline model (one process, no copies between steps). Runtimes: `python-ort`
+    (CPU), `onnxruntime` and `tensorrt` (native GPU component models; tensorrt takes the plans from `engines`),
+    `pytorch` (the bundle's modules on the GPU in fp16 inside the pipeline model; needs `bundle`).
     """
     onnx_dir, out = Path(onnx_dir), Path(out)
     if runtime not in RUNTIMES:
@@ -134,6 +174,13 @@ def write_repository(
     meta = json.loads(meta_path.read_text())
     if components not in COMPONENT_MODES:
         raise UserError(f"unknown components mode {components!r}; choose one of {', '.join(COMPONENT_MODES)}")
+    if runtime == "pytorch":
+        components = "pytorch"
+        if bundle is None or not (Path(bundle) / "model_index.json").is_file():
+            raise UserError("--runtime pytorch needs --bundle: the diffusers-layout directory the ONNX came from")
+    elif runtime != "python-ort" and components == "inprocess":
+        raise UserError(f"--runtime {runtime} serves components as native GPU models: use --components bls")
+    plans = _plans(Path(engines), meta["components"]) if runtime == "tensorrt" else {}
     threads = threads or os.cpu_count() or 1
     out.mkdir(parents=True, exist_ok=True)
     for name in meta["components"] if components == "bls" else []:
@@ -141,10 +188,17 @@ def write_repository(
         if not graph.is_file():
             raise UserError(f"{graph} is missing from the export")
         inputs, outputs = onnx_io(graph)
-        (out / name / "1").mkdir(parents=True, exist_ok=True)
-        (out / name / "config.pbtxt").write_text(component_config(name, inputs, outputs, threads))
-        _link_or_copy(graph, out / name / "1" / "model.onnx")
-        shutil.copy2(MODELS_SRC / "ort_component.py", out / name / "1" / "model.py")
+        version = out / name / "1"
+        if version.exists():
+            shutil.rmtree(version)
+        version.mkdir(parents=True)
+        (out / name / "config.pbtxt").write_text(component_config(name, inputs, outputs, threads, runtime))
+        if runtime == "tensorrt":
+            _link_or_copy(plans[name], version / "model.plan")
+        else:
+            _link_or_copy(graph, version / "model.onnx")
+        if runtime == "python-ort":
+            shutil.copy2(MODELS_SRC / "ort_component.py", version / "model.py")
     files = out / PIPELINE_MODEL / "1" / "model_files"
     if files.exists():
         shutil.rmtree(files)
@@ -166,6 +220,14 @@ def write_repository(
         PARAM_HAS_IMAGE_ENCODER: str("image_encoder" in meta["components"]).lower(),
         "components": components,
         "intra_op_threads": str(threads),
+        "device": "cpu" if runtime == "python-ort" else "cuda",
     }
-    (out / PIPELINE_MODEL / "config.pbtxt").write_text(pipeline_config(params, max_batch, queue_delay_us))
+    if runtime == "pytorch":
+        params["bundle"] = str(Path(bundle).resolve())
+        for name in meta["components"]:  # no component models: the pipeline holds the modules
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+    gpu = runtime != "python-ort"
+    config = pipeline_config(params, max_batch, queue_delay_us, gpu=gpu, preferred=preferred if gpu else ())
+    (out / PIPELINE_MODEL / "config.pbtxt").write_text(config)
     return out

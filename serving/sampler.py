@@ -110,6 +110,7 @@ class Sampler:
 
     # -- the algorithm --------------------------------------------------------------------------------------
 
+    @torch.no_grad()
     def generate(
         self,
         prompts: list[str],

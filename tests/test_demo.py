@@ -6,14 +6,29 @@ import shutil
 import socket
 
 import pytest
-from conftest import rf
 
 from realfake.training.idx import DEBIAN_DIR
 
+from conftest import rf
+
 pytestmark = pytest.mark.slow
 
-REDUCED = ["--per-class", "30", "--test-images", "1000", "--base-vae-steps", "40", "--base-unet-steps", "120",
-           "--finetune-steps", "10", "--steps", "12", "--epochs", "6"]
+REDUCED = [
+    "--per-class",
+    "30",
+    "--test-images",
+    "1000",
+    "--base-vae-steps",
+    "40",
+    "--base-unet-steps",
+    "120",
+    "--finetune-steps",
+    "10",
+    "--steps",
+    "12",
+    "--epochs",
+    "6",
+]
 # Chance is 0.10. The reduced run trains its base model for seconds, so its floor is far below the full run's.
 SYNTHETIC_FLOOR = 0.35
 
@@ -37,8 +52,16 @@ def test_reduced_demo_end_to_end(tmp_path, rf_home_demo):
     assert real["top1"] > SYNTHETIC_FLOOR, table
     assert table["synthetic_over_real_top1"] == pytest.approx(syn["top1"] / real["top1"])
     assert table["generation_images_per_sec"] > 0
-    assert set(table["stage_seconds"]) >= {"data", "base", "finetune", "export", "generate", "classify_real",
-                                           "classify_synthetic", "classify_mixed"}
+    assert set(table["stage_seconds"]) >= {
+        "data",
+        "base",
+        "finetune",
+        "export",
+        "generate",
+        "classify_real",
+        "classify_synthetic",
+        "classify_mixed",
+    }
     md = (out / "results.md").read_text()
     assert f"{syn['top1']:.4f}" in md and "synthetic / real top-1" in md
     assert (out / "real_vs_synthetic.png").stat().st_size > 1000

@@ -61,7 +61,12 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         model_dir = Path(args["model_repository"]) / args["model_version"] / "model_files"
-        if params.get("components", "bls") == "inprocess":
+        mode = params.get("components", "bls")
+        if mode == "pytorch":
+            from realfake.serving.torch_components import TorchComponents
+
+            components = TorchComponents(params["bundle"], params.get("device", "cuda"))
+        elif mode == "inprocess":
             # the graphs run in this process: no inter-process copies per UNet step (the CPU default)
             threads = int(params.get("intra_op_threads", "0")) or None
             components = OrtComponents(model_dir, threads)

@@ -1,0 +1,53 @@
+"""`Components` on the bundle's own PyTorch modules: the runtime for GPU servers without TensorRT.
+
+On CUDA: fp16 weights, channels-last memory, PyTorch's scaled-dot-product attention (diffusers' default
+processor), optionally torch.compile. On CPU it runs in fp32, which is how its parity is tested here.
+Inputs and outputs follow the ONNX graph contracts (realfake.export.onnx_export), in float32 at the boundary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+class TorchComponents:
+    def __init__(self, bundle: str | Path, device: str | torch.device = "cuda", compile: bool = False):
+        from realfake.export.onnx_export import load_torch_components
+
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("the pytorch runtime was asked for CUDA but no GPU is visible")
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        _, modules = load_torch_components(bundle)
+        self.modules = {}
+        for name, module in modules.items():
+            module = module.to(self.device, self.dtype).eval()
+            if self.device.type == "cuda" and name in ("unet", "vae_decoder", "vae_encoder"):
+                module = module.to(memory_format=torch.channels_last)
+            if compile:
+                module = torch.compile(module, mode="max-autotune-no-cudagraphs", dynamic=True)
+            self.modules[name] = module
+
+    @torch.no_grad()
+    def _run(self, name: str, *tensors: torch.Tensor) -> torch.Tensor:
+        if name not in self.modules:
+            raise ValueError(f"this model has no {name} component")
+        args = [t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device) for t in tensors]
+        return self.modules[name](*args).float()
+
+    def text_encoder(self, input_ids):
+        return self._run("text_encoder", input_ids)
+
+    def unet(self, sample, timestep, encoder_hidden_states):
+        return self._run("unet", sample, timestep, encoder_hidden_states)
+
+    def vae_decoder(self, latents):
+        return self._run("vae_decoder", latents)
+
+    def vae_encoder(self, image):
+        return self._run("vae_encoder", image)
+
+    def image_encoder(self, pixel_values):
+        return self._run("image_encoder", pixel_values)

@@ -1,0 +1,184 @@
+"""The GPU production path, tested where it can be without a GPU: engine profiles and names, the rebuild
+decision, repository configs per runtime (parsed back), the PyTorch runtime's parity on CPU, the Dockerfile.
+Tests marked `gpu` build and serve real TensorRT engines and skip, with the reason, on machines without one."""
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from realfake.client.errors import UserError
+from realfake.export import engines as eng
+from realfake.export.repo import write_repository
+
+from conftest import rf
+
+ROOT = Path(__file__).resolve().parent.parent
+META = {
+    "image_size": 32,
+    "vae_scale_factor": 2,
+    "latent_channels": 4,
+    "text_hidden_size": 32,
+    "image_encoder_size": 32,
+    "components": ["text_encoder", "unet", "vae_decoder", "vae_encoder", "image_encoder"],
+}
+H100 = eng.GpuInfo("NVIDIA H100 80GB HBM3", (9, 0))
+
+
+def test_profiles_double_the_guided_components():
+    p = eng.component_profiles(META, [1, 4, 8, 16])
+    assert p["unet"].shapes["sample"] == ((2, 4, 16, 16), (16, 4, 16, 16), (32, 4, 16, 16))
+    assert p["unet"].shapes["encoder_hidden_states"][2] == (32, 77, 32)
+    assert p["text_encoder"].shapes["input_ids"] == ((2, 77), (16, 77), (32, 77))
+    assert p["vae_decoder"].shapes["latents"] == ((1, 4, 16, 16), (8, 4, 16, 16), (16, 4, 16, 16))
+    assert p["vae_encoder"].shapes["image"][2] == (16, 3, 32, 32)
+    assert p["image_encoder"].shapes["pixel_values"][0] == (1, 3, 32, 32)
+    no_cfg = eng.component_profiles(META, [2], cfg=False)
+    assert no_cfg["unet"].shapes["sample"] == ((2, 4, 16, 16),) * 3
+    with pytest.raises(UserError):
+        eng.component_profiles(META, [0, 4])
+
+
+def test_plan_names_and_rebuild_decision(tmp_path):
+    assert eng.plan_name("unet", H100, "10.13.0") == "unet.sm90.10.13.0.plan"
+    profile = eng.component_profiles(META, [1, 8])["unet"]
+    wanted = eng.engine_meta("unet", H100, "10.13.0", "abc", profile, True)
+    meta_path = tmp_path / "unet.sm90.10.13.0.json"
+    assert eng.rebuild_reason(meta_path, wanted) == "no plan yet"
+    meta_path.with_suffix(".plan").write_bytes(b"plan")
+    meta_path.write_text(json.dumps(wanted))
+    assert eng.rebuild_reason(meta_path, wanted) is None
+    changes = {
+        "compute_capability": ([8, 9], "GPU architecture changed"),
+        "tensorrt_version": ("10.14.0", "TensorRT version changed"),
+        "onnx_sha256": ("def", "ONNX graph changed"),
+        "profiles": (eng.component_profiles(META, [1, 16])["unet"].to_json(), "optimisation profiles changed"),
+        "fp16": (False, "precision changed"),
+    }
+    for key, (value, message) in changes.items():
+        assert eng.rebuild_reason(meta_path, {**wanted, key: value}).startswith(message), key
+    meta_path.write_text("{broken")
+    assert eng.rebuild_reason(meta_path, wanted) == "metadata unreadable"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on machines without a GPU")
+def test_engines_without_gpu_is_one_clear_line(tiny_onnx, tmp_path):
+    r = rf("rf-export", "engines", str(tiny_onnx), "--out", str(tmp_path / "e"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: rf-export engines needs an NVIDIA GPU (none is visible here); on CPU use --runtime python-ort"
+    ]
+
+
+def test_missing_tensorrt_is_one_clear_line(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorrt(name, *args, **kwargs):
+        if name == "tensorrt":
+            raise ImportError("No module named 'tensorrt'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorrt)
+    with pytest.raises(UserError, match="needs the `tensorrt` Python package"):
+        eng.import_tensorrt()
+
+
+def _config(path: Path):
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def test_repository_per_runtime(tiny_onnx, tiny_bundle, tmp_path):
+    onnx_rt = write_repository(tiny_onnx, tmp_path / "ort", runtime="onnxruntime")
+    unet = _config(onnx_rt / "unet" / "config.pbtxt")
+    assert (
+        unet.platform == "onnxruntime_onnx"
+        and unet.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    )
+    assert (onnx_rt / "unet" / "1" / "model.onnx").is_file() and not (onnx_rt / "unet" / "1" / "model.py").exists()
+    pipe = _config(onnx_rt / "pipeline" / "config.pbtxt")
+    assert list(pipe.dynamic_batching.preferred_batch_size) == [4, 8, 16]
+    assert pipe.parameters["device"].string_value == "cuda" and pipe.parameters["components"].string_value == "bls"
+
+    plans = tmp_path / "engines"
+    plans.mkdir()
+    for name in META["components"]:
+        (plans / f"{name}.sm90.10.13.0.plan").write_bytes(b"plan " + name.encode())
+    trt = write_repository(tiny_onnx, tmp_path / "trt", runtime="tensorrt", engines=plans)
+    vae = _config(trt / "vae_decoder" / "config.pbtxt")
+    assert vae.platform == "tensorrt_plan" and vae.default_model_filename == "model.plan"
+    assert [list(i.dims) for i in vae.input] == [[-1, 4, -1, -1]] and vae.max_batch_size == 0
+    assert (trt / "vae_decoder" / "1" / "model.plan").read_bytes() == b"plan vae_decoder"
+    with pytest.raises(UserError, match="no TensorRT plan for unet"):
+        (plans / "unet.sm90.10.13.0.plan").unlink()
+        write_repository(tiny_onnx, tmp_path / "trt2", runtime="tensorrt", engines=plans)
+
+    torch_repo = write_repository(tiny_onnx, tmp_path / "pt", runtime="pytorch", bundle=tiny_bundle)
+    assert sorted(p.name for p in torch_repo.iterdir()) == ["pipeline"]
+    params = _config(torch_repo / "pipeline" / "config.pbtxt").parameters
+    assert (
+        params["components"].string_value == "pytorch" and Path(params["bundle"].string_value) == tiny_bundle.resolve()
+    )
+    with pytest.raises(UserError, match="needs --bundle"):
+        write_repository(tiny_onnx, tmp_path / "pt2", runtime="pytorch")
+    with pytest.raises(UserError, match="unknown runtime"):
+        write_repository(tiny_onnx, tmp_path / "x", runtime="tvm")
+
+
+def test_pytorch_runtime_matches_onnxruntime_on_cpu(tiny_bundle, tiny_onnx):
+    from realfake.serving.components import OrtComponents
+    from realfake.serving.sampler import Sampler, Settings
+    from realfake.serving.torch_components import TorchComponents
+
+    prompts, negatives, seeds = ["photo of a cat", "photo of a ship"], ["blurry"] * 2, [1, 2]
+    init = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    settings = Settings(steps=8, guidance_scale=2.0, strength=0.75, guidance_token=True)
+    ort_images = Sampler(OrtComponents(tiny_onnx), tiny_onnx).generate(prompts, negatives, seeds, settings, init)
+    torch_images = Sampler(TorchComponents(tiny_bundle, "cpu"), tiny_onnx).generate(
+        prompts, negatives, seeds, settings, init
+    )
+    assert np.abs(ort_images.astype(int) - torch_images.astype(int)).max() <= 2
+
+
+def test_dockerfile_structure():
+    text = (ROOT / "Dockerfile").read_text()
+    base = re.findall(r"^FROM\s+(\S+)", text, flags=re.M)
+    assert base and re.fullmatch(r"nvcr\.io/nvidia/tritonserver:\d{2}\.\d{2}-py3", base[0]), base
+    assert not re.search(r"(?i)(password|secret|token|api_key)\s*=", text)
+    entry = re.search(r'^ENTRYPOINT\s+\["([^"]+)"\]', text, flags=re.M).group(1)
+    copied = re.search(rf"^COPY\s+(\S+)\s+{re.escape(entry)}$", text, flags=re.M).group(1)
+    script = ROOT / copied
+    assert script.is_file() and script.stat().st_mode & 0o111
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    for path in re.findall(r"^COPY\s+(\S+)\s", text, flags=re.M):
+        assert (ROOT / path).exists(), path
+
+
+@pytest.mark.gpu
+def test_tensorrt_engines_serve_the_pipeline(tiny_onnx, tmp_path):
+    """On a GPU: build fp16 plans, serve them natively, and compare images with the CPU path."""
+    from realfake.client.server import LocalServer
+    from realfake.client.triton import PipelineClient
+
+    results = eng.build_engines(tiny_onnx, tmp_path / "engines", [1, 4])
+    assert all(r.built for r in results)
+    again = eng.build_engines(tiny_onnx, tmp_path / "engines", [1, 4])
+    assert not any(r.built for r in again)  # kept: same GPU, TensorRT, graphs, profiles
+    repo = write_repository(tiny_onnx, tmp_path / "repo", runtime="tensorrt", engines=tmp_path / "engines")
+    cpu_repo = write_repository(tiny_onnx, tmp_path / "cpu_repo")
+    request = {
+        "PROMPT": np.array([[b"photo of a cat"]] * 2, dtype=object),
+        "SEED": np.array([[1], [2]]),
+        "STEPS": np.full((2, 1), 10, np.int32),
+    }
+    with LocalServer(repo) as gpu_server, LocalServer(cpu_repo) as cpu_server:
+        gpu_images = PipelineClient(gpu_server.url).infer(request)
+        cpu_images = PipelineClient(cpu_server.url).infer(request)
+    assert np.abs(gpu_images.astype(int) - cpu_images.astype(int)).mean() < 4  # fp16 vs fp32
