@@ -2,7 +2,8 @@
 
   (a) diffusers' StableDiffusionPipeline in-process, eager PyTorch (the baseline a user would script),
   (b) realfake's sampler in-process on ONNX Runtime,
-  (c) the full path: rf-client's PipelineClient -> local Triton -> `pipeline` model.
+  (c) the full path: rf-client's PipelineClient -> local Triton -> `pipeline` model, with the components
+      in the pipeline's process (`inprocess`, c) and as separate models called by BLS (`bls`, c_bls).
 
 Rounds alternate (a), (b), (c) several times; medians of images/sec are reported with the ratios (c)/(a) and
 (c)/(b), printed and written as JSON. Usage: python bench/cpu_bench.py [--sizes tiny,mid] [--out bench-cpu.json]
@@ -31,15 +32,16 @@ PROMPT = "photo of tench, best quality"
 NEGATIVE = "distorted, unrealistic, blurry, out of frame, cropped, deformed"
 
 
-def build(size: str, root: Path) -> tuple[Path, Path, Path]:
+def build(size: str, root: Path) -> tuple[Path, Path, Path, Path]:
     from realfake.export.bundle import build_tiny_bundle
     from realfake.export.onnx_export import export_onnx
     from realfake.export.repo import write_repository
 
     bundle = build_tiny_bundle(root / size / "bundle", seed=0, **SIZES[size])
     export_onnx(bundle, root / size / "onnx", log=lambda *_: None)
-    repo = write_repository(root / size / "onnx", root / size / "repo")
-    return bundle, root / size / "onnx", repo
+    inprocess = write_repository(root / size / "onnx", root / size / "repo_inprocess", components="inprocess")
+    bls = write_repository(root / size / "onnx", root / size / "repo_bls", components="bls")
+    return bundle, root / size / "onnx", inprocess, bls
 
 
 def run_diffusers(bundle: Path, images: int, batch: int, steps: int, guidance: float):
@@ -137,14 +139,17 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="rf-bench-") as tmp:
         for size in args.sizes.split(","):
-            bundle, onnx_dir, repo = build(size, Path(tmp))
-            with LocalServer(repo) as server:
+            bundle, onnx_dir, repo, repo_bls = build(size, Path(tmp))
+            with LocalServer(repo) as server, LocalServer(repo_bls) as server_bls:
                 for batch in (int(b) for b in args.batches.split(",")):
                     paths = {
                         "a_diffusers_eager": run_diffusers(bundle, args.images, batch, args.steps, args.guidance),
                         "b_ort_in_process": run_ort(onnx_dir, args.images, batch, args.steps, args.guidance),
                         "c_triton": run_triton(
                             server.url, args.images, batch, args.steps, args.guidance, args.concurrency
+                        ),
+                        "c_triton_bls": run_triton(
+                            server_bls.url, args.images, batch, args.steps, args.guidance, args.concurrency
                         ),
                     }
                     for fn in paths.values():  # warm-up: first calls allocate, load kernels
@@ -167,11 +172,13 @@ def main() -> None:
                         "c_over_a": round(ips["c_triton"] / ips["a_diffusers_eager"], 3),
                         "c_over_b": round(ips["c_triton"] / ips["b_ort_in_process"], 3),
                         "b_over_a": round(ips["b_ort_in_process"] / ips["a_diffusers_eager"], 3),
+                        "c_bls_over_a": round(ips["c_triton_bls"] / ips["a_diffusers_eager"], 3),
                     }
                     results.append(row)
                     print(
                         f"{size:>5} batch {batch:>2}: diffusers {ips['a_diffusers_eager']:.2f} img/s, "
-                        f"ORT {ips['b_ort_in_process']:.2f}, Triton {ips['c_triton']:.2f} | "
+                        f"ORT {ips['b_ort_in_process']:.2f}, Triton {ips['c_triton']:.2f} "
+                        f"(BLS components {ips['c_triton_bls']:.2f}) | "
                         f"(c)/(a) {row['c_over_a']:.2f}  (c)/(b) {row['c_over_b']:.2f}",
                         flush=True,
                     )
