@@ -138,7 +138,9 @@ def demo(
     finetune_steps: Annotated[int, typer.Option(help="Real-Fake finetuning steps.")] = 100,
     steps: Annotated[int, typer.Option(help="Sampler steps at generation.")] = 30,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 2.0,
-    strength: Annotated[float, typer.Option(help="Latent prior strength.")] = 0.75,
+    strength: Annotated[
+        float, typer.Option(help="Latent prior strength (the paper's 0.75 needs a stronger base model).")
+    ] = 0.5,
     epochs: Annotated[int, typer.Option(help="Classifier epochs.")] = 15,
     ablate: Annotated[bool, typer.Option(help="Add ablation rows (text-only base, + finetune, + prior).")] = False,
     http_port: Annotated[int | None, typer.Option(help="Port of the local Triton (default: a free one).")] = None,
