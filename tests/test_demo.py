@@ -29,8 +29,9 @@ REDUCED = [
     "--epochs",
     "6",
 ]
-# Chance is 0.10. The reduced run trains its base model for seconds, so its floor is far below the full run's.
-SYNTHETIC_FLOOR = 0.35
+# Chance is 0.10. The reduced run trains its base model for seconds (measured here: synthetic 0.39, real 0.51),
+# so its floor is far below the full run's ratio.
+SYNTHETIC_FLOOR = 0.30
 
 
 @pytest.fixture(scope="module")
