@@ -12,6 +12,7 @@ Rounds alternate (a), (b), (c) several times; medians of images/sec are reported
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -52,7 +53,7 @@ def run_diffusers(bundle: Path, images: int, batch: int, steps: int, guidance: f
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
 
-    def go():
+    def go(images=images):
         for start in range(0, images, batch):
             n = min(batch, images - start)
             gens = [torch.Generator().manual_seed(start + i) for i in range(n)]
@@ -74,7 +75,7 @@ def run_ort(onnx_dir: Path, images: int, batch: int, steps: int, guidance: float
 
     sampler = Sampler(OrtComponents(onnx_dir), onnx_dir)
 
-    def go():
+    def go(images=images):
         for start in range(0, images, batch):
             n = min(batch, images - start)
             sampler.generate([PROMPT] * n, [NEGATIVE] * n, list(range(start, start + n)), Settings(steps, guidance))
@@ -86,7 +87,7 @@ def run_triton(url: str, images: int, batch: int, steps: int, guidance: float, c
     from realfake.client.bench import _arrays
     from realfake.client.triton import PipelineClient
 
-    def go():
+    def go(images=images):
         starts = iter(range(0, images, batch))
         lock = threading.Lock()
         errors = []
@@ -125,12 +126,13 @@ def timed(fn) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="tiny,mid")
-    parser.add_argument("--images", type=int, default=16, help="images per round and path")
+    parser.add_argument("--images", type=int, default=8, help="images per round and path")
     parser.add_argument("--batches", default="1,8", help="images per call/request")
     parser.add_argument("--concurrency", type=int, default=2, help="requests in flight for (c)")
+    parser.add_argument("--with-bls", action="store_true", help="also measure (c) with BLS component models")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=2.0)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench-cpu.json"))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -140,7 +142,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rf-bench-") as tmp:
         for size in args.sizes.split(","):
             bundle, onnx_dir, repo, repo_bls = build(size, Path(tmp))
-            with LocalServer(repo) as server, LocalServer(repo_bls) as server_bls:
+            with contextlib.ExitStack() as stack:
+                server = stack.enter_context(LocalServer(repo))
+                server_bls = stack.enter_context(LocalServer(repo_bls)) if args.with_bls else None
                 for batch in (int(b) for b in args.batches.split(",")):
                     paths = {
                         "a_diffusers_eager": run_diffusers(bundle, args.images, batch, args.steps, args.guidance),
@@ -148,12 +152,13 @@ def main() -> None:
                         "c_triton": run_triton(
                             server.url, args.images, batch, args.steps, args.guidance, args.concurrency
                         ),
-                        "c_triton_bls": run_triton(
-                            server_bls.url, args.images, batch, args.steps, args.guidance, args.concurrency
-                        ),
                     }
-                    for fn in paths.values():  # warm-up: first calls allocate, load kernels
-                        fn()
+                    if args.with_bls:
+                        paths["c_triton_bls"] = run_triton(
+                            server_bls.url, args.images, batch, args.steps, args.guidance, args.concurrency
+                        )
+                    for fn in paths.values():  # warm-up: the first call allocates and loads kernels
+                        fn(batch)
                     times: dict[str, list[float]] = {k: [] for k in paths}
                     for _ in range(args.repeats):
                         for name, fn in paths.items():  # alternate, so drift hits every path alike
@@ -172,13 +177,13 @@ def main() -> None:
                         "c_over_a": round(ips["c_triton"] / ips["a_diffusers_eager"], 3),
                         "c_over_b": round(ips["c_triton"] / ips["b_ort_in_process"], 3),
                         "b_over_a": round(ips["b_ort_in_process"] / ips["a_diffusers_eager"], 3),
-                        "c_bls_over_a": round(ips["c_triton_bls"] / ips["a_diffusers_eager"], 3),
                     }
                     results.append(row)
                     print(
                         f"{size:>5} batch {batch:>2}: diffusers {ips['a_diffusers_eager']:.2f} img/s, "
                         f"ORT {ips['b_ort_in_process']:.2f}, Triton {ips['c_triton']:.2f} "
-                        f"(BLS components {ips['c_triton_bls']:.2f}) | "
+                        + (f"(BLS components {ips['c_triton_bls']:.2f}) " if args.with_bls else "")
+                        + "| "
                         f"(c)/(a) {row['c_over_a']:.2f}  (c)/(b) {row['c_over_b']:.2f}",
                         flush=True,
                     )
