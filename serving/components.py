@@ -36,7 +36,29 @@ def make_session(path: str | Path, threads: int | None = None):
     return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
 
 
-class OrtComponents:
+class ComponentCalls:
+    """The five component calls of `Components`, each forwarded to `_run(name, *tensors)` of the subclass."""
+
+    def _run(self, name: str, *tensors: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def text_encoder(self, input_ids):
+        return self._run("text_encoder", input_ids)
+
+    def unet(self, sample, timestep, encoder_hidden_states):
+        return self._run("unet", sample, timestep, encoder_hidden_states)
+
+    def vae_decoder(self, latents):
+        return self._run("vae_decoder", latents)
+
+    def vae_encoder(self, image):
+        return self._run("vae_encoder", image)
+
+    def image_encoder(self, pixel_values):
+        return self._run("image_encoder", pixel_values)
+
+
+class OrtComponents(ComponentCalls):
     """`Components` on in-process ONNX Runtime sessions loaded from an export directory (host tensors; CPU
     tensors cross to numpy and back without copies)."""
 
@@ -56,18 +78,3 @@ class OrtComponents:
         inputs, _ = COMPONENT_IO[name]
         feed = {n: np.ascontiguousarray(t.detach().cpu().numpy()) for n, t in zip(inputs, tensors, strict=True)}
         return torch.from_numpy(self.sessions[name].run(None, feed)[0])
-
-    def text_encoder(self, input_ids):
-        return self._run("text_encoder", input_ids)
-
-    def unet(self, sample, timestep, encoder_hidden_states):
-        return self._run("unet", sample, timestep, encoder_hidden_states)
-
-    def vae_decoder(self, latents):
-        return self._run("vae_decoder", latents)
-
-    def vae_encoder(self, image):
-        return self._run("vae_encoder", image)
-
-    def image_encoder(self, pixel_values):
-        return self._run("image_encoder", pixel_values)

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
+from realfake.serving.components import ComponentCalls
 
-class TorchComponents:
+
+class TorchComponents(ComponentCalls):
     def __init__(self, bundle: str | Path, device: str | torch.device = "cuda", compile: bool = False):
         from realfake.export.onnx_export import load_torch_components
 
@@ -36,18 +38,3 @@ class TorchComponents:
             raise ValueError(f"this model has no {name} component")
         args = [t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device) for t in tensors]
         return self.modules[name](*args).float()
-
-    def text_encoder(self, input_ids):
-        return self._run("text_encoder", input_ids)
-
-    def unet(self, sample, timestep, encoder_hidden_states):
-        return self._run("unet", sample, timestep, encoder_hidden_states)
-
-    def vae_decoder(self, latents):
-        return self._run("vae_decoder", latents)
-
-    def vae_encoder(self, image):
-        return self._run("vae_encoder", image)
-
-    def image_encoder(self, pixel_values):
-        return self._run("image_encoder", pixel_values)

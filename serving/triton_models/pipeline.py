@@ -14,11 +14,11 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from realfake.client.protocol import PIPELINE_INPUTS
 from realfake.serving.batching import run_batch
-from realfake.serving.components import COMPONENT_IO, OrtComponents
+from realfake.serving.components import COMPONENT_IO, ComponentCalls, OrtComponents
 from realfake.serving.sampler import Sampler
 
 
-class BlsComponents:
+class BlsComponents(ComponentCalls):
     """`Components` whose calls are BLS requests to the component models of this repository. Tensors pass by
     DLPack both ways, so GPU outputs of one component feed the next without a trip through host memory."""
 
@@ -39,21 +39,6 @@ class BlsComponents:
         if response.has_error():
             raise RuntimeError(f"{component}: {response.error().message()}")
         return from_dlpack(pb_utils.get_output_tensor_by_name(response, output).to_dlpack()).to(self.device)
-
-    def text_encoder(self, input_ids):
-        return self._run("text_encoder", input_ids)
-
-    def unet(self, sample, timestep, encoder_hidden_states):
-        return self._run("unet", sample, timestep, encoder_hidden_states)
-
-    def vae_decoder(self, latents):
-        return self._run("vae_decoder", latents)
-
-    def vae_encoder(self, image):
-        return self._run("vae_encoder", image)
-
-    def image_encoder(self, pixel_values):
-        return self._run("image_encoder", pixel_values)
 
 
 class TritonPythonModel:
