@@ -27,10 +27,10 @@ PROMPT = "photo of tench, best quality"
 
 def sd15_bundle(out: Path) -> Path:
     """SD 1.5's UNet, VAE and text-encoder shapes, random weights, real CLIP tokenizer."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from realfake.export.bundle import SD_SCHEDULE, clip_tokenizer
+    from realfake.export.bundle import save_bundle
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -60,17 +60,7 @@ def sd15_bundle(out: Path) -> Path:
             vocab_size=49408,
         )
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text,
-        tokenizer=clip_tokenizer(),
-        unet=unet,
-        scheduler=PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out, safe_serialization=True)
+    save_bundle(out, unet=unet, vae=vae, text_encoder=text)
     return out
 
 

@@ -117,6 +117,26 @@ def clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TEXT_MAX_LENGTH)
 
 
+def save_bundle(out: str | Path, *, unet, vae, text_encoder, image_encoder=None) -> Path:
+    """Write modules as a Stable-Diffusion-layout bundle with the real CLIP tokenizer and the SD 1.x schedule."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=image_encoder,
+        requires_safety_checker=False,
+    )
+    out = Path(out)
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
 def build_tiny_bundle(
     out: str | Path,
     *,
@@ -133,7 +153,7 @@ def build_tiny_bundle(
     `sample_size` is the latent side; images are `sample_size * 2**(len(vae_blocks)-1)` pixels.
     """
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import (
         CLIPTextConfig,
         CLIPTextModel,
@@ -197,18 +217,6 @@ def build_tiny_bundle(
                 projection_dim=text_hidden,
             )
         )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(),
-        unet=unet,
-        scheduler=PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1),
-        safety_checker=None,
-        feature_extractor=None,
-        image_encoder=vision,
-        requires_safety_checker=False,
-    )
-    out = Path(out)
-    pipe.save_pretrained(out, safe_serialization=True)
+    out = save_bundle(out, unet=unet, vae=vae, text_encoder=text_encoder, image_encoder=vision)
     check_bundle(out)
     return out
