@@ -5,6 +5,7 @@ fsync'd, progress and a summary. Nothing finished is ever lost or made twice.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import queue
 import threading
@@ -25,7 +26,6 @@ from realfake.client.dataset import (
     write_atomic,
 )
 from realfake.client.errors import UserError
-from realfake.client.protocol import PIPELINE_MODEL
 from realfake.client.server import server_ready
 from realfake.client.triton import PipelineClient
 
@@ -182,8 +182,6 @@ class Runner:
         return items, (np.stack(images) if images else None), skipped
 
     def _row(self, item: WorkItem, rel: str, png: bytes, url: str) -> dict:
-        import hashlib
-
         s = self.spec
         return {
             "path": rel,
@@ -286,6 +284,3 @@ def write_summary(out: Path, name: str, summary: Summary, extra: dict) -> Path:
     path = out / name
     write_atomic(path, json.dumps({**summary.to_json(), **extra}, indent=2).encode())
     return path
-
-
-__all__ = ["Runner", "Summary", "write_summary", "PIPELINE_MODEL"]
