@@ -74,6 +74,10 @@ def repo(
     components: Annotated[
         str, typer.Option(help="bls: graphs as separate models called by BLS; inprocess: inside the pipeline.")
     ] = "bls",
+    engines: Annotated[Path | None, typer.Option(help="Plans from `rf-export engines` (runtime tensorrt).")] = None,
+    bundle: Annotated[Path | None, typer.Option(help="The bundle itself (runtime pytorch).")] = None,
+    device: Annotated[str | None, typer.Option(help="Pipeline device: cpu or cuda (default by runtime).")] = None,
+    dtype: Annotated[str, typer.Option(help="pytorch runtime precision: auto, fp32, fp16, bf16.")] = "auto",
     debug: Debug = False,
 ) -> None:
     """Write the Triton model repository: component models plus the `pipeline` model."""
@@ -87,6 +91,10 @@ def repo(
         max_batch=max_batch,
         queue_delay_us=queue_delay_us,
         components=components,
+        engines=engines,
+        bundle=bundle,
+        device=device,
+        dtype=dtype,
     )
     typer.echo(f"model repository written: {out}")
 

@@ -157,6 +157,8 @@ def write_repository(
     engines: str | Path | None = None,
     bundle: str | Path | None = None,
     preferred: tuple[int, ...] = (4, 8, 16),
+    device: str | None = None,
+    dtype: str = "auto",
 ) -> Path:
     """Fill `out` with the component models and the `pipeline` model for `runtime`.
 
@@ -220,14 +222,15 @@ def write_repository(
         PARAM_HAS_IMAGE_ENCODER: str("image_encoder" in meta["components"]).lower(),
         "components": components,
         "intra_op_threads": str(threads),
-        "device": "cpu" if runtime == "python-ort" else "cuda",
+        "device": device or ("cpu" if runtime == "python-ort" else "cuda"),
     }
     if runtime == "pytorch":
         params["bundle"] = str(Path(bundle).resolve())
+        params["dtype"] = dtype
         for name in meta["components"]:  # no component models: the pipeline holds the modules
             if (out / name).is_dir():
                 shutil.rmtree(out / name)
-    gpu = runtime != "python-ort"
+    gpu = params["device"] != "cpu"
     config = pipeline_config(params, max_batch, queue_delay_us, gpu=gpu, preferred=preferred if gpu else ())
     (out / PIPELINE_MODEL / "config.pbtxt").write_text(config)
     return out

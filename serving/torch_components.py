@@ -15,18 +15,28 @@ from realfake.serving.components import ComponentCalls
 
 
 class TorchComponents(ComponentCalls):
-    def __init__(self, bundle: str | Path, device: str | torch.device = "cuda", compile: bool = False):
+    def __init__(
+        self, bundle: str | Path, device: str | torch.device = "cuda", compile: bool = False, dtype: str = "auto"
+    ):
+        """`dtype`: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, or bf16 (about 2x faster UNet on CPUs with
+        avx512_bf16, at a few 1e-2 of output difference)."""
         from realfake.export.onnx_export import load_torch_components
 
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("the pytorch runtime was asked for CUDA but no GPU is visible")
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+        if dtype == "auto":
+            self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        elif dtype in dtypes:
+            self.dtype = dtypes[dtype]
+        else:
+            raise ValueError(f"unknown dtype {dtype!r}: auto, fp32, fp16 or bf16")
         _, modules = load_torch_components(bundle)
         self.modules = {}
         for name, module in modules.items():
             module = module.to(self.device, self.dtype).eval()
-            if self.device.type == "cuda" and name in ("unet", "vae_decoder", "vae_encoder"):
+            if self.dtype != torch.float32 and name in ("unet", "vae_decoder", "vae_encoder"):
                 module = module.to(memory_format=torch.channels_last)
             if compile:
                 module = torch.compile(module, mode="max-autotune-no-cudagraphs", dynamic=True)

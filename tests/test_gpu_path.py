@@ -182,3 +182,68 @@ def test_tensorrt_engines_serve_the_pipeline(tiny_onnx, tmp_path):
         gpu_images = PipelineClient(gpu_server.url).infer(request)
         cpu_images = PipelineClient(cpu_server.url).infer(request)
     assert np.abs(gpu_images.astype(int) - cpu_images.astype(int)).mean() < 4  # fp16 vs fp32
+
+
+def test_repo_cli_wires_runtime_options(tiny_onnx, tiny_bundle, tmp_path):
+    plans = tmp_path / "engines"
+    plans.mkdir()
+    for name in META["components"]:
+        (plans / f"{name}.sm90.10.13.0.plan").write_bytes(b"plan")
+    r = rf(
+        "rf-export",
+        "repo",
+        str(tiny_onnx),
+        "--out",
+        str(tmp_path / "trt"),
+        "--runtime",
+        "tensorrt",
+        "--engines",
+        str(plans),
+    )
+    assert r.returncode == 0, r.stderr
+    assert _config(tmp_path / "trt" / "unet" / "config.pbtxt").platform == "tensorrt_plan"
+    r = rf(
+        "rf-export",
+        "repo",
+        str(tiny_onnx),
+        "--out",
+        str(tmp_path / "pt"),
+        "--runtime",
+        "pytorch",
+        "--bundle",
+        str(tiny_bundle),
+        "--device",
+        "cpu",
+        "--dtype",
+        "bf16",
+    )
+    assert r.returncode == 0, r.stderr
+    pipe = _config(tmp_path / "pt" / "pipeline" / "config.pbtxt")
+    assert pipe.parameters["dtype"].string_value == "bf16" and pipe.parameters["device"].string_value == "cpu"
+    assert pipe.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+
+
+@pytest.mark.slow
+def test_pytorch_bf16_runtime_served_on_cpu(tiny_onnx, tiny_bundle, tmp_path):
+    """The pytorch runtime inside Triton, bf16 on the CPU: close to the fp32 ONNX path, not bit-equal."""
+    from realfake.client.server import LocalServer
+    from realfake.client.triton import PipelineClient
+
+    repo = write_repository(
+        tiny_onnx, tmp_path / "pt", runtime="pytorch", bundle=tiny_bundle, device="cpu", dtype="bf16"
+    )
+    request = {
+        "PROMPT": np.array([[b"photo of a cat"]] * 2, dtype=object),
+        "SEED": np.array([[1], [2]]),
+        "STEPS": np.full((2, 1), 8, np.int32),
+    }
+    with LocalServer(repo) as server:
+        bf16 = PipelineClient(server.url).infer(request)
+    from realfake.serving.components import OrtComponents
+    from realfake.serving.sampler import Sampler, Settings
+
+    fp32 = Sampler(OrtComponents(tiny_onnx), tiny_onnx).generate(
+        ["photo of a cat"] * 2, [""] * 2, [1, 2], Settings(8, 2.0)
+    )
+    diff = np.abs(bf16.astype(int) - fp32.astype(int))
+    assert bf16.shape == fp32.shape and diff.mean() < 6 and diff.max() > 0

@@ -50,7 +50,9 @@ class TritonPythonModel:
         if mode == "pytorch":
             from realfake.serving.torch_components import TorchComponents
 
-            components = TorchComponents(params["bundle"], params.get("device", "cuda"))
+            components = TorchComponents(
+                params["bundle"], params.get("device", "cuda"), dtype=params.get("dtype", "auto")
+            )
         elif mode == "inprocess":
             # the graphs run in this process: no inter-process copies per UNet step (the CPU default)
             threads = int(params.get("intra_op_threads", "0")) or None
