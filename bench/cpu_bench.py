@@ -130,6 +130,11 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8", help="images per call/request")
     parser.add_argument("--concurrency", type=int, default=2, help="requests in flight for (c)")
     parser.add_argument("--with-bls", action="store_true", help="also measure (c) with BLS component models")
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="also measure (c) on the pytorch runtime in bf16 (not bit-exact; avx512_bf16 CPUs)",
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--repeats", type=int, default=2)
@@ -137,6 +142,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     from realfake.client.server import LocalServer
+    from realfake.export.repo import write_repository
 
     results = []
     with tempfile.TemporaryDirectory(prefix="rf-bench-") as tmp:
@@ -145,6 +151,17 @@ def main() -> None:
             with contextlib.ExitStack() as stack:
                 server = stack.enter_context(LocalServer(repo))
                 server_bls = stack.enter_context(LocalServer(repo_bls)) if args.with_bls else None
+                server_bf16 = None
+                if args.bf16:
+                    repo_bf16 = write_repository(
+                        onnx_dir,
+                        Path(tmp) / size / "repo_bf16",
+                        runtime="pytorch",
+                        bundle=bundle,
+                        device="cpu",
+                        dtype="bf16",
+                    )
+                    server_bf16 = stack.enter_context(LocalServer(repo_bf16))
                 for batch in (int(b) for b in args.batches.split(",")):
                     paths = {
                         "a_diffusers_eager": run_diffusers(bundle, args.images, batch, args.steps, args.guidance),
@@ -156,6 +173,10 @@ def main() -> None:
                     if args.with_bls:
                         paths["c_triton_bls"] = run_triton(
                             server_bls.url, args.images, batch, args.steps, args.guidance, args.concurrency
+                        )
+                    if args.bf16:
+                        paths["c_triton_pytorch_bf16"] = run_triton(
+                            server_bf16.url, args.images, batch, args.steps, args.guidance, args.concurrency
                         )
                     for fn in paths.values():  # warm-up: the first call allocates and loads kernels
                         fn(batch)
@@ -183,6 +204,12 @@ def main() -> None:
                         f"{size:>5} batch {batch:>2}: diffusers {ips['a_diffusers_eager']:.2f} img/s, "
                         f"ORT {ips['b_ort_in_process']:.2f}, Triton {ips['c_triton']:.2f} "
                         + (f"(BLS components {ips['c_triton_bls']:.2f}) " if args.with_bls else "")
+                        + (
+                            f"(pytorch bf16 {ips['c_triton_pytorch_bf16']:.2f}, "
+                            f"{ips['c_triton_pytorch_bf16'] / ips['a_diffusers_eager']:.2f}x) "
+                            if args.bf16
+                            else ""
+                        )
                         + "| "
                         f"(c)/(a) {row['c_over_a']:.2f}  (c)/(b) {row['c_over_b']:.2f}",
                         flush=True,
