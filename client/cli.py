@@ -12,18 +12,11 @@ import typer
 
 from realfake.client import dataset as ds
 from realfake.client.classes import BUILTIN, load_classes
-from realfake.client.cliutil import run_cli
+from realfake.client.cliutil import Debug, make_app, run_cli
 from realfake.client.errors import UserError
 from realfake.client.protocol import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, DEFAULT_STRENGTH
 
-app = typer.Typer(
-    help="Build labelled synthetic image datasets (Real-Fake) against one or many Triton servers.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-
-Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks of internal errors.")]
+app = make_app("Build labelled synthetic image datasets (Real-Fake) against one or many Triton servers.")
 
 
 @app.command()

@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import Annotated
+
+import typer
 
 from realfake.client.errors import UserError
+
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks of internal errors.")]
+
+
+def make_app(help_text: str) -> typer.Typer:
+    """A Typer app with the shared conventions: help on no arguments, plain tracebacks, no completion."""
+    return typer.Typer(help=help_text, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
 
 def run_cli(app: Callable[[], object]) -> None:

@@ -132,7 +132,12 @@ def read_manifest_rows(path: Path) -> list[dict]:
 
 
 def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """Hex sha256 of a file, read in 1 MiB chunks (plans and graphs can be GBs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def encode_png(image) -> bytes:

@@ -75,12 +75,21 @@ def load_real_image(path: Path, size: int) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        scale = size / min(im.size)
-        w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
-        im = im.resize((w, h), Image.BICUBIC)
-        left, top = (w - size) // 2, (h - size) // 2
-        return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+        return np.asarray(centre_crop(resize_short_side(im.convert("RGB"), size), size), dtype=np.uint8)
+
+
+def resize_short_side(image, size: int):
+    """PIL image with its short side resized (bicubic) to `size`, aspect kept."""
+    from PIL import Image
+
+    scale = size / min(image.size)
+    w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    return image.resize((w, h), Image.BICUBIC)
+
+
+def centre_crop(image, size: int):
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))
 
 
 def check_decodes(path: Path) -> str | None:

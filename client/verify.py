@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
@@ -10,7 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from realfake.client.dataset import manifest_files, read_manifest_rows, write_atomic
+from realfake.client.dataset import file_sha256, manifest_files, read_manifest_rows, write_atomic
 from realfake.client.errors import UserError
 from realfake.client.real import check_decodes
 
@@ -69,7 +68,7 @@ def verify(out: Path, decode: bool = True) -> Report:
         if not path.is_file():
             report.missing.append(rel)
             continue
-        if hashlib.sha256(path.read_bytes()).hexdigest() != row.get("sha256"):
+        if file_sha256(path) != row.get("sha256"):
             report.hash_mismatch.append(rel)
         elif decode and check_decodes(path) is not None:
             report.undecodable.append(rel)

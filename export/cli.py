@@ -8,15 +8,9 @@ from typing import Annotated
 
 import typer
 
-from realfake.client.cliutil import run_cli
+from realfake.client.cliutil import Debug, make_app, run_cli
 
-app = typer.Typer(
-    help="Export a diffusers-layout bundle to ONNX and a Triton model repository.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks of internal errors.")]
+app = make_app("Export a diffusers-layout bundle to ONNX and a Triton model repository.")
 
 
 def _quiet_tracer_warnings() -> None:

@@ -8,12 +8,12 @@ building needs an NVIDIA GPU and the `tensorrt` package, and says so in one line
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from realfake.client.dataset import file_sha256
 from realfake.client.errors import UserError
 from realfake.export.bundle import TEXT_MAX_LENGTH
 
@@ -74,14 +74,6 @@ def component_profiles(meta: dict, batch_sizes: list[int], cfg: bool = True) -> 
 
 def plan_name(component: str, gpu: GpuInfo, trt_version: str) -> str:
     return f"{component}.{gpu.arch}.{trt_version}.plan"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def engine_meta(component: str, gpu: GpuInfo, trt_version: str, onnx_hash: str, profile: Profile, fp16: bool) -> dict:

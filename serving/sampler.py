@@ -203,14 +203,12 @@ def clip_preprocess(images: np.ndarray, size: int) -> np.ndarray:
     """uint8 [B,H,W,3] -> CLIP pixel values [B,3,size,size]: bicubic resize of the short side, centre crop."""
     from PIL import Image
 
+    from realfake.client.real import centre_crop, resize_short_side
+
     out = []
     for img in images:
-        pil = Image.fromarray(img)
-        scale = size / min(pil.size)
-        w, h = max(size, round(pil.width * scale)), max(size, round(pil.height * scale))
-        pil = pil.resize((w, h), Image.BICUBIC)
-        left, top = (w - size) // 2, (h - size) // 2
-        arr = np.asarray(pil.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
+        pil = centre_crop(resize_short_side(Image.fromarray(img), size), size)
+        arr = np.asarray(pil, dtype=np.float32) / 255.0
         out.append(((arr - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1))
     return np.ascontiguousarray(np.stack(out), dtype=np.float32)
 

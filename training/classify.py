@@ -24,6 +24,7 @@ from realfake.client.classes import ClassInfo, load_classes
 from realfake.client.dataset import manifest_files, read_manifest_rows, write_atomic
 from realfake.client.errors import UserError
 from realfake.client.real import scan_real
+from realfake.training.data import jsonable
 
 MODELS = ("resnet50", "resnet18", "resnet-small")
 
@@ -350,7 +351,7 @@ def run_classify(cfg: ClassifyConfig, log=print) -> dict:
                         "model": model.state_dict(),
                         "epoch": epoch + 1,
                         "val_top1": top1,
-                        "config": _jsonable(asdict(cfg)),
+                        "config": jsonable(asdict(cfg)),
                     },
                     tmp,
                 )
@@ -378,7 +379,7 @@ def run_classify(cfg: ClassifyConfig, log=print) -> dict:
             "val": {"path": str(cfg.val), "images": len(val_refs)},
             "classes": len(classes),
             "wall_seconds": round(time.perf_counter() - t_start, 2),
-            "config": _jsonable(asdict(cfg)),
+            "config": jsonable(asdict(cfg)),
         }
         write_atomic(out / "result.json", json.dumps(result, indent=1).encode())
         say(f"top-1 {result['top1']:.4f} (best {best:.4f}), top-5 {result['top5']:.4f} -> {out / 'result.json'}")
@@ -422,7 +423,3 @@ def _batches(indices: np.ndarray, size: int) -> list[list[int]]:
     if len(batches) > 1 and len(batches[-1]) == 1:
         batches[-2] += batches.pop()
     return batches
-
-
-def _jsonable(d: dict) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}

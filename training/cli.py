@@ -8,15 +8,9 @@ from typing import Annotated
 
 import typer
 
-from realfake.client.cliutil import run_cli
+from realfake.client.cliutil import Debug, make_app, run_cli
 
-app = typer.Typer(
-    help="Real-Fake training: distribution-matched LoRA finetuning, and classifiers on synthetic data.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks of internal errors.")]
+app = make_app("Real-Fake training: distribution-matched LoRA finetuning, and classifiers on synthetic data.")
 
 
 @app.callback()

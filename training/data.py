@@ -11,7 +11,7 @@ import torch
 from realfake.client.classes import ClassInfo
 from realfake.client.dataset import DEFAULT_TEMPLATE, render_prompt
 from realfake.client.errors import UserError
-from realfake.client.real import IMAGE_SUFFIXES, caption_for, load_captions, scan_real
+from realfake.client.real import IMAGE_SUFFIXES, caption_for, load_captions, resize_short_side, scan_real
 
 FINETUNE_TEMPLATE = DEFAULT_TEMPLATE  # "photo of {class}, {caption}, best quality"
 
@@ -53,6 +53,11 @@ def collect_samples(root: Path, classes: list[ClassInfo], captions: Path | None 
     ]
 
 
+def jsonable(d: dict) -> dict:
+    """A config dataclass's asdict() with paths as strings, for run records."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+
+
 def load_rgb(path: Path) -> np.ndarray:
     from PIL import Image
 
@@ -64,10 +69,8 @@ def random_crop_flip(image: np.ndarray, size: int, rng: np.random.Generator) -> 
     """Resize the short side to `size`, random crop to size x size, random horizontal flip (the reference aug)."""
     from PIL import Image
 
-    pil = Image.fromarray(image)
-    scale = size / min(pil.size)
-    w, h = max(size, round(pil.width * scale)), max(size, round(pil.height * scale))
-    pil = pil.resize((w, h), Image.BICUBIC)
+    pil = resize_short_side(Image.fromarray(image), size)
+    w, h = pil.size
     left, top = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
     out = np.asarray(pil.crop((left, top, left + size, top + size)), dtype=np.uint8)
     return out[:, ::-1] if rng.random() < 0.5 else out

@@ -20,7 +20,7 @@ from realfake.client.classes import load_classes
 from realfake.client.dataset import write_atomic
 from realfake.client.errors import UserError
 from realfake.export.bundle import check_bundle
-from realfake.training.data import FinetuneDataset, RealSample, collect_samples, load_rgb
+from realfake.training.data import FinetuneDataset, RealSample, collect_samples, jsonable, load_rgb
 from realfake.training.objective import realfake_loss, snr
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -301,7 +301,7 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
         say(f"resuming from checkpoint {checkpoints[-1].name} (step {step})")
-    (out / "finetune_config.json").write_text(json.dumps(_jsonable(asdict(cfg)), indent=1))
+    (out / "finetune_config.json").write_text(json.dumps(jsonable(asdict(cfg)), indent=1))
 
     dataset = FinetuneDataset(Path(cfg.data), samples, info.image_size, cfg.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -384,7 +384,3 @@ def _batch_indices(n: int, per_step: int, micro_step: int, seed: int) -> list[in
         take = min(per_step - len(out), n - offset)
         out.extend(int(i) for i in order[offset : offset + take])
     return out
-
-
-def _jsonable(d: dict) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
