@@ -117,6 +117,33 @@ def run_triton(url: str, images: int, batch: int, steps: int, guidance: float, c
     return go
 
 
+def variant_repo(variant: str, bundle: Path, onnx_dir: Path, root: Path, log) -> Path:
+    """A repository for one extra (c) variant: openvino-{fp32,bf16,int8} or pytorch-bf16."""
+    from realfake.export.repo import write_repository
+
+    runtime, _, dtype = variant.partition("-")
+    if runtime == "openvino" and dtype == "int8" and not (onnx_dir / "unet.int8.xml").is_file():
+        from realfake.export.quantize import quantize_unet
+
+        t0 = time.perf_counter()
+        from realfake.client.classes import load_classes
+
+        # calibrated on other classes' prompts than the benchmark's own, as a deployment would be
+        prompts = [f"photo of {c.name}, best quality" for c in load_classes("imagenet")[7::125]]
+        report = quantize_unet(onnx_dir, prompts, NEGATIVE, log=lambda *_: None)
+        log(
+            f"  int8 calibration: {time.perf_counter() - t0:.0f} s, held-out mean pixel difference "
+            f"{report['check']['mean_abs_pixel_diff']}/255 vs fp32"
+        )
+    if runtime == "pytorch":
+        return write_repository(
+            onnx_dir, root / f"repo_{variant}", runtime="pytorch", bundle=bundle, device="cpu", dtype=dtype
+        )
+    if runtime == "openvino":
+        return write_repository(onnx_dir, root / f"repo_{variant}", runtime="openvino", dtype=dtype)
+    raise SystemExit(f"unknown --also variant {variant!r}")
+
+
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -131,9 +158,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2, help="requests in flight for (c)")
     parser.add_argument("--with-bls", action="store_true", help="also measure (c) with BLS component models")
     parser.add_argument(
-        "--bf16",
-        action="store_true",
-        help="also measure (c) on the pytorch runtime in bf16 (not bit-exact; avx512_bf16 CPUs)",
+        "--also",
+        default="",
+        help="more (c) variants, comma-separated: openvino-fp32, openvino-bf16, openvino-int8 (after an int8 "
+        "calibration, timed apart), pytorch-bf16. Not bit-exact except openvino-fp32.",
     )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=2.0)
@@ -142,26 +170,20 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     from realfake.client.server import LocalServer
-    from realfake.export.repo import write_repository
 
     results = []
     with tempfile.TemporaryDirectory(prefix="rf-bench-") as tmp:
         for size in args.sizes.split(","):
             bundle, onnx_dir, repo, repo_bls = build(size, Path(tmp))
+            quantize_log = print
             with contextlib.ExitStack() as stack:
                 server = stack.enter_context(LocalServer(repo))
                 server_bls = stack.enter_context(LocalServer(repo_bls)) if args.with_bls else None
-                server_bf16 = None
-                if args.bf16:
-                    repo_bf16 = write_repository(
-                        onnx_dir,
-                        Path(tmp) / size / "repo_bf16",
-                        runtime="pytorch",
-                        bundle=bundle,
-                        device="cpu",
-                        dtype="bf16",
+                variants = {}
+                for variant in [v for v in args.also.split(",") if v]:
+                    variants[variant] = stack.enter_context(
+                        LocalServer(variant_repo(variant, bundle, onnx_dir, Path(tmp) / size, quantize_log))
                     )
-                    server_bf16 = stack.enter_context(LocalServer(repo_bf16))
                 for batch in (int(b) for b in args.batches.split(",")):
                     paths = {
                         "a_diffusers_eager": run_diffusers(bundle, args.images, batch, args.steps, args.guidance),
@@ -174,9 +196,9 @@ def main() -> None:
                         paths["c_triton_bls"] = run_triton(
                             server_bls.url, args.images, batch, args.steps, args.guidance, args.concurrency
                         )
-                    if args.bf16:
-                        paths["c_triton_pytorch_bf16"] = run_triton(
-                            server_bf16.url, args.images, batch, args.steps, args.guidance, args.concurrency
+                    for variant, vserver in variants.items():
+                        paths[f"c_triton_{variant}"] = run_triton(
+                            vserver.url, args.images, batch, args.steps, args.guidance, args.concurrency
                         )
                     for fn in paths.values():  # warm-up: the first call allocates and loads kernels
                         fn(batch)
@@ -198,17 +220,17 @@ def main() -> None:
                         "c_over_a": round(ips["c_triton"] / ips["a_diffusers_eager"], 3),
                         "c_over_b": round(ips["c_triton"] / ips["b_ort_in_process"], 3),
                         "b_over_a": round(ips["b_ort_in_process"] / ips["a_diffusers_eager"], 3),
+                        "variants_over_a": {
+                            v: round(ips[f"c_triton_{v}"] / ips["a_diffusers_eager"], 3) for v in variants
+                        },
                     }
                     results.append(row)
                     print(
                         f"{size:>5} batch {batch:>2}: diffusers {ips['a_diffusers_eager']:.2f} img/s, "
                         f"ORT {ips['b_ort_in_process']:.2f}, Triton {ips['c_triton']:.2f} "
                         + (f"(BLS components {ips['c_triton_bls']:.2f}) " if args.with_bls else "")
-                        + (
-                            f"(pytorch bf16 {ips['c_triton_pytorch_bf16']:.2f}, "
-                            f"{ips['c_triton_pytorch_bf16'] / ips['a_diffusers_eager']:.2f}x) "
-                            if args.bf16
-                            else ""
+                        + "".join(
+                            f"({v} {ips[f'c_triton_{v}']:.2f}, {row['variants_over_a'][v]:.2f}x) " for v in variants
                         )
                         + "| "
                         f"(c)/(a) {row['c_over_a']:.2f}  (c)/(b) {row['c_over_b']:.2f}",
@@ -218,9 +240,20 @@ def main() -> None:
     for row in results:
         if row["size"] not in best or row["c_over_a"] > best[row["size"]]["c_over_a"]:
             best[row["size"]] = row
+    # each path at its own best batch setting: what a user of either would actually run
+    best_any = {}
+    for row in results:
+        for path, value in row["images_per_sec"].items():
+            key = (row["size"], path)
+            if key not in best_any or value > best_any[key][0]:
+                best_any[key] = (value, row["batch"])
+    best_of_path = {}
+    for (size, path), (value, batch) in best_any.items():
+        best_of_path.setdefault(size, {})[path] = {"images_per_sec": value, "batch": batch}
     summary = {
         "cpu_count": os.cpu_count(),
         "results": results,
+        "best_batch_per_path": best_of_path,
         "best_by_size": {
             k: {"batch": v["batch"], "c_over_a": v["c_over_a"], "c_over_b": v["c_over_b"]} for k, v in best.items()
         },
@@ -231,6 +264,17 @@ def main() -> None:
         + ", ".join(f"{k}: {v['c_over_a']:.2f} at batch {v['batch']}" for k, v in best.items())
         + f"; written to {args.out}"
     )
+    for size, paths in best_of_path.items():
+        base = paths["a_diffusers_eager"]
+        print(
+            f"{size}: each path at its best batch, over diffusers at its best (batch {base['batch']}, "
+            f"{base['images_per_sec']:.2f} img/s): "
+            + ", ".join(
+                f"{p} {v['images_per_sec'] / base['images_per_sec']:.2f}x (batch {v['batch']})"
+                for p, v in paths.items()
+                if p != "a_diffusers_eager"
+            )
+        )
 
 
 if __name__ == "__main__":

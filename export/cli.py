@@ -60,7 +60,11 @@ def repo(
     onnx_dir: Annotated[Path, typer.Argument(help="Directory written by `rf-export onnx`.")],
     out: Annotated[Path, typer.Option(help="Model repository to write.")] = Path("triton_repo"),
     runtime: Annotated[
-        str, typer.Option(help="python-ort (CPU), onnxruntime or tensorrt (native GPU models), pytorch (GPU, fp16).")
+        str,
+        typer.Option(
+            help="python-ort (CPU, ONNX Runtime), openvino (CPU; fp32/bf16/int8), onnxruntime or tensorrt "
+            "(native GPU models), pytorch (GPU fp16, or CPU with --device cpu)."
+        ),
     ] = "python-ort",
     scheduler: Annotated[str, typer.Option(help="Sampler: unipc, ddim, euler, dpm.")] = "unipc",
     max_batch: Annotated[int, typer.Option(help="Largest pipeline batch the dynamic batcher forms.")] = 32,
@@ -71,7 +75,13 @@ def repo(
     engines: Annotated[Path | None, typer.Option(help="Plans from `rf-export engines` (runtime tensorrt).")] = None,
     bundle: Annotated[Path | None, typer.Option(help="The bundle itself (runtime pytorch).")] = None,
     device: Annotated[str | None, typer.Option(help="Pipeline device: cpu or cuda (default by runtime).")] = None,
-    dtype: Annotated[str, typer.Option(help="pytorch runtime precision: auto, fp32, fp16, bf16.")] = "auto",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="Precision. pytorch: auto, fp32, fp16, bf16. openvino: fp32 (auto), bf16, int8 (needs "
+            "`rf-export quantize` first)."
+        ),
+    ] = "auto",
     debug: Debug = False,
 ) -> None:
     """Write the Triton model repository: component models plus the `pipeline` model."""
@@ -91,6 +101,60 @@ def repo(
         dtype=dtype,
     )
     typer.echo(f"model repository written: {out}")
+
+
+@app.command()
+def quantize(
+    onnx_dir: Annotated[Path, typer.Argument(help="Directory written by `rf-export onnx`; the int8 UNet goes here.")],
+    classes: Annotated[
+        str, typer.Option(help="Class set whose prompts calibrate: imagenet, cifar10, cifar100, fashion-mnist, a file.")
+    ] = "imagenet",
+    prompt_template: Annotated[str, typer.Option(help="Prompt with {class} (as rf-client generate uses).")] = (
+        "photo of {class}, best quality"
+    ),
+    negative_prompt: Annotated[str, typer.Option(help="Negative prompt.")] = (
+        "distorted, unrealistic, blurry, out of frame, cropped, deformed"
+    ),
+    calibration_images: Annotated[int, typer.Option(help="Images whose UNet calls calibrate (x steps calls).")] = 8,
+    check_images: Annotated[int, typer.Option(help="Held-out images compared with fp32.")] = 4,
+    steps: Annotated[int, typer.Option(help="Sampler steps, as served.")] = 30,
+    guidance: Annotated[float, typer.Option(help="Guidance scale, as served.")] = 2.0,
+    preset: Annotated[str, typer.Option(help="NNCF preset: performance (symmetric) or mixed.")] = "performance",
+    budget: Annotated[
+        float, typer.Option(help="Largest mean |int8 - fp32| per pixel (0-255) on held-out images; above it: exit 2.")
+    ] = 6.0,
+    debug: Debug = False,
+) -> None:
+    """Quantize the UNet to int8 for `rf-export repo --runtime openvino --dtype int8` (CPU servers).
+
+    Calibrates on the UNet's own inputs while the fp32 sampler draws images for prompts of the class set,
+    then compares int8 with fp32 images on held-out seeds; writes unet.int8.xml/.bin and quantize.json.
+    """
+    import random
+
+    from realfake.client.classes import load_classes
+    from realfake.client.dataset import render_prompt
+    from realfake.export.quantize import quantize_unet
+
+    names = [c.name for c in load_classes(classes)]
+    random.Random(0).shuffle(names)  # a spread of classes, the same every run
+    prompts = [render_prompt(prompt_template, name) for name in names[: max(calibration_images, check_images)]]
+    report = quantize_unet(
+        onnx_dir,
+        prompts,
+        negative_prompt,
+        calibration_images=calibration_images,
+        check_images=check_images,
+        steps=steps,
+        guidance=guidance,
+        preset=preset,
+        budget=budget,
+        log=typer.echo,
+    )
+    typer.echo(
+        f"int8 UNet written: {onnx_dir / 'unet.int8.xml'} (mean pixel difference "
+        f"{report['check']['mean_abs_pixel_diff']}/255; report {onnx_dir / 'quantize.json'})"
+    )
 
 
 @app.command()

@@ -22,7 +22,7 @@ from realfake.client.protocol import (
     PIPELINE_OUTPUTS,
 )
 
-RUNTIMES = ("python-ort", "onnxruntime", "tensorrt", "pytorch")
+RUNTIMES = ("python-ort", "openvino", "onnxruntime", "tensorrt", "pytorch")
 COMPONENT_MODES = ("bls", "inprocess")
 MODELS_SRC = Path(__file__).resolve().parent.parent / "serving" / "triton_models"
 ONNX_TO_TRITON = {1: "TYPE_FP32", 7: "TYPE_INT64", 6: "TYPE_INT32", 10: "TYPE_FP16", 9: "TYPE_BOOL", 2: "TYPE_UINT8"}
@@ -144,6 +144,21 @@ def _plans(engines: Path | None, components: list[str]) -> dict[str, Path]:
     return plans
 
 
+def _check_openvino(onnx_dir: Path, dtype: str) -> None:
+    """The openvino runtime's precision is known and, for int8, the quantized UNet matches this export."""
+    from realfake.client.dataset import file_sha256
+
+    if dtype not in ("auto", "fp32", "bf16", "int8"):
+        raise UserError(f"--runtime openvino takes --dtype fp32, bf16 or int8, not {dtype!r}")
+    if dtype != "int8":
+        return
+    report = onnx_dir / "quantize.json"
+    if not (onnx_dir / "unet.int8.xml").is_file() or not report.is_file():
+        raise UserError(f"--dtype int8 needs the int8 UNet: run `rf-export quantize {onnx_dir}` first")
+    if json.loads(report.read_text()).get("unet_onnx_sha256") != file_sha256(onnx_dir / "unet.onnx"):
+        raise UserError(f"the int8 UNet in {onnx_dir} was made from another unet.onnx: run `rf-export quantize` again")
+
+
 def write_repository(
     onnx_dir: str | Path,
     out: str | Path,
@@ -165,7 +180,8 @@ def write_repository(
     `components`: `bls` serves each graph as its own model and the pipeline calls them by BLS; `inprocess`
     puts the graphs inside the pipeline model (one process, no copies between steps). Runtimes: `python-ort`
     (CPU), `onnxruntime` and `tensorrt` (native GPU component models; tensorrt takes the plans from `engines`),
-    `pytorch` (the bundle's modules on the GPU in fp16 inside the pipeline model; needs `bundle`).
+    `pytorch` (the bundle's modules on the GPU in fp16 inside the pipeline model; needs `bundle`), `openvino`
+    (CPU, the graphs inside the pipeline model; `dtype` fp32, bf16, or int8 after `rf-export quantize`).
     """
     onnx_dir, out = Path(onnx_dir), Path(out)
     if runtime not in RUNTIMES:
@@ -176,7 +192,10 @@ def write_repository(
     meta = json.loads(meta_path.read_text())
     if components not in COMPONENT_MODES:
         raise UserError(f"unknown components mode {components!r}; choose one of {', '.join(COMPONENT_MODES)}")
-    if runtime == "pytorch":
+    if runtime == "openvino":
+        components = "openvino"
+        _check_openvino(onnx_dir, dtype)
+    elif runtime == "pytorch":
         components = "pytorch"
         if bundle is None or not (Path(bundle) / "model_index.json").is_file():
             raise UserError("--runtime pytorch needs --bundle: the diffusers-layout directory the ONNX came from")
@@ -208,9 +227,12 @@ def write_repository(
     for sub in ("tokenizer", "scheduler"):
         shutil.copytree(onnx_dir / sub, files / sub)
     shutil.copy2(meta_path, files / "export.json")
-    if components == "inprocess":
+    if components in ("inprocess", "openvino"):
         for name in meta["components"]:
             _link_or_copy(onnx_dir / f"{name}.onnx", files / f"{name}.onnx")
+        if components == "openvino" and dtype == "int8":
+            for suffix in (".xml", ".bin"):
+                _link_or_copy(onnx_dir / f"unet.int8{suffix}", files / f"unet.int8{suffix}")
         for name in meta["components"]:  # a repository rewritten from bls mode keeps no stale component models
             if (out / name).is_dir():
                 shutil.rmtree(out / name)
@@ -222,8 +244,12 @@ def write_repository(
         PARAM_HAS_IMAGE_ENCODER: str("image_encoder" in meta["components"]).lower(),
         "components": components,
         "intra_op_threads": str(threads),
-        "device": device or ("cpu" if runtime == "python-ort" else "cuda"),
+        "device": device or ("cpu" if runtime in ("python-ort", "openvino") else "cuda"),
     }
+    if runtime == "openvino":
+        if params["device"] != "cpu":
+            raise UserError("--runtime openvino runs on the CPU: leave --device out or pass cpu")
+        params["dtype"] = "fp32" if dtype == "auto" else dtype
     if runtime == "pytorch":
         params["bundle"] = str(Path(bundle).resolve())
         params["dtype"] = dtype

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from realfake.client.cliutil import Debug, make_app, run_cli
+from realfake.client.errors import UserError
 
 app = make_app("Real-Fake training: distribution-matched LoRA finetuning, and classifiers on synthetic data.")
 
@@ -137,6 +138,13 @@ def demo(
     ] = 0.5,
     epochs: Annotated[int, typer.Option(help="Classifier epochs.")] = 15,
     ablate: Annotated[bool, typer.Option(help="Add ablation rows (text-only base, + finetune, + prior).")] = False,
+    runtime: Annotated[
+        str,
+        typer.Option(
+            help="How Triton runs the models: onnxruntime (fp32, exact), openvino-fp32, openvino-bf16, or "
+            "openvino-int8 (UNet quantized on the class prompts first; fastest on CPU)."
+        ),
+    ] = "onnxruntime",
     http_port: Annotated[int | None, typer.Option(help="Port of the local Triton (default: a free one).")] = None,
     fresh: Annotated[bool, typer.Option(help="Forget finished stages of OUT and start over.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of everything.")] = 0,
@@ -147,9 +155,11 @@ def demo(
     import shutil
 
     from realfake.client.local import home
-    from realfake.training.demo import Demo, DemoConfig
+    from realfake.training.demo import RUNTIMES, Demo, DemoConfig
 
     warnings.filterwarnings("ignore")
+    if runtime not in RUNTIMES:
+        raise UserError(f"unknown --runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     if fresh and out.exists():
         shutil.rmtree(out)
     cfg = DemoConfig(
@@ -167,6 +177,7 @@ def demo(
         model="resnet-small",
         ablate=ablate,
         seed=seed,
+        runtime=runtime,
         http_port=http_port,
     )
     Demo(cfg, home() / "demo", log=lambda m: typer.echo(m, err=True)).run()

@@ -27,6 +27,8 @@ from realfake.client.errors import UserError
 from realfake.training.idx import DEBIAN_DIR, balanced_subset, load_split, write_imagefolder
 
 CLASS_SET = "fashion-mnist"
+# how the demo's Triton runs the models: ONNX Runtime fp32 (exact), or OpenVINO (fp32, bf16, int8 UNet)
+RUNTIMES = ("onnxruntime", "openvino-fp32", "openvino-bf16", "openvino-int8")
 
 
 @dataclass
@@ -47,6 +49,7 @@ class DemoConfig:
     model: str = "resnet-small"
     ablate: bool = False
     seed: int = 0
+    runtime: str = "onnxruntime"
     http_port: int | None = None
 
     def base_key(self) -> str:
@@ -159,9 +162,29 @@ class Demo:
 
         onnx_dir, repo = self.out / f"onnx_{name}", self.out / f"repo_{name}"
         report = export_onnx(bundle, onnx_dir, log=lambda m: self.log("  " + m))
-        write_repository(onnx_dir, repo)
         worst = max(v for row in report["components"].values() for v in row.values())
-        return {"repo": str(repo), "parity_max_abs": worst}
+        result = {"repo": str(repo), "parity_max_abs": worst, "runtime": self.cfg.runtime}
+        if self.cfg.runtime == "onnxruntime":
+            write_repository(onnx_dir, repo)
+            return result
+        dtype = self.cfg.runtime.removeprefix("openvino-")
+        if dtype == "int8":
+            from realfake.client.dataset import DEFAULT_NEGATIVE, DEFAULT_TEMPLATE, render_prompt
+            from realfake.export.quantize import quantize_unet
+
+            prompts = [render_prompt(DEFAULT_TEMPLATE, c.name) for c in self.classes]
+            check = quantize_unet(
+                onnx_dir,
+                prompts,
+                DEFAULT_NEGATIVE,
+                calibration_images=len(prompts),
+                steps=self.cfg.steps,
+                guidance=self.cfg.guidance,
+                log=lambda m: self.log("  " + m),
+            )["check"]
+            result["int8_mean_abs_pixel_diff"] = check["mean_abs_pixel_diff"]
+        write_repository(onnx_dir, repo, runtime="openvino", dtype=dtype)
+        return result
 
     def generate(self, url: str, target: str, conditioned: bool, token: bool) -> dict:
         out = self.out / target

@@ -2,7 +2,8 @@
 
 Thin by design: parse requests, call the sampler (realfake.serving), answer. The components are either other
 models in the repository reached by BLS (`components: bls`), or ONNX Runtime sessions in this process
-(`components: inprocess`, the CPU default: it saves two inter-process copies per UNet step).
+(`components: inprocess`, the CPU default: it saves two inter-process copies per UNet step), OpenVINO
+models in this process (`components: openvino`: fp32, bf16 or an int8 UNet), or the bundle's PyTorch modules.
 """
 
 import json
@@ -53,6 +54,11 @@ class TritonPythonModel:
             components = TorchComponents(
                 params["bundle"], params.get("device", "cuda"), dtype=params.get("dtype", "auto")
             )
+        elif mode == "openvino":
+            from realfake.serving.openvino_components import OvComponents
+
+            threads = int(params.get("intra_op_threads", "0")) or None
+            components = OvComponents(model_dir, params.get("dtype", "fp32"), threads)
         elif mode == "inprocess":
             # the graphs run in this process: no inter-process copies per UNet step (the CPU default)
             threads = int(params.get("intra_op_threads", "0")) or None

@@ -1,0 +1,147 @@
+"""The OpenVINO CPU runtime: fp32 parity with ONNX Runtime, bf16 close, the int8 UNet (rf-export quantize)
+calibrated, checked, refused when stale, and served through a real Triton."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from realfake.client.errors import UserError
+from realfake.export.repo import write_repository
+
+from conftest import rf
+
+PROMPTS = ["photo of a cat", "photo of a dog"]
+
+
+@pytest.fixture(scope="module")
+def fp32_images(tiny_onnx):
+    from realfake.serving.components import OrtComponents
+    from realfake.serving.sampler import Sampler, Settings
+
+    return Sampler(OrtComponents(tiny_onnx), tiny_onnx).generate(PROMPTS, [""] * 2, [1, 2], Settings(8, 2.0))
+
+
+@pytest.fixture(scope="module")
+def int8_onnx(tiny_onnx, tmp_path_factory) -> tuple[Path, dict]:
+    """A copy of the tiny export with an int8 UNet (the command writes next to the graphs)."""
+    from realfake.export.quantize import quantize_unet
+
+    onnx_dir = tmp_path_factory.mktemp("int8") / "onnx"
+    shutil.copytree(tiny_onnx, onnx_dir)
+    report = quantize_unet(onnx_dir, PROMPTS, "", calibration_images=2, check_images=2, steps=8, log=lambda *_: None)
+    return onnx_dir, report
+
+
+def _generate(components, onnx_dir):
+    from realfake.serving.sampler import Sampler, Settings
+
+    return Sampler(components, onnx_dir).generate(PROMPTS, [""] * 2, [1, 2], Settings(8, 2.0))
+
+
+def test_openvino_fp32_matches_onnxruntime(tiny_onnx, fp32_images):
+    from realfake.serving.openvino_components import OvComponents
+
+    images = _generate(OvComponents(tiny_onnx, "fp32"), tiny_onnx)
+    assert images.shape == fp32_images.shape
+    assert np.abs(images.astype(int) - fp32_images.astype(int)).max() <= 2
+
+
+def test_openvino_bf16_close_to_fp32(tiny_onnx, fp32_images):
+    from realfake.serving.openvino_components import OvComponents, cpu_capabilities
+
+    if "BF16" not in cpu_capabilities():
+        pytest.skip("this CPU has no bf16 support (OpenVINO's OPTIMIZATION_CAPABILITIES lacks BF16)")
+    images = _generate(OvComponents(tiny_onnx, "bf16"), tiny_onnx)
+    diff = np.abs(images.astype(int) - fp32_images.astype(int))
+    assert diff.mean() < 6 and diff.max() > 0  # close, and really a different precision
+
+
+def test_quantize_writes_a_checked_int8_unet(int8_onnx, tiny_onnx):
+    from realfake.client.dataset import file_sha256
+
+    onnx_dir, report = int8_onnx
+    ir = (onnx_dir / "unet.int8.xml").read_text()
+    assert ir.count('type="FakeQuantize"') >= 10  # convolutions and matmuls really quantized
+    assert (onnx_dir / "unet.int8.bin").stat().st_size > 0
+    on_disk = json.loads((onnx_dir / "quantize.json").read_text())
+    assert on_disk == report
+    assert report["unet_onnx_sha256"] == file_sha256(tiny_onnx / "unet.onnx")
+    assert report["calibration"]["unet_calls"] == 2 * 8  # 2 images x 8 steps recorded
+    check = report["check"]
+    assert 0 < check["mean_abs_pixel_diff"] <= check["budget_mean_abs_pixel_diff"]
+    assert not (onnx_dir / "unet.int8.tmp.xml").exists()
+
+
+def test_int8_in_process_close_to_fp32(int8_onnx, fp32_images):
+    from realfake.serving.openvino_components import OvComponents
+
+    onnx_dir, _ = int8_onnx
+    images = _generate(OvComponents(onnx_dir, "int8"), onnx_dir)
+    diff = np.abs(images.astype(int) - fp32_images.astype(int))
+    assert diff.mean() < 6 and diff.max() > 0
+
+
+def test_quantize_over_budget_keeps_nothing(tiny_onnx, tmp_path):
+    from realfake.export.quantize import quantize_unet
+
+    onnx_dir = tmp_path / "onnx"
+    shutil.copytree(tiny_onnx, onnx_dir)
+    with pytest.raises(UserError, match="budget 0.0"):
+        quantize_unet(onnx_dir, PROMPTS, "", calibration_images=1, check_images=1, steps=4, budget=0.0, log=print)
+    assert not (onnx_dir / "unet.int8.xml").exists() and not (onnx_dir / "unet.int8.bin").exists()
+    assert json.loads((onnx_dir / "quantize.json").read_text())["check"]["mean_abs_pixel_diff"] > 0
+
+
+def test_repo_refuses_missing_stale_or_unknown_int8(tiny_onnx, int8_onnx, tmp_path):
+    with pytest.raises(UserError, match="rf-export quantize"):
+        write_repository(tiny_onnx, tmp_path / "r1", runtime="openvino", dtype="int8")
+    with pytest.raises(UserError, match="fp32, bf16 or int8"):
+        write_repository(tiny_onnx, tmp_path / "r2", runtime="openvino", dtype="fp16")
+    with pytest.raises(UserError, match="CPU"):
+        write_repository(tiny_onnx, tmp_path / "r3", runtime="openvino", device="cuda")
+    stale = tmp_path / "stale"
+    shutil.copytree(int8_onnx[0], stale)
+    report = json.loads((stale / "quantize.json").read_text())
+    report["unet_onnx_sha256"] = "0" * 64
+    (stale / "quantize.json").write_text(json.dumps(report))
+    with pytest.raises(UserError, match="another unet.onnx"):
+        write_repository(stale, tmp_path / "r4", runtime="openvino", dtype="int8")
+
+
+def test_quantize_cli_errors(tmp_path):
+    r = rf("rf-export", "quantize", str(tmp_path))
+    assert r.returncode == 2 and "rf-export onnx" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_int8_served_through_triton(int8_onnx, fp32_images, tmp_path):
+    """rf-export repo --runtime openvino --dtype int8, a real tritonserver, the client: close to fp32."""
+    from realfake.client.server import LocalServer
+    from realfake.client.triton import PipelineClient
+
+    onnx_dir, _ = int8_onnx
+    r = rf(
+        "rf-export", "repo", str(onnx_dir), "--out", str(tmp_path / "repo"), "--runtime", "openvino", "--dtype", "int8"
+    )
+    assert r.returncode == 0, r.stderr
+    files = tmp_path / "repo" / "pipeline" / "1" / "model_files"
+    assert (files / "unet.int8.xml").is_file() and (files / "unet.int8.bin").is_file()
+    assert not (tmp_path / "repo" / "unet").exists()  # no component models: the graphs live in the pipeline
+    request = {
+        "PROMPT": np.array([[p.encode()] for p in PROMPTS], dtype=object),
+        "SEED": np.array([[1], [2]]),
+        "STEPS": np.full((2, 1), 8, np.int32),
+    }
+    with LocalServer(tmp_path / "repo") as server:
+        served = PipelineClient(server.url).infer(request)
+    from realfake.serving.openvino_components import OvComponents
+
+    in_process = _generate(OvComponents(onnx_dir, "int8"), onnx_dir)
+    assert np.array_equal(served, in_process)  # the server runs exactly the int8 sampler
+    diff = np.abs(served.astype(int) - fp32_images.astype(int))
+    assert diff.mean() < 6
