@@ -3,10 +3,14 @@
   (a) diffusers' StableDiffusionPipeline in-process, eager PyTorch (the baseline a user would script),
   (b) realfake's sampler in-process on ONNX Runtime,
   (c) the full path: rf-client's PipelineClient -> local Triton -> `pipeline` model, with the components
-      in the pipeline's process (`inprocess`, c) and as separate models called by BLS (`bls`, c_bls).
+      in the pipeline's process (`inprocess`, c) and as separate models called by BLS (`bls`, c_bls), and
+      `--also` variants of (c) on other runtimes/precisions: openvino-int8 (the UNet quantized first by
+      realfake.export.quantize, calibrated on other prompts than the benchmark's), openvino-bf16,
+      openvino-fp32, pytorch-bf16.
 
 Rounds alternate (a), (b), (c) several times; medians of images/sec are reported with the ratios (c)/(a) and
-(c)/(b), printed and written as JSON. Usage: python bench/cpu_bench.py [--sizes tiny,mid] [--out bench-cpu.json]
+(c)/(b), printed and written as JSON, as is each path at its own best batch over diffusers at its best.
+Usage: python bench/cpu_bench.py [--sizes tiny,mid] [--also openvino-int8] [--out bench-cpu.json]
 """
 
 from __future__ import annotations
@@ -130,7 +134,7 @@ def variant_repo(variant: str, bundle: Path, onnx_dir: Path, root: Path, log) ->
 
         # calibrated on other classes' prompts than the benchmark's own, as a deployment would be
         prompts = [f"photo of {c.name}, best quality" for c in load_classes("imagenet")[7::125]]
-        report = quantize_unet(onnx_dir, prompts, NEGATIVE, log=lambda *_: None)
+        report = quantize_unet(onnx_dir, prompts, NEGATIVE, calibration_images=6, check_images=2, log=lambda *_: None)
         log(
             f"  int8 calibration: {time.perf_counter() - t0:.0f} s, held-out mean pixel difference "
             f"{report['check']['mean_abs_pixel_diff']}/255 vs fp32"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -179,7 +180,8 @@ def generate(
                 for i in range(per_class)
             ]
             load_real = None
-        _run(out, spec, items, urls, shard_ix, batch, concurrency, max_attempts, server_wait, quiet, log, load_real)
+        opts = RunOptions(urls, shard_ix, batch, concurrency, max_attempts, server_wait, quiet)
+        _run(out, spec, items, opts, log, load_real)
 
 
 def _real_items(class_list, real_map, caption_map, spec: ds.JobSpec) -> list[ds.WorkItem]:
@@ -221,15 +223,28 @@ def _check_job(out: Path, spec: ds.JobSpec, force: bool) -> None:
     ds.write_atomic(path, json.dumps(spec.to_json(), indent=1).encode())
 
 
-def _run(out, spec, items, urls, shard_ix, batch, concurrency, max_attempts, server_wait, quiet, log, load_real=None):
+@dataclass(frozen=True)
+class RunOptions:
+    """How a job is spread over servers and shards: nothing here changes which images are made."""
+
+    urls: list[str]
+    shard: tuple[int, int]  # (index, count)
+    batch: int
+    concurrency: int
+    max_attempts: int
+    server_wait: float
+    quiet: bool
+
+
+def _run(out: Path, spec: ds.JobSpec, items: list[ds.WorkItem], opts: RunOptions, log, load_real=None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from realfake.client.generate import Runner, write_summary
 
     width = ds.index_width(spec)
-    mine = [it for it in items if shard_ix[1] == 1 or ds.shard_of(it, shard_ix[1]) == shard_ix[0]]
-    name = ds.manifest_name(shard_ix)
-    ds.remove_stale_temporaries(out, shard_ix)
+    mine = [it for it in items if opts.shard[1] == 1 or ds.shard_of(it, opts.shard[1]) == opts.shard[0]]
+    name = ds.manifest_name(opts.shard)
+    ds.remove_stale_temporaries(out, opts.shard)
     done = ds.compact_manifest(out, name)
     for other in ds.manifest_files(out):
         if other.name != name:
@@ -245,11 +260,13 @@ def _run(out, spec, items, urls, shard_ix, batch, concurrency, max_attempts, ser
         MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"),
         TimeRemainingColumn(),
-        disable=quiet,
+        disable=opts.quiet,
         transient=False,
     )
     task = progress.add_task("generating", total=len(pending), rate="")
-    server_tasks = {u: progress.add_task(f"  {u}", total=None, rate="") for u in urls} if len(urls) > 1 else {}
+    server_tasks = (
+        {u: progress.add_task(f"  {u}", total=None, rate="") for u in opts.urls} if len(opts.urls) > 1 else {}
+    )
 
     def on_progress(n_done, n_failed, rates):
         total_rate = sum(r[1] for r in rates.values())
@@ -263,12 +280,12 @@ def _run(out, spec, items, urls, shard_ix, batch, concurrency, max_attempts, ser
         out,
         spec,
         pending,
-        urls,
+        opts.urls,
         writer,
-        batch=batch,
-        concurrency=concurrency,
-        max_attempts=max_attempts,
-        server_wait=server_wait,
+        batch=opts.batch,
+        concurrency=opts.concurrency,
+        max_attempts=opts.max_attempts,
+        server_wait=opts.server_wait,
         load_real=load_real,
         on_progress=on_progress,
     )
@@ -278,7 +295,7 @@ def _run(out, spec, items, urls, shard_ix, batch, concurrency, max_attempts, ser
     finally:
         writer.close()
     summary.skipped = skipped
-    summary_name = "summary.json" if shard_ix[1] == 1 else f"summary.shard-{shard_ix[0]}-of-{shard_ix[1]}.json"
+    summary_name = "summary.json" if opts.shard[1] == 1 else f"summary.shard-{opts.shard[0]}-of-{opts.shard[1]}.json"
     path = write_summary(out, summary_name, summary, {"out": str(out), "index_width": width})
     typer.echo(
         f"{summary.images} images in {summary.wall_seconds:.1f}s ({summary.images_per_sec:.2f} images/sec), "
