@@ -1,7 +1,8 @@
 # Serving image: the official Triton server (Python backend included) plus realfake's pipeline code.
 # Mount a diffusers-layout bundle at /models/bundle (or a ready repository at /models/repo) as a volume; at
 # start the entrypoint exports what is missing, builds TensorRT plans for the GPU it finds (kept in the volume,
-# rebuilt when the GPU or TensorRT changes), writes the repository (RF_RUNTIME) and starts Triton.
+# rebuilt when the GPU or TensorRT changes), writes the repository (RF_RUNTIME) and starts Triton. On CPU-only
+# hosts, RF_RUNTIME=openvino RF_DTYPE=int8 serves the int8 UNet (quantized once at first start, kept in /models).
 FROM nvcr.io/nvidia/tritonserver:25.01-py3
 
 ENV PIP_NO_CACHE_DIR=1 \
@@ -15,7 +16,7 @@ COPY serving ./serving
 COPY training ./training
 COPY triton_repo ./triton_repo
 RUN python3 -m pip install --upgrade pip \
- && python3 -m pip install '.[server]' onnxruntime-gpu 'tensorrt>=10.0' \
+ && python3 -m pip install '.[server,openvino]' onnxruntime-gpu 'tensorrt>=10.0' \
  && python3 -m pip install --no-deps 'open-clip-torch>=2.20'
 
 COPY docker/entrypoint.sh /usr/local/bin/rf-entrypoint

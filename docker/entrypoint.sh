@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Start-up of the serving image: export the mounted bundle once (cached in the /models volume), build or keep
 # TensorRT plans for the GPU this container runs on, write the repository for the chosen runtime, serve it.
-#   RF_RUNTIME      tensorrt (default) | onnxruntime | pytorch
+#   RF_RUNTIME      tensorrt (default) | onnxruntime | pytorch (GPU) | openvino | python-ort (CPU hosts)
 #   RF_BATCH_SIZES  image batch sizes the engines are optimised for (default 1,4,8,16)
+#   RF_DTYPE        openvino precision: fp32 (default) | bf16 | int8 (the UNet is quantized once, kept in the volume)
+#   RF_CLASSES      class set whose prompts calibrate the int8 UNet (default imagenet)
 set -euo pipefail
 models="${RF_MODELS:-/models}"
 runtime="${RF_RUNTIME:-tensorrt}"
@@ -18,6 +20,12 @@ if [ -f "$models/bundle/model_index.json" ]; then
       rf-export repo "$models/onnx" --out "$models/repo" --runtime tensorrt --engines "$models/engines" ;;
     pytorch)
       rf-export repo "$models/onnx" --out "$models/repo" --runtime pytorch --bundle "$models/bundle" ;;
+    openvino)
+      dtype="${RF_DTYPE:-fp32}"
+      if [ "$dtype" = int8 ] && [ ! -f "$models/onnx/unet.int8.xml" ]; then
+        rf-export quantize "$models/onnx" --classes "${RF_CLASSES:-imagenet}"
+      fi
+      rf-export repo "$models/onnx" --out "$models/repo" --runtime openvino --dtype "$dtype" ;;
     *)
       rf-export repo "$models/onnx" --out "$models/repo" --runtime "$runtime" ;;
   esac

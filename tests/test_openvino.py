@@ -145,3 +145,42 @@ def test_int8_served_through_triton(int8_onnx, fp32_images, tmp_path):
     assert np.array_equal(served, in_process)  # the server runs exactly the int8 sampler
     diff = np.abs(served.astype(int) - fp32_images.astype(int))
     assert diff.mean() < 6
+
+
+@pytest.mark.slow
+def test_serving_image_entrypoint_on_a_cpu_host(tiny_bundle, tmp_path):
+    """The Docker entrypoint with RF_RUNTIME=openvino RF_DTYPE=int8: export, quantize once, write the repository,
+    then hand over to tritonserver (here a stand-in that records its arguments: the image's server is the
+    official one, and a real server on such a repository is tested above)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copytree(tiny_bundle, models / "bundle")
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    record = tmp_path / "tritonserver.args"
+    (fake_bin / "tritonserver").write_text(f'#!/bin/sh\necho "$@" > {record}\n')
+    (fake_bin / "tritonserver").chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{fake_bin}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "RF_MODELS": str(models),
+        "RF_RUNTIME": "openvino",
+        "RF_DTYPE": "int8",
+        "RF_CLASSES": "cifar10",
+    }
+    script = root / "docker" / "entrypoint.sh"
+    r = subprocess.run(["bash", str(script), "--log-verbose=0"], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert record.read_text().split() == [f"--model-repository={models / 'repo'}", "--log-verbose=0"]
+    config = (models / "repo" / "pipeline" / "config.pbtxt").read_text()
+    assert 'string_value: "openvino"' in config and 'string_value: "int8"' in config
+    assert (models / "repo" / "pipeline" / "1" / "model_files" / "unet.int8.xml").is_file()
+    first = (models / "onnx" / "unet.int8.xml").stat().st_mtime_ns
+    r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (models / "onnx" / "unet.int8.xml").stat().st_mtime_ns == first  # quantized once, kept in the volume
