@@ -127,12 +127,17 @@ class LocalServer:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + [env.get("LD_LIBRARY_PATH", "")]).strip(os.pathsep)
         return env
 
-    def start(self) -> LocalServer:
+    def launcher(self) -> tuple[list[str], dict[str, str]]:
+        """The tritonserver binary with this install's backend folder, and the environment it needs: what the
+        official Triton image has built in (tests start the serving image's entrypoint on it)."""
         install = find_triton()
+        return [str(install.binary), f"--backend-directory={self._backend_dir(install)}"], self._env(install)
+
+    def start(self) -> LocalServer:
+        launcher, env = self.launcher()
         cmd = [
-            str(install.binary),
+            *launcher,
             f"--model-repository={self.repo}",
-            f"--backend-directory={self._backend_dir(install)}",
             f"--http-address={self.host}",
             f"--http-port={self.http_port}",
             f"--grpc-address={self.host}",
@@ -143,9 +148,7 @@ class LocalServer:
         ]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env(install), start_new_session=True
-        )
+        self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.close()
         try:
             self.wait_ready()
