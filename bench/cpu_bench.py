@@ -134,7 +134,7 @@ def variant_repo(variant: str, bundle: Path, onnx_dir: Path, root: Path, log) ->
 
         # calibrated on other classes' prompts than the benchmark's own, as a deployment would be
         prompts = [f"photo of {c.name}, best quality" for c in load_classes("imagenet")[7::125]]
-        report = quantize_unet(onnx_dir, prompts, NEGATIVE, calibration_images=6, check_images=2, log=lambda *_: None)
+        report = quantize_unet(onnx_dir, prompts, NEGATIVE, calibration_images=4, check_images=2, log=lambda *_: None)
         log(
             f"  int8 calibration: {time.perf_counter() - t0:.0f} s, held-out mean pixel difference "
             f"{report['check']['mean_abs_pixel_diff']}/255 vs fp32"
