@@ -216,3 +216,18 @@ def test_serving_image_entrypoint_on_a_cpu_host(tiny_bundle, tmp_path):
 
     expected = Sampler(OvComponents(onnx_dir, "int8"), onnx_dir).generate(["photo of a cat"], [""], [3], Settings(8))
     assert np.array_equal(served, expected)
+
+
+def test_demo_export_stage_with_the_int8_runtime(tiny_bundle, tmp_path):
+    """rf-demo --runtime openvino-int8: the export stage calibrates on the demo's class prompts and writes an
+    openvino int8 repository."""
+    from realfake.training.demo import Demo, DemoConfig
+
+    demo = Demo(DemoConfig(out=tmp_path / "demo", steps=6, runtime="openvino-int8"), tmp_path / "cache", log=print)
+    result = demo.export(str(tiny_bundle), "finetuned")
+    assert result["runtime"] == "openvino-int8" and 0 < result["int8_mean_abs_pixel_diff"] <= 6
+    report = json.loads((tmp_path / "demo" / "onnx_finetuned" / "quantize.json").read_text())
+    assert report["calibration"]["unet_calls"] == 10 * 6  # one image per Fashion-MNIST class x 6 steps
+    assert "photo of Ankle boot, best quality" in report["calibration"]["prompts"]
+    config = (Path(result["repo"]) / "pipeline" / "config.pbtxt").read_text()
+    assert 'string_value: "openvino"' in config and 'string_value: "int8"' in config
