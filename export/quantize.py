@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from realfake.client.dataset import file_sha256
+from realfake.client.dataset import file_sha256, write_atomic
 from realfake.client.errors import UserError
 
 PRESETS = ("performance", "mixed")
@@ -144,7 +144,7 @@ def quantize_unet(
             },
             "seconds": {"quantize": round(quantize_seconds, 2), "total": round(time.perf_counter() - t0, 2)},
         }
-        (onnx_dir / "quantize.json").write_text(json.dumps(report, indent=2))
+        write_atomic(onnx_dir / "quantize.json", json.dumps(report, indent=2).encode())
         if diff.mean() > budget:
             raise UserError(
                 f"int8 UNet differs from fp32 by a mean {diff.mean():.2f}/255 per pixel on held-out seeds "
