@@ -3,6 +3,7 @@ class identity comes from ids, bad input is one line."""
 
 import hashlib
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -95,6 +96,25 @@ def test_real_training_beats_chance_clearly(fmnist, tmp_path):
     epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == [1, 2, 3]
     assert all(e["samples_seen"] == e["unique_samples"] == 10 * TRAIN_PER_CLASS for e in epochs)
+
+
+def test_eval_every_validates_only_those_epochs_and_the_last(fmnist, tmp_path):
+    args = ["--classes", "fashion-mnist", "--model", "resnet-small", "--epochs", "3", "--eval-every", "2"]
+    r = rf(
+        "rf-train",
+        "classify",
+        *args,
+        "--real",
+        str(fmnist / "train"),
+        "--val",
+        str(fmnist / "val"),
+        "--out",
+        str(tmp_path / "run"),
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    validated = [e["epoch"] for e in epochs if not math.isnan(e["val_top1"])]
+    assert validated == [2, 3]
 
 
 def test_ddp_two_processes_matches_one(fmnist, tmp_path):

@@ -114,6 +114,7 @@ def classify(
         workers=workers,
         seed=seed,
         amp=amp,
+        eval_every=eval_every,
     )
     run_classify(cfg, log=lambda m: typer.echo(m, err=True))
 
