@@ -28,13 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
+from realfake.client.dataset import DEFAULT_NEGATIVE, DEFAULT_TEMPLATE, render_prompt
+
 SIZES = {
     # the tiny test bundle, and one with 4x its UNet/VAE/text widths (same image size)
     "tiny": {"unet_blocks": (32, 64), "vae_blocks": (32, 64), "text_hidden": 32},
     "mid": {"unet_blocks": (128, 256), "vae_blocks": (128, 256), "text_hidden": 128},
 }
 PROMPT = "photo of tench, best quality"
-NEGATIVE = "distorted, unrealistic, blurry, out of frame, cropped, deformed"
+NEGATIVE = DEFAULT_NEGATIVE
+VARIANTS = ("openvino-fp32", "openvino-bf16", "openvino-int8", "pytorch-bf16")
 
 
 def build(size: str, root: Path) -> tuple[Path, Path, Path, Path]:
@@ -121,31 +124,36 @@ def run_triton(url: str, images: int, batch: int, steps: int, guidance: float, c
     return go
 
 
-def variant_repo(variant: str, bundle: Path, onnx_dir: Path, root: Path, log) -> Path:
-    """A repository for one extra (c) variant: openvino-{fp32,bf16,int8} or pytorch-bf16."""
+def variant_repo(variant: str, bundle: Path, onnx_dir: Path, root: Path, steps: int, guidance: float) -> Path:
+    """A repository for one extra (c) variant (VARIANTS); int8 is calibrated first, at the benchmark's settings."""
+    from realfake.client.classes import load_classes
+    from realfake.export.quantize import INT8_UNET, quantize_unet
     from realfake.export.repo import write_repository
 
     runtime, _, dtype = variant.partition("-")
-    if runtime == "openvino" and dtype == "int8" and not (onnx_dir / "unet.int8.xml").is_file():
-        from realfake.export.quantize import quantize_unet
-
-        t0 = time.perf_counter()
-        from realfake.client.classes import load_classes
-
-        # calibrated on other classes' prompts than the benchmark's own, as a deployment would be
-        prompts = [f"photo of {c.name}, best quality" for c in load_classes("imagenet")[7::125]]
-        report = quantize_unet(onnx_dir, prompts, NEGATIVE, calibration_images=4, check_images=2, log=lambda *_: None)
-        log(
-            f"  int8 calibration: {time.perf_counter() - t0:.0f} s, held-out mean pixel difference "
-            f"{report['check']['mean_abs_pixel_diff']}/255 vs fp32"
-        )
     if runtime == "pytorch":
         return write_repository(
             onnx_dir, root / f"repo_{variant}", runtime="pytorch", bundle=bundle, device="cpu", dtype=dtype
         )
-    if runtime == "openvino":
-        return write_repository(onnx_dir, root / f"repo_{variant}", runtime="openvino", dtype=dtype)
-    raise SystemExit(f"unknown --also variant {variant!r}")
+    if dtype == "int8" and not (onnx_dir / INT8_UNET).is_file():
+        t0 = time.perf_counter()
+        # calibrated on other classes' prompts than the benchmark's own, as a deployment would be
+        prompts = [render_prompt(DEFAULT_TEMPLATE, c.name) for c in load_classes("imagenet")[7::125]]
+        report = quantize_unet(
+            onnx_dir,
+            prompts,
+            NEGATIVE,
+            calibration_images=4,
+            check_images=2,
+            steps=steps,
+            guidance=guidance,
+            log=lambda *_: None,
+        )
+        print(
+            f"  int8 calibration: {time.perf_counter() - t0:.0f} s, held-out mean pixel difference "
+            f"{report['check']['mean_abs_pixel_diff']}/255 vs fp32"
+        )
+    return write_repository(onnx_dir, root / f"repo_{variant}", runtime="openvino", dtype=dtype)
 
 
 def timed(fn) -> float:
@@ -172,6 +180,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench-cpu.json"))
     args = parser.parse_args()
+    also = [v for v in args.also.split(",") if v]
+    unknown = [v for v in also if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown --also variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     warnings.filterwarnings("ignore")
     from realfake.client.server import LocalServer
 
@@ -179,15 +191,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rf-bench-") as tmp:
         for size in args.sizes.split(","):
             bundle, onnx_dir, repo, repo_bls = build(size, Path(tmp))
-            quantize_log = print
             with contextlib.ExitStack() as stack:
                 server = stack.enter_context(LocalServer(repo))
                 server_bls = stack.enter_context(LocalServer(repo_bls)) if args.with_bls else None
                 variants = {}
-                for variant in [v for v in args.also.split(",") if v]:
-                    variants[variant] = stack.enter_context(
-                        LocalServer(variant_repo(variant, bundle, onnx_dir, Path(tmp) / size, quantize_log))
-                    )
+                for variant in also:
+                    repo_v = variant_repo(variant, bundle, onnx_dir, Path(tmp) / size, args.steps, args.guidance)
+                    variants[variant] = stack.enter_context(LocalServer(repo_v))
                 for batch in (int(b) for b in args.batches.split(",")):
                     paths = {
                         "a_diffusers_eager": run_diffusers(bundle, args.images, batch, args.steps, args.guidance),

@@ -13,7 +13,7 @@ import typer
 
 from realfake.client import dataset as ds
 from realfake.client.classes import BUILTIN, load_classes
-from realfake.client.cliutil import Debug, make_app, run_cli
+from realfake.client.cliutil import Debug, int_list, make_app, run_cli
 from realfake.client.errors import UserError
 from realfake.client.protocol import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, DEFAULT_STRENGTH
 
@@ -309,16 +309,6 @@ def _run(out: Path, spec: ds.JobSpec, items: list[ds.WorkItem], opts: RunOptions
         raise UserError(f"{summary.failed} images failed (see {path}); re-run the same command to retry them")
 
 
-def _int_list(text: str, option: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"{option} takes comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise UserError(f"{option} takes integers >= 1, got {text!r}")
-    return values
-
-
 @app.command()
 def verify(
     out: Annotated[Path, typer.Argument(help="An rf-client output directory.")],
@@ -380,7 +370,7 @@ def bench(
     from realfake.client.bench import measure, write_results
     from realfake.client.triton import PipelineClient
 
-    levels, batches = _int_list(concurrency, "--concurrency"), _int_list(batch, "--batch")
+    levels, batches = int_list(concurrency, "--concurrency"), int_list(batch, "--batch")
     if requests < 1 or steps < 1:
         raise UserError("--requests and --steps must be >= 1")
     console = Console()

@@ -18,6 +18,17 @@ def make_app(help_text: str) -> typer.Typer:
     return typer.Typer(help=help_text, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
 
+def int_list(text: str, option: str) -> list[int]:
+    """Comma-separated integers >= 1 of a CLI option, or one clear error naming the option."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{option} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UserError(f"{option} takes integers >= 1, got {text!r}")
+    return values
+
+
 def run_cli(app: Callable[[], object]) -> None:
     debug = "--debug" in sys.argv
     try:

@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from realfake.client.cliutil import Debug, make_app, run_cli
+from realfake.client.cliutil import Debug, int_list, make_app, run_cli
+from realfake.client.dataset import DEFAULT_NEGATIVE, DEFAULT_TEMPLATE
 
 app = make_app("Export a diffusers-layout bundle to ONNX and a Triton model repository.")
 
@@ -109,12 +110,10 @@ def quantize(
     classes: Annotated[
         str, typer.Option(help="Class set whose prompts calibrate: imagenet, cifar10, cifar100, fashion-mnist, a file.")
     ] = "imagenet",
-    prompt_template: Annotated[str, typer.Option(help="Prompt with {class} (as rf-client generate uses).")] = (
-        "photo of {class}, best quality"
-    ),
-    negative_prompt: Annotated[str, typer.Option(help="Negative prompt.")] = (
-        "distorted, unrealistic, blurry, out of frame, cropped, deformed"
-    ),
+    prompt_template: Annotated[
+        str, typer.Option(help="Prompt with {class} (rf-client generate's default; no captions here).")
+    ] = DEFAULT_TEMPLATE,
+    negative_prompt: Annotated[str, typer.Option(help="Negative prompt.")] = DEFAULT_NEGATIVE,
     calibration_images: Annotated[int, typer.Option(help="Images whose UNet calls calibrate (x steps calls).")] = 8,
     check_images: Annotated[int, typer.Option(help="Held-out images compared with fp32.")] = 4,
     steps: Annotated[int, typer.Option(help="Sampler steps, as served.")] = 30,
@@ -134,7 +133,7 @@ def quantize(
 
     from realfake.client.classes import load_classes
     from realfake.client.dataset import render_prompt
-    from realfake.export.quantize import quantize_unet
+    from realfake.export.quantize import INT8_UNET, QUANTIZE_REPORT, quantize_unet
 
     names = [c.name for c in load_classes(classes)]
     random.Random(0).shuffle(names)  # a spread of classes, the same every run
@@ -152,8 +151,8 @@ def quantize(
         log=typer.echo,
     )
     typer.echo(
-        f"int8 UNet written: {onnx_dir / 'unet.int8.xml'} (mean pixel difference "
-        f"{report['check']['mean_abs_pixel_diff']}/255; report {onnx_dir / 'quantize.json'})"
+        f"int8 UNet written: {onnx_dir / INT8_UNET} (mean pixel difference "
+        f"{report['check']['mean_abs_pixel_diff']}/255; report {onnx_dir / QUANTIZE_REPORT})"
     )
 
 
@@ -170,13 +169,9 @@ def engines(
     debug: Debug = False,
 ) -> None:
     """Build TensorRT plans for this machine's GPU (kept when already built for it; rebuilt when not)."""
-    from realfake.client.errors import UserError
     from realfake.export.engines import build_engines
 
-    try:
-        sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
-    except ValueError:
-        raise UserError(f"--batch-sizes takes comma-separated integers, got {batch_sizes!r}") from None
+    sizes = int_list(batch_sizes, "--batch-sizes")
     for r in build_engines(onnx_dir, out, sizes, fp16=fp16, log=lambda m: typer.echo(m, err=True)):
         typer.echo(f"{r.component:<13} {'built' if r.built else 'kept '} {r.plan} ({r.reason}, {r.seconds:.0f}s)")
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from realfake.client.dataset import file_sha256
 from realfake.client.errors import UserError
 from realfake.export.bundle import TEXT_MAX_LENGTH
+from realfake.export.onnx_export import load_export_meta
 
 TIMING_CACHE = "timing.cache"
 
@@ -176,10 +177,7 @@ def build_engines(
     onnx_dir: Path, out: Path, batch_sizes: list[int], fp16: bool = True, log=print
 ) -> list[EngineResult]:
     """Plans for every component of an ONNX export, for the GPU of this machine; up-to-date plans are kept."""
-    meta_path = onnx_dir / "export.json"
-    if not meta_path.is_file():
-        raise UserError(f"{onnx_dir} is not an ONNX export (no export.json): run `rf-export onnx` first")
-    meta = json.loads(meta_path.read_text())
+    meta = load_export_meta(onnx_dir)
     profiles = component_profiles(meta, batch_sizes)
     gpu = detect_gpu()
     trt = import_tensorrt()

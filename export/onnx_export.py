@@ -71,6 +71,14 @@ SPECS = {
 }
 
 
+def load_export_meta(onnx_dir: str | Path) -> dict:
+    """export.json of an ONNX export directory (what `rf-export onnx` wrote), or one clear error."""
+    path = Path(onnx_dir) / "export.json"
+    if not path.is_file():
+        raise UserError(f"{onnx_dir} is not an ONNX export (no export.json): run `rf-export onnx` first")
+    return json.loads(path.read_text())
+
+
 def quiet_loading() -> None:
     """Loading a local bundle needs no per-shard progress bars from transformers/diffusers."""
     import diffusers.utils.logging as dlog

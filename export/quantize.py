@@ -20,8 +20,11 @@ import numpy as np
 
 from realfake.client.dataset import file_sha256, write_atomic
 from realfake.client.errors import UserError
+from realfake.export.onnx_export import load_export_meta
 
 PRESETS = ("performance", "mixed")
+INT8_UNET = Path("unet.int8.xml")  # OpenVINO IR; its weights are unet.int8.bin beside it
+QUANTIZE_REPORT = "quantize.json"
 
 
 def _calibration_prompts(prompts: list[str], count: int) -> list[str]:
@@ -50,16 +53,15 @@ def quantize_unet(
         import openvino as ov
     except ImportError as exc:
         raise UserError("rf-export quantize needs `openvino` and `nncf` (pip install 'realfake[openvino]')") from exc
-    import torch
-
-    from realfake.serving.components import COMPONENT_IO, OrtComponents
-    from realfake.serving.openvino_components import INT8_UNET, OvComponents
+    from realfake.serving.components import OrtComponents, numpy_feed
+    from realfake.serving.openvino_components import OvComponents
     from realfake.serving.sampler import Sampler, Settings
 
     onnx_dir = Path(onnx_dir)
+    load_export_meta(onnx_dir)
     graph = onnx_dir / "unet.onnx"
-    if not graph.is_file() or not (onnx_dir / "export.json").is_file():
-        raise UserError(f"{onnx_dir} is not an ONNX export with a UNet: run `rf-export onnx` first")
+    if not graph.is_file():
+        raise UserError(f"{onnx_dir} has no unet.onnx: run `rf-export onnx` first")
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if not prompts:
@@ -68,19 +70,14 @@ def quantize_unet(
         raise UserError("--calibration-images, --check-images and --steps must be at least 1")
 
     recorded: list[dict[str, np.ndarray]] = []
-    names = COMPONENT_IO["unet"][0]
 
     class Recording(OrtComponents):
         recording = True
 
         def unet(self, sample, timestep, encoder_hidden_states):
             if self.recording:
-                recorded.append(
-                    {
-                        n: t.detach().cpu().numpy().copy()
-                        for n, t in zip(names, (sample, timestep, encoder_hidden_states), strict=True)
-                    }
-                )
+                feed = numpy_feed("unet", (sample, timestep, encoder_hidden_states))
+                recorded.append({n: a.copy() for n, a in feed.items()})
             return super().unet(sample, timestep, encoder_hidden_states)
 
     settings = Settings(steps, guidance)
@@ -105,7 +102,7 @@ def quantize_unet(
         subset_size=len(recorded),
     )
     out_xml = onnx_dir / INT8_UNET
-    tmp_xml = onnx_dir / "unet.int8.tmp.xml"
+    tmp_xml = onnx_dir / INT8_UNET.with_suffix(".tmp.xml")
     ov.save_model(quantized, str(tmp_xml), compress_to_fp16=False)
     quantize_seconds = time.perf_counter() - t1
     log(f"  quantized the UNet ({quantize_seconds:.1f} s)")
@@ -118,9 +115,8 @@ def quantize_unet(
         check_prompts = _calibration_prompts(prompts[::-1], check_images)
         seeds = [2_000_000 + i for i in range(check_images)]
         negatives = [negative] * check_images
-        with torch.no_grad():
-            ref_images = reference.generate(check_prompts, negatives, seeds, settings).astype(np.int16)
-            q_images = int8.generate(check_prompts, negatives, seeds, settings).astype(np.int16)
+        ref_images = reference.generate(check_prompts, negatives, seeds, settings).astype(np.int16)
+        q_images = int8.generate(check_prompts, negatives, seeds, settings).astype(np.int16)
         diff = np.abs(ref_images - q_images)
         report = {
             "unet_onnx_sha256": file_sha256(graph),
@@ -144,12 +140,12 @@ def quantize_unet(
             },
             "seconds": {"quantize": round(quantize_seconds, 2), "total": round(time.perf_counter() - t0, 2)},
         }
-        write_atomic(onnx_dir / "quantize.json", json.dumps(report, indent=2).encode())
+        write_atomic(onnx_dir / QUANTIZE_REPORT, json.dumps(report, indent=2).encode())
         if diff.mean() > budget:
             raise UserError(
                 f"int8 UNet differs from fp32 by a mean {diff.mean():.2f}/255 per pixel on held-out seeds "
                 f"(budget {budget}); not kept. Try more --calibration-images or the other --preset; report in "
-                f"{onnx_dir / 'quantize.json'}"
+                f"{onnx_dir / QUANTIZE_REPORT}"
             )
     except BaseException:
         out_xml.unlink(missing_ok=True)

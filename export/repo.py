@@ -21,6 +21,8 @@ from realfake.client.protocol import (
     PIPELINE_MODEL,
     PIPELINE_OUTPUTS,
 )
+from realfake.export.onnx_export import load_export_meta
+from realfake.export.quantize import INT8_UNET, QUANTIZE_REPORT
 
 RUNTIMES = ("python-ort", "openvino", "onnxruntime", "tensorrt", "pytorch")
 COMPONENT_MODES = ("bls", "inprocess")
@@ -147,13 +149,14 @@ def _plans(engines: Path | None, components: list[str]) -> dict[str, Path]:
 def _check_openvino(onnx_dir: Path, dtype: str) -> None:
     """The openvino runtime's precision is known and, for int8, the quantized UNet matches this export."""
     from realfake.client.dataset import file_sha256
+    from realfake.serving.openvino_components import DTYPES
 
-    if dtype not in ("auto", "fp32", "bf16", "int8"):
-        raise UserError(f"--runtime openvino takes --dtype fp32, bf16 or int8, not {dtype!r}")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise UserError(f"--runtime openvino takes --dtype {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, not {dtype!r}")
     if dtype != "int8":
         return
-    report = onnx_dir / "quantize.json"
-    if not (onnx_dir / "unet.int8.xml").is_file() or not report.is_file():
+    report = onnx_dir / QUANTIZE_REPORT
+    if not (onnx_dir / INT8_UNET).is_file() or not report.is_file():
         raise UserError(f"--dtype int8 needs the int8 UNet: run `rf-export quantize {onnx_dir}` first")
     if json.loads(report.read_text()).get("unet_onnx_sha256") != file_sha256(onnx_dir / "unet.onnx"):
         raise UserError(f"the int8 UNet in {onnx_dir} was made from another unet.onnx: run `rf-export quantize` again")
@@ -186,14 +189,13 @@ def write_repository(
     onnx_dir, out = Path(onnx_dir), Path(out)
     if runtime not in RUNTIMES:
         raise UserError(f"unknown runtime {runtime!r}; this build supports: {', '.join(RUNTIMES)}")
-    meta_path = onnx_dir / "export.json"
-    if not meta_path.is_file():
-        raise UserError(f"{onnx_dir} is not an ONNX export (no export.json): run `rf-export onnx` first")
-    meta = json.loads(meta_path.read_text())
+    meta = load_export_meta(onnx_dir)
     if components not in COMPONENT_MODES:
         raise UserError(f"unknown components mode {components!r}; choose one of {', '.join(COMPONENT_MODES)}")
     if runtime == "openvino":
         components = "openvino"
+        if device not in (None, "cpu"):
+            raise UserError("--runtime openvino runs on the CPU: leave --device out or pass cpu")
         _check_openvino(onnx_dir, dtype)
     elif runtime == "pytorch":
         components = "pytorch"
@@ -226,14 +228,15 @@ def write_repository(
     files.mkdir(parents=True)
     for sub in ("tokenizer", "scheduler"):
         shutil.copytree(onnx_dir / sub, files / sub)
-    shutil.copy2(meta_path, files / "export.json")
+    shutil.copy2(onnx_dir / "export.json", files / "export.json")
     if components in ("inprocess", "openvino"):
         for name in meta["components"]:
             _link_or_copy(onnx_dir / f"{name}.onnx", files / f"{name}.onnx")
         if components == "openvino" and dtype == "int8":
-            for suffix in (".xml", ".bin"):
-                _link_or_copy(onnx_dir / f"unet.int8{suffix}", files / f"unet.int8{suffix}")
-        for name in meta["components"]:  # a repository rewritten from bls mode keeps no stale component models
+            for path in (INT8_UNET, INT8_UNET.with_suffix(".bin")):
+                _link_or_copy(onnx_dir / path, files / path)
+    if components != "bls":  # the pipeline holds the components: a rewritten repository keeps no stale models
+        for name in meta["components"]:
             if (out / name).is_dir():
                 shutil.rmtree(out / name)
     shutil.copy2(MODELS_SRC / "pipeline.py", out / PIPELINE_MODEL / "1" / "model.py")
@@ -247,15 +250,10 @@ def write_repository(
         "device": device or ("cpu" if runtime in ("python-ort", "openvino") else "cuda"),
     }
     if runtime == "openvino":
-        if params["device"] != "cpu":
-            raise UserError("--runtime openvino runs on the CPU: leave --device out or pass cpu")
         params["dtype"] = "fp32" if dtype == "auto" else dtype
     if runtime == "pytorch":
         params["bundle"] = str(Path(bundle).resolve())
         params["dtype"] = dtype
-        for name in meta["components"]:  # no component models: the pipeline holds the modules
-            if (out / name).is_dir():
-                shutil.rmtree(out / name)
     gpu = params["device"] != "cpu"
     config = pipeline_config(params, max_batch, queue_delay_us, gpu=gpu, preferred=preferred if gpu else ())
     (out / PIPELINE_MODEL / "config.pbtxt").write_text(config)

@@ -36,6 +36,13 @@ def make_session(path: str | Path, threads: int | None = None):
     return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
 
 
+def numpy_feed(name: str, tensors) -> dict[str, np.ndarray]:
+    """The inputs of component `name` as contiguous host arrays keyed by graph input name (no copy for
+    contiguous CPU tensors)."""
+    inputs, _ = COMPONENT_IO[name]
+    return {n: np.ascontiguousarray(t.detach().cpu().numpy()) for n, t in zip(inputs, tensors, strict=True)}
+
+
 class ComponentCalls:
     """The five component calls of `Components`, each forwarded to `_run(name, *tensors)` of the subclass."""
 
@@ -75,6 +82,4 @@ class OrtComponents(ComponentCalls):
     def _run(self, name: str, *tensors: torch.Tensor) -> torch.Tensor:
         if name not in self.sessions:
             raise ValueError(f"this model has no {name} component")
-        inputs, _ = COMPONENT_IO[name]
-        feed = {n: np.ascontiguousarray(t.detach().cpu().numpy()) for n, t in zip(inputs, tensors, strict=True)}
-        return torch.from_numpy(self.sessions[name].run(None, feed)[0])
+        return torch.from_numpy(self.sessions[name].run(None, numpy_feed(name, tensors))[0])

@@ -16,16 +16,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from realfake.serving.components import COMPONENT_IO, ComponentCalls
+from realfake.export.quantize import INT8_UNET
+from realfake.serving.components import COMPONENT_IO, ComponentCalls, numpy_feed
 
 DTYPES = ("fp32", "bf16", "int8")
-INT8_UNET = "unet.int8.xml"
 
 
-def cpu_capabilities() -> set[str]:
-    import openvino as ov
+def cpu_capabilities(core=None) -> set[str]:
+    """What OpenVINO's CPU plugin can do here (e.g. FP32, BF16, INT8)."""
+    if core is None:
+        import openvino as ov
 
-    return set(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+        core = ov.Core()
+    return set(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
 class OvComponents(ComponentCalls):
@@ -35,18 +38,17 @@ class OvComponents(ComponentCalls):
         try:
             import openvino as ov
         except ImportError as exc:
-            raise RuntimeError("the openvino runtime needs the `openvino` package (pip install openvino)") from exc
+            raise RuntimeError("the openvino runtime needs `openvino` (pip install 'realfake[openvino]')") from exc
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r} for the openvino runtime: {', '.join(DTYPES)}")
         model_dir = Path(model_dir)
         core = ov.Core()
-        capabilities = set(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+        capabilities = cpu_capabilities(core)
         if dtype == "bf16" and "BF16" not in capabilities:
             raise RuntimeError(f"this CPU has no bf16 support (OpenVINO reports {sorted(capabilities)}): use fp32")
         config = {"INFERENCE_PRECISION_HINT": "bf16" if dtype == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.dtype = dtype
         self.requests = {}
         for name in COMPONENT_IO:
             path = model_dir / f"{name}.onnx"
@@ -60,9 +62,7 @@ class OvComponents(ComponentCalls):
     def _run(self, name: str, *tensors: torch.Tensor) -> torch.Tensor:
         if name not in self.requests:
             raise ValueError(f"this model has no {name} component")
-        inputs, _ = COMPONENT_IO[name]
         request = self.requests[name]
-        feed = {n: np.ascontiguousarray(t.detach().cpu().numpy()) for n, t in zip(inputs, tensors, strict=True)}
-        request.infer(feed)
+        request.infer(numpy_feed(name, tensors))
         # the output buffer belongs to the request and is reused by the next call: copy it out
         return torch.from_numpy(np.array(request.get_output_tensor(0).data, copy=True))

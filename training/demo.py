@@ -17,12 +17,13 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from realfake.client.classes import load_classes
-from realfake.client.dataset import write_atomic
+from realfake.client.dataset import read_manifest_rows, write_atomic
 from realfake.client.errors import UserError
 from realfake.training.idx import DEBIAN_DIR, balanced_subset, load_split, write_imagefolder
 
@@ -102,8 +103,13 @@ class Demo:
 
     # -- stages ---------------------------------------------------------------------------------------------
 
+    @cached_property
+    def train_split(self) -> tuple[np.ndarray, np.ndarray]:
+        """Fashion-MNIST's training split, read once per run (the data and base stages both need it)."""
+        return load_split(self.cfg.fmnist, "train")
+
     def data(self) -> dict:
-        images, labels = load_split(self.cfg.fmnist, "train")
+        images, labels = self.train_split
         test_images, test_labels = load_split(self.cfg.fmnist, "test")
         picked = balanced_subset(labels, self.cfg.per_class, seed=self.cfg.seed)
         write_imagefolder(images, labels, self.classes, self.out / "real_train", picked)
@@ -123,7 +129,7 @@ class Demo:
         if (bundle / "model_index.json").is_file():
             self.log(f"  reusing the cached base model {bundle}")
             return {"bundle": str(bundle), "cached": True}
-        images, labels = load_split(self.cfg.fmnist, "train")
+        images, labels = self.train_split
         bundle.parent.mkdir(parents=True, exist_ok=True)
         bar = _Bar(self.log)
         pretrain_base(
@@ -137,7 +143,6 @@ class Demo:
             log=lambda m: self.log("  " + m),
             progress=bar.update,
         )
-        bar.close()
         return {"bundle": str(bundle), "cached": False}
 
     def finetune(self, base_bundle: str) -> dict:
@@ -310,37 +315,20 @@ class Demo:
         return report
 
     def report(self, s: dict, wall: float) -> dict:
-        real, syn, mixed = s["classify_real"], s["classify_synthetic"], s["classify_mixed"]
-        rows = [
-            {"data": "real only", "train_images": real["train_images"], "top1": real["top1"], "top5": real["top5"]},
-            {
-                "data": "synthetic only (Real-Fake)",
-                "train_images": syn["train_images"],
-                "top1": syn["top1"],
-                "top5": syn["top5"],
-            },
-            {
-                "data": "real + synthetic",
-                "train_images": mixed["train_images"],
-                "top1": mixed["top1"],
-                "top5": mixed["top5"],
-            },
+        real, syn = s["classify_real"], s["classify_synthetic"]
+        labels = [
+            ("real only", "classify_real"),
+            ("synthetic only (Real-Fake)", "classify_synthetic"),
+            ("real + synthetic", "classify_mixed"),
         ]
         if self.cfg.ablate:
-            for label, key in (
+            labels += [
                 ("ablation: text-only, base model", "classify_base_text"),
                 ("ablation: text-only, + finetune", "classify_finetuned_text"),
                 ("ablation: + latent prior (no guidance token)", "classify_prior_no_token"),
                 ("ablation: + guidance token (= Real-Fake)", "classify_synthetic"),
-            ):
-                rows.append(
-                    {
-                        "data": label,
-                        "train_images": s[key]["train_images"],
-                        "top1": s[key]["top1"],
-                        "top5": s[key]["top5"],
-                    }
-                )
+            ]
+        rows = [{"data": label, **{k: s[key][k] for k in ("train_images", "top1", "top5")}} for label, key in labels]
         stage_times = {k: v["wall_seconds"] for k, v in s.items()}
         table = {
             "class_set": CLASS_SET,
@@ -365,7 +353,7 @@ class Demo:
         """Rows = classes; pairs of columns = a real image and the synthetic image conditioned on it."""
         from PIL import Image
 
-        rows = [json.loads(line) for line in (synthetic / "manifest.jsonl").read_text().splitlines()]
+        rows = read_manifest_rows(synthetic / "manifest.jsonl")
         by_class: dict[str, list[dict]] = {}
         for r in sorted(rows, key=lambda r: r["index"]):
             by_class.setdefault(r["class_id"], []).append(r)
@@ -423,6 +411,3 @@ class _Bar:
         if self.last.get(stage) != tenth:
             self.last[stage] = tenth
             self.log(f"  base {stage}: step {step}/{total}, loss {loss:.4f}")
-
-    def close(self) -> None:
-        pass

@@ -1,8 +1,8 @@
 """Triton Python-backend model `pipeline` (copied to <repo>/pipeline/1/model.py by `rf-export repo`).
 
 Thin by design: parse requests, call the sampler (realfake.serving), answer. The components are either other
-models in the repository reached by BLS (`components: bls`), or ONNX Runtime sessions in this process
-(`components: inprocess`, the CPU default: it saves two inter-process copies per UNet step), OpenVINO
+models in the repository reached by BLS (`components: bls`, the default), or ONNX Runtime sessions in this
+process (`components: inprocess`: it saves two inter-process copies per UNet step), OpenVINO
 models in this process (`components: openvino`: fp32, bf16 or an int8 UNet), or the bundle's PyTorch modules.
 """
 
@@ -48,6 +48,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         model_dir = Path(args["model_repository"]) / args["model_version"] / "model_files"
         mode = params.get("components", "bls")
+        threads = int(params.get("intra_op_threads", "0")) or None  # in-process runtimes share the cores
         if mode == "pytorch":
             from realfake.serving.torch_components import TorchComponents
 
@@ -57,11 +58,8 @@ class TritonPythonModel:
         elif mode == "openvino":
             from realfake.serving.openvino_components import OvComponents
 
-            threads = int(params.get("intra_op_threads", "0")) or None
             components = OvComponents(model_dir, params.get("dtype", "fp32"), threads)
         elif mode == "inprocess":
-            # the graphs run in this process: no inter-process copies per UNet step (the CPU default)
-            threads = int(params.get("intra_op_threads", "0")) or None
             components = OrtComponents(model_dir, threads)
         else:
             device = torch.device(params.get("device", "cpu"))
