@@ -68,7 +68,13 @@ def repo(
         ),
     ] = "python-ort",
     scheduler: Annotated[str, typer.Option(help="Sampler: unipc, ddim, euler, dpm.")] = "unipc",
-    max_batch: Annotated[int, typer.Option(help="Largest pipeline batch the dynamic batcher forms.")] = 32,
+    max_batch: Annotated[
+        int | None,
+        typer.Option(
+            help="Largest pipeline batch the dynamic batcher forms [default: 32; tensorrt: the plans' largest "
+            "profile batch, and no more]."
+        ),
+    ] = None,
     queue_delay_us: Annotated[int, typer.Option(help="Dynamic batching queue delay, microseconds.")] = 5000,
     components: Annotated[
         str, typer.Option(help="bls: graphs as separate models called by BLS; inprocess: inside the pipeline.")

@@ -13,12 +13,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from realfake.client.dataset import file_sha256
+from realfake.client.dataset import write_atomic
 from realfake.client.errors import UserError
 from realfake.export.bundle import TEXT_MAX_LENGTH
-from realfake.export.onnx_export import load_export_meta
+from realfake.export.onnx_export import graph_sha256, load_export_meta
 
-TIMING_CACHE = "timing.cache"
+GUIDED = ("text_encoder", "unet")  # components that see both guidance halves in one call
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,11 @@ class GpuInfo:
     @property
     def arch(self) -> str:
         return f"sm{self.compute_capability[0]}{self.compute_capability[1]}"
+
+
+def timing_cache_name(gpu: GpuInfo) -> str:
+    """One timing cache per GPU architecture: TensorRT rejects a cache made on another device."""
+    return f"timing.{gpu.arch}.cache"
 
 
 @dataclass(frozen=True)
@@ -43,12 +48,18 @@ class Profile:
 
 def component_profiles(meta: dict, batch_sizes: list[int], cfg: bool = True) -> dict[str, Profile]:
     """Profiles from the image batch sizes the server will form. With classifier-free guidance the text encoder
-    and UNet see both halves, so twice the images (the pipeline encodes [negative; positive] in one call)."""
+    and UNet see both halves, so twice the images at opt and max (the pipeline encodes [negative; positive] in
+    one call); their min stays the smallest image batch, since a request with guidance scale <= 1 runs without
+    the unconditional half."""
     if not batch_sizes or min(batch_sizes) < 1:
         raise UserError("batch sizes must be integers >= 1")
     lo, hi = min(batch_sizes), max(batch_sizes)
     opt = sorted(batch_sizes)[len(batch_sizes) // 2]
     k = 2 if cfg else 1
+
+    def guided(shape_of):
+        return (shape_of(lo), shape_of(k * opt), shape_of(k * hi))
+
     side = meta["image_size"] // meta["vae_scale_factor"]
     ch, hid, img = meta["latent_channels"], meta["text_hidden_size"], meta["image_size"]
 
@@ -56,12 +67,12 @@ def component_profiles(meta: dict, batch_sizes: list[int], cfg: bool = True) -> 
         return tuple(shape_of(n) for n in (lo, opt, hi))
 
     profiles = {
-        "text_encoder": Profile({"input_ids": b(lambda n: (k * n, TEXT_MAX_LENGTH))}),
+        "text_encoder": Profile({"input_ids": guided(lambda n: (n, TEXT_MAX_LENGTH))}),
         "unet": Profile(
             {
-                "sample": b(lambda n: (k * n, ch, side, side)),
-                "timestep": b(lambda n: (k * n,)),
-                "encoder_hidden_states": b(lambda n: (k * n, TEXT_MAX_LENGTH, hid)),
+                "sample": guided(lambda n: (n, ch, side, side)),
+                "timestep": guided(lambda n: (n,)),
+                "encoder_hidden_states": guided(lambda n: (n, TEXT_MAX_LENGTH, hid)),
             }
         ),
         "vae_decoder": Profile({"latents": b(lambda n: (n, ch, side, side))}),
@@ -77,9 +88,16 @@ def plan_name(component: str, gpu: GpuInfo, trt_version: str) -> str:
     return f"{component}.{gpu.arch}.{trt_version}.plan"
 
 
+def profile_max_images(component: str, profile_json: dict, cfg: bool = True) -> int:
+    """The largest pipeline batch (images) a plan with this profile serves."""
+    first = next(iter(profile_json.values()))
+    return first["max"][0] // (2 if cfg and component in GUIDED else 1)
+
+
 def engine_meta(component: str, gpu: GpuInfo, trt_version: str, onnx_hash: str, profile: Profile, fp16: bool) -> dict:
     return {
         "component": component,
+        "max_images": profile_max_images(component, profile.to_json()),
         "gpu_name": gpu.name,
         "compute_capability": list(gpu.compute_capability),
         "tensorrt_version": trt_version,
@@ -110,14 +128,73 @@ def rebuild_reason(meta_path: Path, wanted: dict) -> str | None:
     return None
 
 
-def detect_gpu() -> GpuInfo:
+def visible_gpu() -> GpuInfo | None:
+    """The first CUDA device, or None on a machine without one."""
     try:
         import torch
     except ImportError:
-        torch = None
-    if torch is None or not torch.cuda.is_available():
-        raise UserError("rf-export engines needs an NVIDIA GPU (none is visible here); on CPU use --runtime python-ort")
+        return None
+    if not torch.cuda.is_available():
+        return None
     return GpuInfo(torch.cuda.get_device_name(0), tuple(torch.cuda.get_device_capability(0)))
+
+
+def detect_gpu() -> GpuInfo:
+    gpu = visible_gpu()
+    if gpu is None:
+        raise UserError("rf-export engines needs an NVIDIA GPU (none is visible here); on CPU use --runtime python-ort")
+    return gpu
+
+
+@dataclass(frozen=True)
+class SelectedPlan:
+    path: Path
+    meta: dict
+
+    @property
+    def max_images(self) -> int:
+        if "max_images" in self.meta:
+            return int(self.meta["max_images"])
+        return profile_max_images(self.meta["component"], self.meta["profiles"])
+
+
+def select_plans(
+    engines: Path, onnx_dir: Path, components: list[str], gpu: GpuInfo | None = None
+) -> dict[str, SelectedPlan]:
+    """For each component, the plan in `engines` built from this export's graph (and, when `gpu` is given, for
+    its architecture); the newest when several qualify. A plan whose metadata is missing or names another
+    graph is never picked: serving it would serve other weights."""
+    plans = {}
+    for name in components:
+        found = sorted(Path(engines).glob(f"{name}.sm*.plan"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise UserError(f"no TensorRT plan for {name} in {engines}: run `rf-export engines` on the serving GPU")
+        digest = graph_sha256(Path(onnx_dir) / f"{name}.onnx")
+        candidates = []
+        for plan in found:
+            try:
+                meta = json.loads(plan.with_suffix(".json").read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if meta.get("onnx_sha256") == digest:
+                candidates.append(SelectedPlan(plan, meta))
+        if not candidates:
+            raise UserError(
+                f"the TensorRT plans for {name} in {engines} were built from another {name}.onnx (or lack their "
+                f"metadata): run `rf-export engines {onnx_dir}` again"
+            )
+        if gpu is not None:
+            archs = sorted({c.path.name.split(".")[1] for c in candidates})
+            candidates = [
+                c for c in candidates if list(c.meta.get("compute_capability", [])) == list(gpu.compute_capability)
+            ]
+            if not candidates:
+                raise UserError(
+                    f"the plans for {name} in {engines} are for {', '.join(archs)}, not this {gpu.name} ({gpu.arch}): "
+                    "run `rf-export engines` here"
+                )
+        plans[name] = candidates[-1]
+    return plans
 
 
 def import_tensorrt():
@@ -158,10 +235,8 @@ def build_plan(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise UserError(f"TensorRT failed to build {onnx_path.name} (see the messages above)")
-    tmp = plan_path.with_suffix(".plan.tmp")
-    tmp.write_bytes(bytes(serialized))
-    tmp.replace(plan_path)
-    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    write_atomic(plan_path, bytes(serialized))
+    write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
 
 
 @dataclass
@@ -186,17 +261,18 @@ def build_engines(
     for component, profile in profiles.items():
         onnx_path = onnx_dir / f"{component}.onnx"
         plan = out / plan_name(component, gpu, trt.__version__)
-        wanted = engine_meta(component, gpu, trt.__version__, file_sha256(onnx_path), profile, fp16)
+        wanted = engine_meta(component, gpu, trt.__version__, graph_sha256(onnx_path), profile, fp16)
         reason = rebuild_reason(plan.with_suffix(".json"), wanted)
         t0 = time.perf_counter()
         if reason is not None:
             log(f"building {plan.name}: {reason}")
-            build_plan(onnx_path, plan, profile, out / TIMING_CACHE, fp16)
-            plan.with_suffix(".json").write_text(json.dumps(wanted, indent=1))
+            plan.with_suffix(".json").unlink(missing_ok=True)  # a crash mid-build leaves no metadata: rebuilt
+            build_plan(onnx_path, plan, profile, out / timing_cache_name(gpu), fp16)
+            write_atomic(plan.with_suffix(".json"), json.dumps(wanted, indent=1).encode())
         results.append(
             EngineResult(
                 component, str(plan), reason is not None, reason or "up to date", round(time.perf_counter() - t0, 2)
             )
         )
-    (out / "engines.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    write_atomic(out / "engines.json", json.dumps([asdict(r) for r in results], indent=1).encode())
     return results

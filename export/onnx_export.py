@@ -10,7 +10,10 @@ Graph contracts (names are what the Triton repository and the sampler use):
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +27,9 @@ OPSET = 17
 # fp32 ONNX vs fp32 PyTorch differ only by kernel order; anything above this is a broken export.
 DEFAULT_TOLERANCE = 1e-3
 PARITY_BATCHES = (1, 8)
+# A protobuf holds at most 2 GiB, so graphs with more weights than this (SD-1.5's fp32 UNet: 3.4 GB) keep them in
+# one `<component>.onnx.data` file beside the graph; smaller ones stay a single file.
+EXTERNAL_DATA_ABOVE = 1 << 30
 
 
 class ParityError(UserError):
@@ -196,8 +202,78 @@ def _image_encoder_size(modules: dict) -> int:
     return int(vision.vision.config.image_size) if vision is not None else 224
 
 
-def export_onnx(bundle: str | Path, out: str | Path, *, tolerance: float = DEFAULT_TOLERANCE, log=print) -> dict:
-    """Export every component of `bundle` into `out/<component>.onnx`, then check parity; returns the report."""
+def graph_files(graph: str | Path) -> list[Path]:
+    """An ONNX graph file and the external-data files its initializers point to (those that exist)."""
+    import onnx
+
+    graph = Path(graph)
+    model = onnx.load(str(graph), load_external_data=False)
+    locations = {
+        entry.value
+        for tensor in model.graph.initializer
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return [graph] + [graph.parent / loc for loc in sorted(locations) if (graph.parent / loc).is_file()]
+
+
+def graph_sha256(graph: str | Path) -> str:
+    """sha256 over a graph and its external weights: a re-finetuned model whose graph file is byte-identical
+    (same architecture, weights outside) still gets a new digest, so engines and int8 models built from the old
+    weights are noticed as stale."""
+    from realfake.client.dataset import file_sha256
+
+    files = graph_files(graph)
+    if len(files) == 1:
+        return file_sha256(files[0])
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}:{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def _place_graph(raw: Path, target: Path, external_above: int) -> None:
+    """Move an exported graph (and whatever weight files the exporter scattered beside it) to `target`: one file,
+    or `target` + `<name>.data` when the weights exceed `external_above` bytes. Replaced atomically per file."""
+    import onnx
+
+    data = target.with_name(target.name + ".data")
+    scattered = [p for p in raw.parent.iterdir() if p != raw]
+    if not scattered and raw.stat().st_size <= external_above:
+        os.replace(raw, target)
+        data.unlink(missing_ok=True)
+        return
+    model = onnx.load(str(raw))  # pulls any external weights in
+    staged = raw.parent.parent / "staged"
+    staged.mkdir()
+    weights = sum(len(t.raw_data) for t in model.graph.initializer)
+    if weights > external_above:
+        onnx.save_model(
+            model,
+            str(staged / target.name),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data.name,
+            size_threshold=1024,
+        )
+        os.replace(staged / data.name, data)
+    else:
+        onnx.save_model(model, str(staged / target.name))
+        data.unlink(missing_ok=True)
+    os.replace(staged / target.name, target)
+
+
+def export_onnx(
+    bundle: str | Path,
+    out: str | Path,
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+    log=print,
+    external_data_above: int = EXTERNAL_DATA_ABOVE,
+) -> dict:
+    """Export every component of `bundle` into `out/<component>.onnx` (weights above `external_data_above` bytes
+    in `<component>.onnx.data`), then check parity; returns the report."""
     import torch
 
     info, modules = load_torch_components(bundle)
@@ -210,11 +286,15 @@ def export_onnx(bundle: str | Path, out: str | Path, *, tolerance: float = DEFAU
         inputs = example_inputs(name, info, batch=2, image_encoder_size=img_size)
         args = tuple(torch.from_numpy(inputs[k]) for k in spec.inputs)
         target = out / f"{name}.onnx"
-        with torch.no_grad():
+        # each graph is exported into a folder of its own: large models make the exporter write one file per
+        # weight, and the names of two components' weights could collide in `out`
+        with tempfile.TemporaryDirectory(dir=out, prefix=f".{name}-") as tmp, torch.no_grad():
+            raw = Path(tmp) / "export" / target.name
+            raw.parent.mkdir()
             torch.onnx.export(
                 module,
                 args,
-                str(target),
+                str(raw),
                 input_names=list(spec.inputs),
                 output_names=list(spec.outputs),
                 dynamic_axes=spec.dynamic,
@@ -222,7 +302,9 @@ def export_onnx(bundle: str | Path, out: str | Path, *, tolerance: float = DEFAU
                 do_constant_folding=True,
                 dynamo=False,  # the TorchScript exporter's graphs ran ~1.5x faster under ONNX Runtime here
             )
-        log(f"exported {name:<13} -> {target} ({target.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f}s)")
+            _place_graph(raw, target, external_data_above)
+        size = sum(p.stat().st_size for p in graph_files(target))
+        log(f"exported {name:<13} -> {target} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f}s)")
     meta = {
         "bundle": str(info.path),
         "bundle_identity": bundle_identity(info.path),

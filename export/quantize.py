@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from realfake.client.dataset import file_sha256, write_atomic
+from realfake.client.dataset import write_atomic
 from realfake.client.errors import UserError
-from realfake.export.onnx_export import load_export_meta
+from realfake.export.onnx_export import graph_sha256, load_export_meta
 
 PRESETS = ("performance", "mixed")
 INT8_UNET = Path("unet.int8.xml")  # OpenVINO IR; its weights are unet.int8.bin beside it
@@ -119,7 +119,7 @@ def quantize_unet(
         q_images = int8.generate(check_prompts, negatives, seeds, settings).astype(np.int16)
         diff = np.abs(ref_images - q_images)
         report = {
-            "unet_onnx_sha256": file_sha256(graph),
+            "unet_onnx_sha256": graph_sha256(graph),
             "openvino": ov.__version__,
             "nncf": nncf.__version__,
             "preset": preset,

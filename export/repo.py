@@ -21,11 +21,12 @@ from realfake.client.protocol import (
     PIPELINE_MODEL,
     PIPELINE_OUTPUTS,
 )
-from realfake.export.onnx_export import load_export_meta
+from realfake.export.onnx_export import graph_files, graph_sha256, load_export_meta
 from realfake.export.quantize import INT8_UNET, QUANTIZE_REPORT
 
 RUNTIMES = ("python-ort", "openvino", "onnxruntime", "tensorrt", "pytorch")
 COMPONENT_MODES = ("bls", "inprocess")
+DEFAULT_MAX_BATCH = 32
 MODELS_SRC = Path(__file__).resolve().parent.parent / "serving" / "triton_models"
 ONNX_TO_TRITON = {1: "TYPE_FP32", 7: "TYPE_INT64", 6: "TYPE_INT32", 10: "TYPE_FP16", 9: "TYPE_BOOL", 2: "TYPE_UINT8"}
 
@@ -133,22 +134,35 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _plans(engines: Path | None, components: list[str]) -> dict[str, Path]:
-    """The newest plan of each component in an engines folder (`rf-export engines` names them)."""
+def _link_graph(graph: Path, folder: Path, name: str | None = None) -> None:
+    """Link a graph into `folder` (renamed to `name` if given) with its external-weight files under their own
+    names, where the graph looks for them."""
+    first, *weights = graph_files(graph)
+    _link_or_copy(first, folder / (name or first.name))
+    for path in weights:
+        _link_or_copy(path, folder / path.name)
+
+
+def _plans(engines: Path | None, onnx_dir: Path, components: list[str], max_batch: int | None):
+    """The plan of each component for this export (and this machine's GPU when one is visible), and the pipeline
+    batch: the plans' largest profile batch unless `max_batch` asks for less; more is refused, since TensorRT
+    cannot run a shape outside its optimisation profile."""
+    from realfake.export.engines import select_plans, visible_gpu
+
     if engines is None or not Path(engines).is_dir():
         raise UserError("--runtime tensorrt needs --engines: the folder `rf-export engines` wrote")
-    plans = {}
-    for name in components:
-        found = sorted(Path(engines).glob(f"{name}.sm*.plan"), key=lambda p: p.stat().st_mtime)
-        if not found:
-            raise UserError(f"no TensorRT plan for {name} in {engines}: run `rf-export engines` on this GPU")
-        plans[name] = found[-1]
-    return plans
+    plans = select_plans(Path(engines), onnx_dir, components, visible_gpu())
+    limit = min(p.max_images for p in plans.values())
+    if max_batch is not None and max_batch > limit:
+        raise UserError(
+            f"--max-batch {max_batch} is larger than the TensorRT plans' profile allows ({limit} images): rebuild "
+            f"them with `rf-export engines --batch-sizes ...,{max_batch}` or lower --max-batch"
+        )
+    return {name: p.path for name, p in plans.items()}, max_batch or limit
 
 
 def _check_openvino(onnx_dir: Path, dtype: str) -> None:
     """The openvino runtime's precision is known and, for int8, the quantized UNet matches this export."""
-    from realfake.client.dataset import file_sha256
     from realfake.serving.openvino_components import DTYPES
 
     if dtype != "auto" and dtype not in DTYPES:
@@ -158,7 +172,7 @@ def _check_openvino(onnx_dir: Path, dtype: str) -> None:
     report = onnx_dir / QUANTIZE_REPORT
     if not (onnx_dir / INT8_UNET).is_file() or not report.is_file():
         raise UserError(f"--dtype int8 needs the int8 UNet: run `rf-export quantize {onnx_dir}` first")
-    if json.loads(report.read_text()).get("unet_onnx_sha256") != file_sha256(onnx_dir / "unet.onnx"):
+    if json.loads(report.read_text()).get("unet_onnx_sha256") != graph_sha256(onnx_dir / "unet.onnx"):
         raise UserError(f"the int8 UNet in {onnx_dir} was made from another unet.onnx: run `rf-export quantize` again")
 
 
@@ -168,7 +182,7 @@ def write_repository(
     *,
     runtime: str = "python-ort",
     scheduler: str = "unipc",
-    max_batch: int = 32,
+    max_batch: int | None = None,
     queue_delay_us: int = 5000,
     threads: int | None = None,
     components: str = "bls",
@@ -185,6 +199,8 @@ def write_repository(
     (CPU), `onnxruntime` and `tensorrt` (native GPU component models; tensorrt takes the plans from `engines`),
     `pytorch` (the bundle's modules on the GPU in fp16 inside the pipeline model; needs `bundle`), `openvino`
     (CPU, the graphs inside the pipeline model; `dtype` fp32, bf16, or int8 after `rf-export quantize`).
+    `max_batch`: the largest batch the pipeline's dynamic batcher forms; default 32, or for `tensorrt` the
+    largest image batch the plans' profiles allow (a larger value is refused).
     """
     onnx_dir, out = Path(onnx_dir), Path(out)
     if runtime not in RUNTIMES:
@@ -203,7 +219,12 @@ def write_repository(
             raise UserError("--runtime pytorch needs --bundle: the diffusers-layout directory the ONNX came from")
     elif runtime != "python-ort" and components == "inprocess":
         raise UserError(f"--runtime {runtime} serves components as native GPU models: use --components bls")
-    plans = _plans(Path(engines), meta["components"]) if runtime == "tensorrt" else {}
+    if max_batch is not None and max_batch < 1:
+        raise UserError(f"--max-batch must be >= 1, got {max_batch}")
+    plans = {}
+    if runtime == "tensorrt":
+        plans, max_batch = _plans(engines, onnx_dir, meta["components"], max_batch)
+    max_batch = max_batch or DEFAULT_MAX_BATCH
     threads = threads or os.cpu_count() or 1
     out.mkdir(parents=True, exist_ok=True)
     for name in meta["components"] if components == "bls" else []:
@@ -219,7 +240,7 @@ def write_repository(
         if runtime == "tensorrt":
             _link_or_copy(plans[name], version / "model.plan")
         else:
-            _link_or_copy(graph, version / "model.onnx")
+            _link_graph(graph, version, "model.onnx")
         if runtime == "python-ort":
             shutil.copy2(MODELS_SRC / "ort_component.py", version / "model.py")
     files = out / PIPELINE_MODEL / "1" / "model_files"
@@ -231,7 +252,7 @@ def write_repository(
     shutil.copy2(onnx_dir / "export.json", files / "export.json")
     if components in ("inprocess", "openvino"):
         for name in meta["components"]:
-            _link_or_copy(onnx_dir / f"{name}.onnx", files / f"{name}.onnx")
+            _link_graph(onnx_dir / f"{name}.onnx", files)
         if components == "openvino" and dtype == "int8":
             for path in (INT8_UNET, INT8_UNET.with_suffix(".bin")):
                 _link_or_copy(onnx_dir / path, files / path)

@@ -101,3 +101,54 @@ def test_repository_configs_parse_back(tiny_repo):
 def test_repo_from_a_non_export_dir_fails(tmp_path):
     result = rf("rf-export", "repo", str(tmp_path), "--out", str(tmp_path / "r"))
     assert result.returncode == 2 and "no export.json" in result.stderr
+
+
+def test_large_graphs_keep_their_weights_beside_them(tiny_bundle, tiny_onnx, tmp_path):
+    """Above the size limit (forced to 0 bytes here; SD-1.5's UNet is above the real one) each graph's weights go
+    to one `<name>.onnx.data`: the images are those of the single-file export, the digest covers the weights,
+    repositories link the weights where the graph looks for them (served for real), and a re-export under the
+    limit leaves no stale weights file."""
+    from realfake.client.server import LocalServer
+    from realfake.client.triton import PipelineClient
+    from realfake.export.onnx_export import export_onnx, graph_files, graph_sha256
+    from realfake.export.repo import write_repository
+    from realfake.serving.components import OrtComponents
+    from realfake.serving.sampler import Sampler, Settings
+
+    out = tmp_path / "ext"
+    export_onnx(tiny_bundle, out, log=lambda *_: None, external_data_above=0)
+    names = json.loads((out / "export.json").read_text())["components"]
+    for name in names:
+        assert graph_files(out / f"{name}.onnx") == [out / f"{name}.onnx", out / f"{name}.onnx.data"]
+    assert (out / "unet.onnx").stat().st_size < 0.2 * (out / "unet.onnx.data").stat().st_size
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no export folders left behind
+
+    args = (["photo of a cat", "photo of a ship"], ["blurry"] * 2, [3, 4], Settings(steps=6, guidance_scale=2.0))
+    single = Sampler(OrtComponents(tiny_onnx), tiny_onnx).generate(*args)
+    assert np.array_equal(Sampler(OrtComponents(out), out).generate(*args), single)
+
+    digest = graph_sha256(out / "unet.onnx")
+    data = out / "unet.onnx.data"
+    original = data.read_bytes()
+    data.write_bytes(original[:-4] + bytes(b ^ 0xFF for b in original[-4:]))  # a weight changed, the graph not
+    assert graph_sha256(out / "unet.onnx") != digest
+    data.write_bytes(original)
+    assert graph_sha256(out / "unet.onnx") == digest
+
+    gpu_repo = write_repository(out, tmp_path / "ort_gpu", runtime="onnxruntime")
+    assert sorted(p.name for p in (gpu_repo / "unet" / "1").iterdir()) == ["model.onnx", "unet.onnx.data"]
+    inprocess = write_repository(out, tmp_path / "inproc", components="inprocess")
+    files = inprocess / "pipeline" / "1" / "model_files"
+    assert all((files / f"{n}.onnx.data").is_file() for n in names)
+    cpu_repo = write_repository(out, tmp_path / "bls")
+    request = {
+        "PROMPT": np.array([[b"photo of a cat"], [b"photo of a ship"]], dtype=object),
+        "NEGATIVE_PROMPT": np.array([[b"blurry"]] * 2, dtype=object),
+        "SEED": np.array([[3], [4]]),
+        "STEPS": np.full((2, 1), 6, np.int32),
+    }
+    with LocalServer(cpu_repo) as server:
+        assert np.array_equal(PipelineClient(server.url).infer(request), single)
+
+    export_onnx(tiny_bundle, out, log=lambda *_: None)  # under the default limit: single files again
+    assert not list(out.glob("*.data")) and graph_files(out / "unet.onnx") == [out / "unet.onnx"]

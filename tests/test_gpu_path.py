@@ -29,13 +29,30 @@ META = {
     "components": ["text_encoder", "unet", "vae_decoder", "vae_encoder", "image_encoder"],
 }
 H100 = eng.GpuInfo("NVIDIA H100 80GB HBM3", (9, 0))
+L4 = eng.GpuInfo("NVIDIA L4", (8, 9))
+
+
+def _fake_plans(onnx_dir: Path, folder: Path, batch_sizes=(1, 4, 8, 16), gpu=H100, digest=None) -> Path:
+    """Plan files with the metadata `rf-export engines` writes (the plan bytes are not an engine)."""
+    from realfake.export.onnx_export import graph_sha256
+
+    folder.mkdir(exist_ok=True)
+    meta = json.loads((onnx_dir / "export.json").read_text())
+    for name, profile in eng.component_profiles(meta, list(batch_sizes)).items():
+        plan = folder / eng.plan_name(name, gpu, "10.13.0")
+        plan.write_bytes(b"plan " + name.encode())
+        wanted = eng.engine_meta(name, gpu, "10.13.0", digest or graph_sha256(onnx_dir / f"{name}.onnx"), profile, True)
+        plan.with_suffix(".json").write_text(json.dumps(wanted))
+    return folder
 
 
 def test_profiles_double_the_guided_components():
     p = eng.component_profiles(META, [1, 4, 8, 16])
-    assert p["unet"].shapes["sample"] == ((2, 4, 16, 16), (16, 4, 16, 16), (32, 4, 16, 16))
+    # min: one image without guidance (guidance scale <= 1 sends no unconditional half); max: 16 images, 2 halves
+    assert p["unet"].shapes["sample"] == ((1, 4, 16, 16), (16, 4, 16, 16), (32, 4, 16, 16))
+    assert p["unet"].shapes["timestep"] == ((1,), (16,), (32,))
     assert p["unet"].shapes["encoder_hidden_states"][2] == (32, 77, 32)
-    assert p["text_encoder"].shapes["input_ids"] == ((2, 77), (16, 77), (32, 77))
+    assert p["text_encoder"].shapes["input_ids"] == ((1, 77), (16, 77), (32, 77))
     assert p["vae_decoder"].shapes["latents"] == ((1, 4, 16, 16), (8, 4, 16, 16), (16, 4, 16, 16))
     assert p["vae_encoder"].shapes["image"][2] == (16, 3, 32, 32)
     assert p["image_encoder"].shapes["pixel_values"][0] == (1, 3, 32, 32)
@@ -65,6 +82,28 @@ def test_plan_names_and_rebuild_decision(tmp_path):
         assert eng.rebuild_reason(meta_path, {**wanted, key: value}).startswith(message), key
     meta_path.write_text("{broken")
     assert eng.rebuild_reason(meta_path, wanted) == "metadata unreadable"
+    assert wanted["max_images"] == 8 and eng.profile_max_images("unet", wanted["profiles"]) == 8
+    assert eng.timing_cache_name(H100) == "timing.sm90.cache" != eng.timing_cache_name(L4)
+
+
+def test_plan_selection_refuses_stale_or_foreign_plans(tiny_onnx, tmp_path):
+    comps = json.loads((tiny_onnx / "export.json").read_text())["components"]
+    plans = _fake_plans(tiny_onnx, tmp_path / "e")
+    picked = eng.select_plans(plans, tiny_onnx, comps, H100)
+    assert {p.path.name for p in picked.values()} == {f"{c}.sm90.10.13.0.plan" for c in comps}
+    assert {p.max_images for p in picked.values()} == {16}
+    with pytest.raises(UserError, match=r"are for sm90, not this NVIDIA L4 \(sm89\)"):
+        eng.select_plans(plans, tiny_onnx, comps, L4)
+    _fake_plans(tiny_onnx, plans, (1, 8), gpu=L4)  # a second architecture in the same volume
+    assert eng.select_plans(plans, tiny_onnx, comps, L4)["unet"].path.name == "unet.sm89.10.13.0.plan"
+    assert eng.select_plans(plans, tiny_onnx, comps, H100)["unet"].max_images == 16
+    stale = _fake_plans(tiny_onnx, tmp_path / "stale", digest="0" * 64)  # built from an older unet.onnx
+    with pytest.raises(UserError, match="built from another image_encoder.onnx"):
+        eng.select_plans(stale, tiny_onnx, comps)
+    (plans / "unet.sm89.10.13.0.json").unlink()
+    (plans / "unet.sm90.10.13.0.json").write_text("{broken")
+    with pytest.raises(UserError, match="another unet.onnx \\(or lack their metadata\\)"):
+        eng.select_plans(plans, tiny_onnx, comps)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on machines without a GPU")
@@ -107,15 +146,22 @@ def test_repository_per_runtime(tiny_onnx, tiny_bundle, tmp_path):
     assert list(pipe.dynamic_batching.preferred_batch_size) == [4, 8, 16]
     assert pipe.parameters["device"].string_value == "cuda" and pipe.parameters["components"].string_value == "bls"
 
-    plans = tmp_path / "engines"
-    plans.mkdir()
-    for name in META["components"]:
-        (plans / f"{name}.sm90.10.13.0.plan").write_bytes(b"plan " + name.encode())
+    plans = _fake_plans(tiny_onnx, tmp_path / "engines")
     trt = write_repository(tiny_onnx, tmp_path / "trt", runtime="tensorrt", engines=plans)
     vae = _config(trt / "vae_decoder" / "config.pbtxt")
     assert vae.platform == "tensorrt_plan" and vae.default_model_filename == "model.plan"
     assert [list(i.dims) for i in vae.input] == [[-1, 4, -1, -1]] and vae.max_batch_size == 0
     assert (trt / "vae_decoder" / "1" / "model.plan").read_bytes() == b"plan vae_decoder"
+    pipe = _config(trt / "pipeline" / "config.pbtxt")
+    assert pipe.max_batch_size == 16 and list(pipe.dynamic_batching.preferred_batch_size) == [4, 8, 16]
+    smaller = _config(
+        write_repository(tiny_onnx, tmp_path / "trt8", runtime="tensorrt", engines=plans, max_batch=8)
+        / "pipeline"
+        / "config.pbtxt"
+    )
+    assert smaller.max_batch_size == 8 and list(smaller.dynamic_batching.preferred_batch_size) == [4, 8]
+    with pytest.raises(UserError, match=r"--max-batch 32 is larger than the TensorRT plans' profile allows \(16"):
+        write_repository(tiny_onnx, tmp_path / "trt32", runtime="tensorrt", engines=plans, max_batch=32)
     with pytest.raises(UserError, match="no TensorRT plan for unet"):
         (plans / "unet.sm90.10.13.0.plan").unlink()
         write_repository(tiny_onnx, tmp_path / "trt2", runtime="tensorrt", engines=plans)
@@ -185,10 +231,7 @@ def test_tensorrt_engines_serve_the_pipeline(tiny_onnx, tmp_path):
 
 
 def test_repo_cli_wires_runtime_options(tiny_onnx, tiny_bundle, tmp_path):
-    plans = tmp_path / "engines"
-    plans.mkdir()
-    for name in META["components"]:
-        (plans / f"{name}.sm90.10.13.0.plan").write_bytes(b"plan")
+    plans = _fake_plans(tiny_onnx, tmp_path / "engines")
     r = rf(
         "rf-export",
         "repo",
@@ -202,6 +245,13 @@ def test_repo_cli_wires_runtime_options(tiny_onnx, tiny_bundle, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert _config(tmp_path / "trt" / "unet" / "config.pbtxt").platform == "tensorrt_plan"
+    assert _config(tmp_path / "trt" / "pipeline" / "config.pbtxt").max_batch_size == 16
+    r = rf("rf-export", "repo", str(tiny_onnx), "--out", str(tmp_path / "t2"), "--runtime", "tensorrt",
+           "--engines", str(plans), "--max-batch", "64")  # fmt: skip
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --max-batch 64 is larger than the TensorRT plans' profile allows (16 images): rebuild them with "
+        "`rf-export engines --batch-sizes ...,64` or lower --max-batch"
+    ]
     r = rf(
         "rf-export",
         "repo",

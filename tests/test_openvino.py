@@ -62,7 +62,7 @@ def test_openvino_bf16_close_to_fp32(tiny_onnx, fp32_images):
 
 
 def test_quantize_writes_a_checked_int8_unet(int8_onnx, tiny_onnx):
-    from realfake.client.dataset import file_sha256
+    from realfake.export.onnx_export import graph_sha256
 
     onnx_dir, report = int8_onnx
     ir = (onnx_dir / "unet.int8.xml").read_text()
@@ -70,7 +70,7 @@ def test_quantize_writes_a_checked_int8_unet(int8_onnx, tiny_onnx):
     assert (onnx_dir / "unet.int8.bin").stat().st_size > 0
     on_disk = json.loads((onnx_dir / "quantize.json").read_text())
     assert on_disk == report
-    assert report["unet_onnx_sha256"] == file_sha256(tiny_onnx / "unet.onnx")
+    assert report["unet_onnx_sha256"] == graph_sha256(tiny_onnx / "unet.onnx")
     assert report["calibration"]["unet_calls"] == 2 * 8  # 2 images x 8 steps recorded
     check = report["check"]
     assert 0 < check["mean_abs_pixel_diff"] <= check["budget_mean_abs_pixel_diff"]

@@ -21,17 +21,24 @@ from realfake.serving.sampler import Sampler
 
 class BlsComponents(ComponentCalls):
     """`Components` whose calls are BLS requests to the component models of this repository. Tensors pass by
-    DLPack both ways, so GPU outputs of one component feed the next without a trip through host memory."""
+    DLPack both ways and the responses are asked for in the pipeline's own memory (GPU memory on a GPU server),
+    so the output of one component feeds the next without a trip through host memory."""
 
     def __init__(self, names: dict[str, str], device: torch.device):
         self.names = names
         self.device = device
+        on_gpu = device.type == "cuda"
+        self.memory = pb_utils.PreferredMemory(
+            pb_utils.TRITONSERVER_MEMORY_GPU if on_gpu else pb_utils.TRITONSERVER_MEMORY_CPU,
+            (device.index or 0) if on_gpu else 0,
+        )
 
     def _run(self, component: str, *tensors):
         inputs, output = COMPONENT_IO[component]
         request = pb_utils.InferenceRequest(
             model_name=self.names[component],
             requested_output_names=[output],
+            preferred_memory=self.memory,
             inputs=[
                 pb_utils.Tensor.from_dlpack(n, to_dlpack(t.contiguous())) for n, t in zip(inputs, tensors, strict=True)
             ],
