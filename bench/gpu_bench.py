@@ -136,14 +136,17 @@ def main() -> None:
         }
         try:
             import tensorrt  # noqa: F401
-
-            from realfake.export.engines import build_engines
-
-            if device.type == "cuda":
-                build_engines(root / "onnx", root / "engines", batches)
-                print("TensorRT plans built; serve them with `rf-export repo --runtime tensorrt` + rf-client bench")
         except ImportError:
             print("tensorrt not installed: no TensorRT row")
+        else:
+            if device.type == "cuda":
+                from realfake.export.engines import build_engines
+                from realfake.serving.tensorrt_components import TrtComponents
+
+                t0 = time.perf_counter()
+                build_engines(root / "onnx", root / "engines", batches, log=print)
+                print(f"TensorRT fp16 plans built in {time.perf_counter() - t0:.0f} s (timing cache in the run's tmp)")
+                samplers["e_tensorrt_fp16"] = Sampler(TrtComponents(root / "engines", root / "onnx"), root / "onnx")
         ceiling = matmul_rate(device, dtype)
         for batch in batches:
             flops = unet_flops(bundle, device, dtype, 2 * batch)  # both guidance halves per step

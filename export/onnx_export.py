@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -257,6 +258,7 @@ def _place_graph(raw: Path, target: Path, external_above: int) -> None:
             location=data.name,
             size_threshold=1024,
         )
+        shutil.copymode(staged / target.name, staged / data.name)  # onnx creates it owner-only
         os.replace(staged / data.name, data)
     else:
         onnx.save_model(model, str(staged / target.name))
@@ -324,8 +326,6 @@ def export_onnx(
 
 def _copy_sampler_files(bundle: Path, out: Path) -> None:
     """The server needs the tokenizer and scheduler config beside the graphs (no torch weights)."""
-    import shutil
-
     for sub in ("tokenizer", "scheduler"):
         if (out / sub).exists():
             shutil.rmtree(out / sub)

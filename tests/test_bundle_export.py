@@ -121,6 +121,7 @@ def test_large_graphs_keep_their_weights_beside_them(tiny_bundle, tiny_onnx, tmp
     for name in names:
         assert graph_files(out / f"{name}.onnx") == [out / f"{name}.onnx", out / f"{name}.onnx.data"]
     assert (out / "unet.onnx").stat().st_size < 0.2 * (out / "unet.onnx.data").stat().st_size
+    assert (out / "unet.onnx.data").stat().st_mode == (out / "unet.onnx").stat().st_mode  # readable as the graph
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no export folders left behind
 
     args = (["photo of a cat", "photo of a ship"], ["blurry"] * 2, [3, 4], Settings(steps=6, guidance_scale=2.0))

@@ -115,19 +115,43 @@ def test_engines_without_gpu_is_one_clear_line(tiny_onnx, tmp_path):
     ]
 
 
-def test_missing_tensorrt_is_one_clear_line(monkeypatch):
+@pytest.fixture
+def no_tensorrt(monkeypatch):
+    """`import tensorrt` fails, as on machines without it (also when it is installed here)."""
     import builtins
 
     real_import = builtins.__import__
 
-    def no_tensorrt(name, *args, **kwargs):
+    def fake_import(name, *args, **kwargs):
         if name == "tensorrt":
             raise ImportError("No module named 'tensorrt'")
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "__import__", no_tensorrt)
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+
+
+def test_missing_tensorrt_is_one_clear_line(no_tensorrt, tiny_onnx, tmp_path):
+    from realfake.serving.tensorrt_components import TrtComponents
+
     with pytest.raises(UserError, match="needs the `tensorrt` Python package"):
         eng.import_tensorrt()
+    with pytest.raises(UserError, match="needs the `tensorrt` Python package"):
+        TrtComponents(_fake_plans(tiny_onnx, tmp_path / "e"), tiny_onnx)
+
+
+def test_tensorrt_components_refuse_shapes_outside_the_profile():
+    from realfake.serving.tensorrt_components import shape_outside_profile
+
+    unet = eng.component_profiles(META, [1, 4, 8, 16])["unet"].to_json()
+    assert shape_outside_profile("unet", "sample", (1, 4, 16, 16), unet) is None  # one image, no guidance
+    assert shape_outside_profile("unet", "sample", (32, 4, 16, 16), unet) is None  # 16 images, both halves
+    assert shape_outside_profile("unet", "sample", (34, 4, 16, 16), unet) == (
+        "unet: sample of shape [34, 4, 16, 16] is outside the plan's profile (min [1, 4, 16, 16], max "
+        "[32, 4, 16, 16]); rebuild the plans with `rf-export engines --batch-sizes` covering this batch"
+    )
+    assert "outside" in shape_outside_profile("unet", "sample", (2, 4, 32, 32), unet)  # another resolution
+    assert "outside" in shape_outside_profile("unet", "sample", (2, 4, 16), unet)
+    assert shape_outside_profile("unet", "latents", (2, 4, 16, 16), unet) == "unet has no input 'latents'"
 
 
 def _config(path: Path):
@@ -224,10 +248,24 @@ def test_tensorrt_engines_serve_the_pipeline(tiny_onnx, tmp_path):
         "SEED": np.array([[1], [2]]),
         "STEPS": np.full((2, 1), 10, np.int32),
     }
+    unguided = {"PROMPT": request["PROMPT"][:1], "SEED": request["SEED"][:1], "STEPS": request["STEPS"][:1],
+                "GUIDANCE_SCALE": np.ones((1, 1), np.float32)}  # fmt: skip
     with LocalServer(repo) as gpu_server, LocalServer(cpu_repo) as cpu_server:
         gpu_images = PipelineClient(gpu_server.url).infer(request)
         cpu_images = PipelineClient(cpu_server.url).infer(request)
+        gpu_one = PipelineClient(gpu_server.url).infer(unguided)  # batch 1 without guidance: the profile's min
+        cpu_one = PipelineClient(cpu_server.url).infer(unguided)
     assert np.abs(gpu_images.astype(int) - cpu_images.astype(int)).mean() < 4  # fp16 vs fp32
+    assert np.abs(gpu_one.astype(int) - cpu_one.astype(int)).mean() < 4
+
+    from realfake.serving.sampler import Sampler, Settings
+    from realfake.serving.tensorrt_components import TrtComponents
+
+    inprocess = Sampler(TrtComponents(tmp_path / "engines", tiny_onnx), tiny_onnx)
+    images = inprocess.generate(["photo of a cat"] * 2, [""] * 2, [1, 2], Settings(steps=10, guidance_scale=2.0))
+    assert np.abs(images.astype(int) - cpu_images.astype(int)).mean() < 4
+    with pytest.raises(ValueError, match="outside the plan's profile"):
+        inprocess.generate(["a"] * 5, [""] * 5, list(range(5)), Settings(steps=2))  # plans built for 1..4 images
 
 
 def test_repo_cli_wires_runtime_options(tiny_onnx, tiny_bundle, tmp_path):
