@@ -13,6 +13,14 @@ if [ ! -f "$models/bundle/model_index.json" ] && [ ! -f "$models/repo/pipeline/c
   exit 2
 fi
 if [ -f "$models/bundle/model_index.json" ]; then
+  case "$runtime" in
+    tensorrt|onnxruntime|pytorch)
+      if ! python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+        echo "error: RF_RUNTIME=$runtime needs a GPU in the container (docker run --gpus all);" \
+          "on CPU-only hosts use RF_RUNTIME=openvino" >&2
+        exit 2
+      fi ;;
+  esac
   [ -f "$models/onnx/export.json" ] || rf-export onnx "$models/bundle" "$models/onnx"
   case "$runtime" in
     tensorrt)

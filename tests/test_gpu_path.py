@@ -335,3 +335,31 @@ def test_pytorch_bf16_runtime_served_on_cpu(tiny_onnx, tiny_bundle, tmp_path):
     )
     diff = np.abs(bf16.astype(int) - fp32.astype(int))
     assert bf16.shape == fp32.shape and diff.mean() < 6 and diff.max() > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on machines without a GPU")
+def test_serving_image_default_runtime_without_gpu_stops_with_one_line(tiny_bundle, tiny_onnx, tmp_path):
+    """The image's default (TensorRT) started on a host without a GPU: exit 2 with the reason and the CPU
+    alternative, before anything is written or served."""
+    import os
+    import shutil
+    import sys
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_bundle, models / "bundle")
+    shutil.copytree(tiny_onnx, models / "onnx")
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+        "RF_MODELS": str(models),
+    }
+    env.pop("RF_RUNTIME", None)
+    r = subprocess.run(
+        ["bash", str(ROOT / "docker" / "entrypoint.sh")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: RF_RUNTIME=tensorrt needs a GPU in the container (docker run --gpus all); on CPU-only hosts use "
+        "RF_RUNTIME=openvino"
+    ]
+    assert not (models / "repo").exists() and not (models / "engines").exists()
