@@ -43,6 +43,14 @@ def numpy_feed(name: str, tensors) -> dict[str, np.ndarray]:
     return {n: np.ascontiguousarray(t.detach().cpu().numpy()) for n, t in zip(inputs, tensors, strict=True)}
 
 
+def instance_device(device: str, instance_kind: str | None, device_id: str | int | None) -> str:
+    """The torch device of one pipeline instance. A GPU instance group gives every GPU its own instance, and
+    Triton says which GPU each got: a plain `cuda` becomes that GPU, so an 8-GPU server uses all eight."""
+    if device == "cuda" and instance_kind == "GPU" and device_id is not None:
+        return f"cuda:{int(device_id)}"
+    return device
+
+
 class ComponentCalls:
     """The five component calls of `Components`, each forwarded to `_run(name, *tensors)` of the subclass."""
 

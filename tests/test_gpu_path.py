@@ -202,6 +202,16 @@ def test_repository_per_runtime(tiny_onnx, tiny_bundle, tmp_path):
         write_repository(tiny_onnx, tmp_path / "x", runtime="tvm")
 
 
+def test_each_gpu_instance_of_the_pipeline_uses_its_own_gpu():
+    from realfake.serving.components import instance_device
+
+    assert instance_device("cuda", "GPU", "3") == "cuda:3"  # instance_group KIND_GPU: one instance per GPU
+    assert instance_device("cuda", "GPU", 0) == "cuda:0"
+    assert instance_device("cuda", "CPU", "0") == "cuda"
+    assert instance_device("cpu", "CPU", "0") == "cpu"
+    assert instance_device("cpu", "GPU", "1") == "cpu"  # an explicit CPU pipeline stays on the CPU
+
+
 def test_pytorch_runtime_matches_onnxruntime_on_cpu(tiny_bundle, tiny_onnx):
     from realfake.serving.components import OrtComponents
     from realfake.serving.sampler import Sampler, Settings

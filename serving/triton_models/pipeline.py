@@ -15,7 +15,7 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from realfake.client.protocol import PIPELINE_INPUTS
 from realfake.serving.batching import run_batch
-from realfake.serving.components import COMPONENT_IO, ComponentCalls, OrtComponents
+from realfake.serving.components import COMPONENT_IO, ComponentCalls, OrtComponents, instance_device
 from realfake.serving.sampler import Sampler
 
 
@@ -55,13 +55,14 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         model_dir = Path(args["model_repository"]) / args["model_version"] / "model_files"
         mode = params.get("components", "bls")
+        device = instance_device(
+            params.get("device", "cpu"), args.get("model_instance_kind"), args.get("model_instance_device_id")
+        )
         threads = int(params.get("intra_op_threads", "0")) or None  # in-process runtimes share the cores
         if mode == "pytorch":
             from realfake.serving.torch_components import TorchComponents
 
-            components = TorchComponents(
-                params["bundle"], params.get("device", "cuda"), dtype=params.get("dtype", "auto")
-            )
+            components = TorchComponents(params["bundle"], device, dtype=params.get("dtype", "auto"))
         elif mode == "openvino":
             from realfake.serving.openvino_components import OvComponents
 
@@ -69,8 +70,7 @@ class TritonPythonModel:
         elif mode == "inprocess":
             components = OrtComponents(model_dir, threads)
         else:
-            device = torch.device(params.get("device", "cpu"))
-            components = BlsComponents({name: name for name in COMPONENT_IO}, device)
+            components = BlsComponents({name: name for name in COMPONENT_IO}, torch.device(device))
         self.sampler = Sampler(components, model_dir, scheduler=params.get("scheduler", "unipc"))
         self.max_batch = int(config.get("max_batch_size", 64)) or 64
 
