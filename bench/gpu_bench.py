@@ -3,7 +3,8 @@ model, nothing downloaded): 512x512, 30 UniPC steps, classifier-free guidance, b
 
 Paths measured in one run, alternating: (a) diffusers StableDiffusionPipeline fp16 eager (the baseline),
 (b) realfake's sampler on the PyTorch runtime (fp16, channels-last, SDPA), (c) the same with torch.compile,
-(d) the sampler on ONNX Runtime's CUDA provider, (e) the sampler on TensorRT plans (when `tensorrt` imports).
+(d) the sampler on ONNX Runtime's CUDA provider (I/O bound to the CUDA tensors),
+(e) the sampler on TensorRT plans (when `tensorrt` imports).
 Ratios against (a) are printed with the FLOP-ceiling utilisation: UNet FLOPs x steps x 2 / time / the measured
 fp16 matmul rate. `--smoke` runs the same code on the CPU with the tiny bundle, to check it without a GPU.
 
@@ -132,7 +133,7 @@ def main() -> None:
         samplers = {
             "b_pytorch_fp16": Sampler(TorchComponents(bundle, device), root / "onnx"),
             "c_pytorch_compile": Sampler(TorchComponents(bundle, device, compile=True), root / "onnx"),
-            "d_onnxruntime": Sampler(OrtComponents(root / "onnx"), root / "onnx"),
+            "d_onnxruntime": Sampler(OrtComponents(root / "onnx", device=device), root / "onnx"),
         }
         try:
             import tensorrt  # noqa: F401

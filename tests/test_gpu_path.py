@@ -212,6 +212,36 @@ def test_each_gpu_instance_of_the_pipeline_uses_its_own_gpu():
     assert instance_device("cpu", "GPU", "1") == "cpu"  # an explicit CPU pipeline stays on the CPU
 
 
+def test_onnxruntime_io_binding_matches_the_numpy_path(tiny_onnx):
+    """The GPU path of OrtComponents (inputs and outputs bound by address) run on the CPU: every component's
+    output shape is predicted right and the values equal the plain run's, and so do the images."""
+    from realfake.serving.components import OrtComponents
+    from realfake.serving.sampler import Sampler, Settings
+
+    plain, bound = OrtComponents(tiny_onnx), OrtComponents(tiny_onnx, io_binding=True)
+    assert not plain.io_binding and bound.io_binding
+    g = torch.Generator().manual_seed(0)
+    calls = {
+        "text_encoder": (torch.randint(0, 1000, (3, 77), generator=g),),
+        "unet": (torch.randn(3, 4, 16, 16, generator=g), torch.full((3,), 500.0), torch.randn(3, 77, 32, generator=g)),
+        "vae_decoder": (torch.randn(3, 4, 16, 16, generator=g),),
+        "vae_encoder": (torch.rand(3, 3, 32, 32, generator=g) * 2 - 1,),
+        "image_encoder": (torch.randn(3, 3, 32, 32, generator=g),),
+    }
+    for name, args in calls.items():
+        expected = plain._run(name, *args)
+        assert bound.output_shape(name, args) == tuple(expected.shape), name
+        assert torch.equal(bound._run(name, *args), expected), name
+    init = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    args = (["photo of a cat", "photo of a ship"], ["blurry"] * 2, [5, 6], Settings(6, 2.0, 0.75, True), init)
+    assert np.array_equal(Sampler(bound, tiny_onnx).generate(*args), Sampler(plain, tiny_onnx).generate(*args))
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(RuntimeError, match="needs the onnxruntime-gpu package"):
+            OrtComponents(tiny_onnx, device="cuda")
+
+
 def test_pytorch_runtime_matches_onnxruntime_on_cpu(tiny_bundle, tiny_onnx):
     from realfake.serving.components import OrtComponents
     from realfake.serving.sampler import Sampler, Settings

@@ -68,7 +68,7 @@ class TritonPythonModel:
 
             components = OvComponents(model_dir, params.get("dtype", "fp32"), threads)
         elif mode == "inprocess":
-            components = OrtComponents(model_dir, threads)
+            components = OrtComponents(model_dir, threads, device)
         else:
             components = BlsComponents({name: name for name in COMPONENT_IO}, torch.device(device))
         self.sampler = Sampler(components, model_dir, scheduler=params.get("scheduler", "unipc"))
