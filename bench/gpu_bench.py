@@ -147,7 +147,9 @@ def main() -> None:
                 t0 = time.perf_counter()
                 build_engines(root / "onnx", root / "engines", batches, log=print)
                 print(f"TensorRT fp16 plans built in {time.perf_counter() - t0:.0f} s (timing cache in the run's tmp)")
-                samplers["e_tensorrt_fp16"] = Sampler(TrtComponents(root / "engines", root / "onnx"), root / "onnx")
+                samplers["e_tensorrt_fp16"] = Sampler(
+                    TrtComponents.from_export(root / "engines", root / "onnx"), root / "onnx"
+                )
         ceiling = matmul_rate(device, dtype)
         for batch in batches:
             flops = unet_flops(bundle, device, dtype, 2 * batch)  # both guidance halves per step

@@ -77,7 +77,11 @@ def repo(
     ] = None,
     queue_delay_us: Annotated[int, typer.Option(help="Dynamic batching queue delay, microseconds.")] = 5000,
     components: Annotated[
-        str, typer.Option(help="bls: graphs as separate models called by BLS; inprocess: inside the pipeline.")
+        str,
+        typer.Option(
+            help="bls: graphs as separate models called by BLS; inprocess: inside the pipeline (python-ort; "
+            "tensorrt: the plans in each pipeline instance, on its own GPU)."
+        ),
     ] = "bls",
     engines: Annotated[Path | None, typer.Option(help="Plans from `rf-export engines` (runtime tensorrt).")] = None,
     bundle: Annotated[Path | None, typer.Option(help="The bundle itself (runtime pytorch).")] = None,

@@ -195,7 +195,8 @@ def write_repository(
     """Fill `out` with the component models and the `pipeline` model for `runtime`.
 
     `components`: `bls` serves each graph as its own model and the pipeline calls them by BLS; `inprocess`
-    puts the graphs inside the pipeline model (one process, no copies between steps). Runtimes: `python-ort`
+    puts the graphs inside the pipeline model (one process, no copies between steps; with `tensorrt`, the plans
+    run inside each pipeline instance, on that instance's GPU). Runtimes: `python-ort`
     (CPU), `onnxruntime` and `tensorrt` (native GPU component models; tensorrt takes the plans from `engines`),
     `pytorch` (the bundle's modules on the GPU in fp16 inside the pipeline model; needs `bundle`), `openvino`
     (CPU, the graphs inside the pipeline model; `dtype` fp32, bf16, or int8 after `rf-export quantize`).
@@ -217,6 +218,8 @@ def write_repository(
         components = "pytorch"
         if bundle is None or not (Path(bundle) / "model_index.json").is_file():
             raise UserError("--runtime pytorch needs --bundle: the diffusers-layout directory the ONNX came from")
+    elif runtime == "tensorrt" and components == "inprocess":
+        components = "tensorrt"  # the plans inside each pipeline instance, on that instance's GPU
     elif runtime != "python-ort" and components == "inprocess":
         raise UserError(f"--runtime {runtime} serves components as native GPU models: use --components bls")
     if max_batch is not None and max_batch < 1:
@@ -256,6 +259,10 @@ def write_repository(
         if components == "openvino" and dtype == "int8":
             for path in (INT8_UNET, INT8_UNET.with_suffix(".bin")):
                 _link_or_copy(onnx_dir / path, files / path)
+    if components == "tensorrt":
+        for name, plan in plans.items():
+            _link_or_copy(plan, files / "engines" / f"{name}.plan")
+            _link_or_copy(plan.with_suffix(".json"), files / "engines" / f"{name}.json")
     if components != "bls":  # the pipeline holds the components: a rewritten repository keeps no stale models
         for name in meta["components"]:
             if (out / name).is_dir():

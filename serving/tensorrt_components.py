@@ -46,22 +46,27 @@ def _torch_dtype(trt, dtype) -> torch.dtype:
 
 
 class TrtComponents(ComponentCalls):
-    def __init__(self, engines: str | Path, onnx_dir: str | Path, device: str | torch.device = "cuda"):
-        from realfake.export.engines import detect_gpu, import_tensorrt, select_plans
-        from realfake.export.onnx_export import load_export_meta
+    """`plans`: the plan of each component (see `from_export` and `from_folder`), loaded on `device`."""
+
+    def __init__(self, plans: dict, device: str | torch.device = "cuda"):
+        from realfake.export.engines import import_tensorrt
 
         trt = import_tensorrt()
-        gpu = detect_gpu()
         self.device = torch.device(device)
-        meta = load_export_meta(onnx_dir)
-        plans = select_plans(Path(engines), Path(onnx_dir), meta["components"], gpu)
+        if self.device.type != "cuda" or not torch.cuda.is_available():
+            raise UserError("TensorRT plans run on an NVIDIA GPU; none is visible here")
+        capability = list(torch.cuda.get_device_capability(self.device))
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engines, self.contexts, self.profiles, self.dtypes = {}, {}, {}, {}
         for name, plan in plans.items():
-            if plan.meta.get("tensorrt_version") != trt.__version__:
+            if (
+                plan.meta.get("tensorrt_version") != trt.__version__
+                or plan.meta.get("compute_capability") != capability
+            ):
                 raise UserError(
-                    f"{plan.path.name} was built with TensorRT {plan.meta.get('tensorrt_version')}, this is "
-                    f"{trt.__version__}: run `rf-export engines` again"
+                    f"{plan.path.name} was built for compute capability {plan.meta.get('compute_capability')} with "
+                    f"TensorRT {plan.meta.get('tensorrt_version')}; this GPU is {capability} with {trt.__version__}: "
+                    "run `rf-export engines` here"
                 )
             with torch.cuda.device(self.device):
                 engine = runtime.deserialize_cuda_engine(plan.path.read_bytes())
@@ -73,6 +78,33 @@ class TrtComponents(ComponentCalls):
             inputs, output = COMPONENT_IO[name]
             self.dtypes[name] = {n: _torch_dtype(trt, engine.get_tensor_dtype(n)) for n in (*inputs, output)}
         self.max_images = min(p.max_images for p in plans.values())
+
+    @classmethod
+    def from_export(
+        cls, engines: str | Path, onnx_dir: str | Path, device: str | torch.device = "cuda"
+    ) -> TrtComponents:
+        """The plans in `engines` made from this export's graphs for this GPU (as `rf-export repo` picks them)."""
+        from realfake.export.engines import detect_gpu, import_tensorrt, select_plans
+        from realfake.export.onnx_export import load_export_meta
+
+        import_tensorrt()  # the first thing missing is the first thing said
+        meta = load_export_meta(onnx_dir)
+        return cls(select_plans(Path(engines), Path(onnx_dir), meta["components"], detect_gpu()), device)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, device: str | torch.device = "cuda") -> TrtComponents:
+        """Plans already chosen by `rf-export repo` (one `<component>.plan` + `.json` each, in the pipeline's
+        model files)."""
+        import json
+
+        from realfake.export.engines import SelectedPlan
+
+        plans = {}
+        for path in sorted(Path(folder).glob("*.plan")):
+            plans[path.stem] = SelectedPlan(path, json.loads(path.with_suffix(".json").read_text()))
+        if not plans:
+            raise UserError(f"no TensorRT plans in {folder}: write the repository with `rf-export repo --engines`")
+        return cls(plans, device)
 
     def _run(self, name: str, *tensors: torch.Tensor) -> torch.Tensor:
         if name not in self.contexts:

@@ -136,7 +136,11 @@ def test_missing_tensorrt_is_one_clear_line(no_tensorrt, tiny_onnx, tmp_path):
     with pytest.raises(UserError, match="needs the `tensorrt` Python package"):
         eng.import_tensorrt()
     with pytest.raises(UserError, match="needs the `tensorrt` Python package"):
-        TrtComponents(_fake_plans(tiny_onnx, tmp_path / "e"), tiny_onnx)
+        TrtComponents.from_export(_fake_plans(tiny_onnx, tmp_path / "e"), tiny_onnx)
+    with pytest.raises(UserError, match="needs the `tensorrt` Python package"):
+        TrtComponents.from_folder(_fake_plans(tiny_onnx, tmp_path / "e"))
+    with pytest.raises(UserError, match="no TensorRT plans in"):
+        TrtComponents.from_folder(tmp_path)
 
 
 def test_tensorrt_components_refuse_shapes_outside_the_profile():
@@ -186,6 +190,17 @@ def test_repository_per_runtime(tiny_onnx, tiny_bundle, tmp_path):
     assert smaller.max_batch_size == 8 and list(smaller.dynamic_batching.preferred_batch_size) == [4, 8]
     with pytest.raises(UserError, match=r"--max-batch 32 is larger than the TensorRT plans' profile allows \(16"):
         write_repository(tiny_onnx, tmp_path / "trt32", runtime="tensorrt", engines=plans, max_batch=32)
+    inproc = write_repository(tiny_onnx, tmp_path / "trt_in", runtime="tensorrt", engines=plans, components="inprocess")
+    assert sorted(p.name for p in inproc.iterdir()) == ["pipeline"]
+    pipe = _config(inproc / "pipeline" / "config.pbtxt")
+    assert pipe.parameters["components"].string_value == "tensorrt" and pipe.max_batch_size == 16
+    assert pipe.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    held = inproc / "pipeline" / "1" / "model_files" / "engines"
+    assert sorted(p.name for p in held.iterdir()) == sorted(
+        f"{c}.{x}" for c in META["components"] for x in ("json", "plan")
+    )
+    assert (held / "unet.plan").read_bytes() == b"plan unet"
+    assert json.loads((held / "unet.json").read_text())["max_images"] == 16
     with pytest.raises(UserError, match="no TensorRT plan for unet"):
         (plans / "unet.sm90.10.13.0.plan").unlink()
         write_repository(tiny_onnx, tmp_path / "trt2", runtime="tensorrt", engines=plans)
@@ -290,18 +305,24 @@ def test_tensorrt_engines_serve_the_pipeline(tiny_onnx, tmp_path):
     }
     unguided = {"PROMPT": request["PROMPT"][:1], "SEED": request["SEED"][:1], "STEPS": request["STEPS"][:1],
                 "GUIDANCE_SCALE": np.ones((1, 1), np.float32)}  # fmt: skip
+    inproc_repo = write_repository(
+        tiny_onnx, tmp_path / "inproc", runtime="tensorrt", engines=tmp_path / "engines", components="inprocess"
+    )
+    with LocalServer(inproc_repo) as server:  # the plans inside the pipeline instance, on its GPU
+        inproc_images = PipelineClient(server.url).infer(request)
     with LocalServer(repo) as gpu_server, LocalServer(cpu_repo) as cpu_server:
         gpu_images = PipelineClient(gpu_server.url).infer(request)
         cpu_images = PipelineClient(cpu_server.url).infer(request)
         gpu_one = PipelineClient(gpu_server.url).infer(unguided)  # batch 1 without guidance: the profile's min
         cpu_one = PipelineClient(cpu_server.url).infer(unguided)
     assert np.abs(gpu_images.astype(int) - cpu_images.astype(int)).mean() < 4  # fp16 vs fp32
+    assert np.abs(inproc_images.astype(int) - gpu_images.astype(int)).mean() < 1  # the same plans
     assert np.abs(gpu_one.astype(int) - cpu_one.astype(int)).mean() < 4
 
     from realfake.serving.sampler import Sampler, Settings
     from realfake.serving.tensorrt_components import TrtComponents
 
-    inprocess = Sampler(TrtComponents(tmp_path / "engines", tiny_onnx), tiny_onnx)
+    inprocess = Sampler(TrtComponents.from_export(tmp_path / "engines", tiny_onnx), tiny_onnx)
     images = inprocess.generate(["photo of a cat"] * 2, [""] * 2, [1, 2], Settings(steps=10, guidance_scale=2.0))
     assert np.abs(images.astype(int) - cpu_images.astype(int)).mean() < 4
     with pytest.raises(ValueError, match="outside the plan's profile"):

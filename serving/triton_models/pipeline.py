@@ -2,8 +2,9 @@
 
 Thin by design: parse requests, call the sampler (realfake.serving), answer. The components are either other
 models in the repository reached by BLS (`components: bls`, the default), or ONNX Runtime sessions in this
-process (`components: inprocess`: it saves two inter-process copies per UNet step), OpenVINO
-models in this process (`components: openvino`: fp32, bf16 or an int8 UNet), or the bundle's PyTorch modules.
+process (`components: inprocess`: it saves two inter-process copies per UNet step), TensorRT plans on this
+instance's GPU (`components: tensorrt`), OpenVINO models in this process (`components: openvino`: fp32, bf16 or
+an int8 UNet), or the bundle's PyTorch modules.
 """
 
 import json
@@ -67,6 +68,10 @@ class TritonPythonModel:
             from realfake.serving.openvino_components import OvComponents
 
             components = OvComponents(model_dir, params.get("dtype", "fp32"), threads)
+        elif mode == "tensorrt":
+            from realfake.serving.tensorrt_components import TrtComponents
+
+            components = TrtComponents.from_folder(model_dir / "engines", device)
         elif mode == "inprocess":
             components = OrtComponents(model_dir, threads, device)
         else:
