@@ -284,6 +284,10 @@ def test_dockerfile_structure():
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     for path in re.findall(r"^COPY\s+(\S+)\s", text, flags=re.M):
         assert (ROOT / path).exists(), path
+    # one onnxruntime build (the GPU one), and the TensorRT Python package of the image's own libnvinfer
+    assert text.index("pip uninstall -y onnxruntime") < text.index("install 'onnxruntime-gpu")
+    assert "getInferLibVersion" in text and 'tensorrt-cu12==${trt}.*' in text
+    assert not re.search(r"'tensorrt>=", text)
 
 
 @pytest.mark.gpu
