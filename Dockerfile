@@ -5,7 +5,10 @@
 # hosts, RF_RUNTIME=openvino RF_DTYPE=int8 serves the int8 UNet (quantized once at first start, kept in /models).
 FROM nvcr.io/nvidia/tritonserver:25.01-py3
 
+# The image's Python (Ubuntu 24.04) is the one Triton's Python backend runs: install into it, even where it is
+# marked externally managed (PEP 668).
 ENV PIP_NO_CACHE_DIR=1 \
+    PIP_BREAK_SYSTEM_PACKAGES=1 \
     RF_MODELS=/models
 
 WORKDIR /opt/realfake
