@@ -286,7 +286,7 @@ def test_dockerfile_structure():
         assert (ROOT / path).exists(), path
     # one onnxruntime build (the GPU one), and the TensorRT Python package of the image's own libnvinfer
     assert text.index("pip uninstall -y onnxruntime") < text.index("install 'onnxruntime-gpu")
-    assert "getInferLibVersion" in text and 'tensorrt-cu12==${trt}.*' in text
+    assert "getInferLibVersion" in text and "tensorrt-cu12==${trt}.*" in text
     assert not re.search(r"'tensorrt>=", text)
 
 
