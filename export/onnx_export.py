@@ -204,7 +204,8 @@ def _image_encoder_size(modules: dict) -> int:
 
 
 def graph_files(graph: str | Path) -> list[Path]:
-    """An ONNX graph file and the external-data files its initializers point to (those that exist)."""
+    """An ONNX graph file and the external-data files its initializers point to; one clear error when any of
+    those is missing (a graph copied without its weights)."""
     import onnx
 
     graph = Path(graph)
@@ -216,7 +217,10 @@ def graph_files(graph: str | Path) -> list[Path]:
         for entry in tensor.external_data
         if entry.key == "location"
     }
-    return [graph] + [graph.parent / loc for loc in sorted(locations) if (graph.parent / loc).is_file()]
+    missing = sorted(loc for loc in locations if not (graph.parent / loc).is_file())
+    if missing:
+        raise UserError(f"{graph} keeps its weights in {', '.join(missing)}, which is missing beside it")
+    return [graph] + [graph.parent / loc for loc in sorted(locations)]
 
 
 def graph_sha256(graph: str | Path) -> str:

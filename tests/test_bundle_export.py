@@ -151,5 +151,11 @@ def test_large_graphs_keep_their_weights_beside_them(tiny_bundle, tiny_onnx, tmp
     with LocalServer(cpu_repo) as server:
         assert np.array_equal(PipelineClient(server.url).infer(request), single)
 
+    moved = tmp_path / "vae_decoder.onnx.data"
+    (out / "vae_decoder.onnx.data").rename(moved)  # a graph copied without its weights: said, not linked
+    with pytest.raises(UserError, match=r"vae_decoder.onnx keeps its weights in vae_decoder.onnx.data, which is"):
+        write_repository(out, tmp_path / "broken", runtime="onnxruntime")
+    moved.rename(out / "vae_decoder.onnx.data")
+
     export_onnx(tiny_bundle, out, log=lambda *_: None)  # under the default limit: single files again
     assert not list(out.glob("*.data")) and graph_files(out / "unet.onnx") == [out / "unet.onnx"]
