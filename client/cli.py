@@ -99,6 +99,13 @@ def generate(
     concurrency: Annotated[int, typer.Option(help="Requests in flight per server.")] = 2,
     shard: Annotated[str | None, typer.Option(help="I/N: make only this process's share of the job.")] = None,
     force: Annotated[bool, typer.Option(help="Resume even though the job's settings changed.")] = False,
+    mixed_engines: Annotated[
+        bool,
+        typer.Option(
+            help="Accept servers whose engines differ (runtime, precision, plans, scheduler): each image then "
+            "depends on the server that made it (recorded per manifest row)."
+        ),
+    ] = False,
     max_attempts: Annotated[int, typer.Option(help="Tries per request before its images count as failed.")] = 4,
     server_wait: Annotated[float, typer.Option(help="Seconds to wait for any server to come back.")] = 120.0,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
@@ -145,6 +152,12 @@ def generate(
         identities = {c.identity for c in cards}
         if len(identities) > 1:
             raise UserError(f"the servers serve different models ({', '.join(sorted(identities))})")
+        engines = {c.engine for c in cards}
+        if len(engines) > 1 and not mixed_engines:
+            raise UserError(
+                f"the servers run the model on different engines ({'; '.join(sorted(engines))}): images would depend "
+                "on the server that made them; use servers of one kind, or --mixed-engines to accept that"
+            )
         card = cards[0]
         use_token = bool(real) and (guidance_token == "on" or (guidance_token == "auto" and card.has_image_encoder))
         if use_token and not card.has_image_encoder:
@@ -165,6 +178,7 @@ def generate(
             real=str(real.resolve()) if real else None,
             captions_digest=ds.file_sha256(captions) if captions else None,
             model=card.identity,
+            engine="mixed" if mixed_engines else card.engine,
         )
         _check_job(out, spec, force)
         if real:
@@ -211,10 +225,11 @@ def _check_job(out: Path, spec: ds.JobSpec, force: bool) -> None:
     path = out / ds.JOB_FILE
     if path.exists():
         try:
-            old = ds.JobSpec(**json.loads(path.read_text()))
+            stored = json.loads(path.read_text())
+            old = ds.JobSpec(**stored)
         except (json.JSONDecodeError, TypeError) as exc:
             raise UserError(f"{path} is unreadable ({exc}); move it away to start a new job") from None
-        changed = old.differences(spec)
+        changed = [k for k in old.differences(spec) if k in stored]  # what an older version did not record: new
         if changed and not force:
             raise UserError(
                 f"{out} holds a job with other settings ({', '.join(changed)}): use another --out, "
@@ -382,7 +397,10 @@ def bench(
                 row = measure(urls[0], c, b, requests, steps, guidance)
                 rows.append(row)
                 console.print(f"concurrency {c} batch {b}: {row.images_per_sec:.2f} img/s, p50 {row.latency_p50_ms} ms")
-    table = Table(title=f"rf-client bench: {urls[0]}, model {card.identity}, {steps} steps, guidance {guidance}")
+    table = Table(
+        title=f"rf-client bench: {urls[0]}, model {card.identity}, engine {card.engine}, {steps} steps, "
+        f"guidance {guidance}"
+    )
     for col in ("concurrency", "batch", "images/s", "p50 ms", "p95 ms", "p99 ms", "errors"):
         table.add_column(col, justify="right")
     for r in rows:
@@ -396,7 +414,14 @@ def bench(
             str(r.errors),
         )
     console.print(table)
-    meta = {"url": urls[0], "model": card.identity, "steps": steps, "guidance_scale": guidance, "requests": requests}
+    meta = {
+        "url": urls[0],
+        "model": card.identity,
+        "engine": card.engine,
+        "steps": steps,
+        "guidance_scale": guidance,
+        "requests": requests,
+    }
     json_path, csv_path = write_results(rows, out, meta)
     typer.echo(f"results: {json_path} {csv_path}")
 

@@ -70,6 +70,7 @@ class JobSpec:
     real: str | None = None
     captions_digest: str | None = None
     model: str | None = None
+    engine: str | None = None  # the servers' engine (see PARAM_ENGINE), or "mixed" with --mixed-engines
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:

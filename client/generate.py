@@ -45,15 +45,19 @@ class ServerState:
     requests: int = 0
     failures: int = 0
     busy_seconds: float = 0.0
+    engine: str | None = None  # from the server's model card, read at every (re)connection
+    refused: str | None = None  # why this server is not used for this job (it serves something else)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def summary(self, wall: float) -> dict:
         return {
             "url": self.url,
+            "engine": self.engine,
             "images": self.images,
             "requests": self.requests,
             "failures": self.failures,
             "images_per_sec": round(self.images / wall, 3) if wall > 0 else 0.0,
+            "refused": self.refused,
         }
 
 
@@ -118,12 +122,13 @@ class Runner:
         self.results: queue.Queue[tuple[str, Batch, object]] = queue.Queue()
         self.stop = threading.Event()
         self.retries = 0
+        self.engines: dict[str, str] = {}  # url -> the engine its card named at the last connection
 
     # -- workers --------------------------------------------------------------------------------------------
 
     def _worker(self, server: ServerState) -> None:
         client: PipelineClient | None = None
-        while not self.stop.is_set():
+        while not self.stop.is_set() and not server.refused:
             if not server.healthy:
                 if server_ready(server.url, timeout=1.0):
                     server.healthy = True
@@ -141,7 +146,13 @@ class Runner:
             if not items:
                 continue
             try:
-                client = client or PipelineClient(server.url)
+                if client is None:  # a new connection, perhaps to a restarted server: is it still the job's model?
+                    client = PipelineClient(server.url)
+                    refusal = self._refusal(client.card())
+                    if refusal:
+                        server.refused, server.healthy = refusal, False
+                        self.results.put(("refused", batch, f"{server.url}: {refusal}"))
+                        return
                 t0 = time.perf_counter()
                 images = client.generate(self.spec, items, init_images)
                 elapsed = time.perf_counter() - t0
@@ -167,6 +178,15 @@ class Runner:
                 server.requests += 1
                 server.busy_seconds += elapsed
             self.results.put(("done", Batch(items), rows))
+
+    def _refusal(self, card) -> str | None:
+        """Why a server's model card does not fit this job (another model, or another engine), or None."""
+        if self.spec.model is not None and card.identity != self.spec.model:
+            return f"serves model {card.identity}, this job's is {self.spec.model}"
+        if self.spec.engine not in (None, "mixed") and card.engine != self.spec.engine:
+            return f"runs engine {card.engine!r}, this job's is {self.spec.engine!r} (see --mixed-engines)"
+        self.engines[card.url] = card.engine
+        return None
 
     def _prepare(self, batch: Batch) -> tuple[list[WorkItem], np.ndarray | None, list[tuple[WorkItem, str]]]:
         """Load the batch's real images; an image that does not decode is skipped (and reported), not retried."""
@@ -199,6 +219,7 @@ class Runner:
             "real_image": item.real_image,
             "caption": item.caption or None,
             "model": s.model,
+            "engine": self.engines.get(url),
             "server": url,
             "sha256": hashlib.sha256(png).hexdigest(),
         }
@@ -240,6 +261,14 @@ class Runner:
                         }
                         for i, reason in payload
                     ]
+                elif kind == "refused":  # not the batch's fault: it goes back, uncounted
+                    self.work.put(batch)
+                    if all(srv.refused for srv in self.servers):
+                        raise UserError(
+                            "no server fits this job: "
+                            + "; ".join(f"{srv.url} {srv.refused}" for srv in self.servers)
+                            + f"; {done} images finished and kept"
+                        )
                 elif kind == "failed":
                     batch.attempts += 1
                     batch.last_error = str(payload)
@@ -251,7 +280,7 @@ class Runner:
                     else:
                         self.retries += 1
                         self.work.put(batch)
-                if any(s.healthy for s in self.servers):
+                if any(s.healthy for s in self.servers if not s.refused):
                     all_down_since = None
                 elif all_down_since is None:
                     all_down_since = time.monotonic()

@@ -31,3 +31,6 @@ MAX_STEPS = 1000
 PARAM_BUNDLE_IDENTITY = "bundle_identity"
 PARAM_IMAGE_SIZE = "image_size"
 PARAM_HAS_IMAGE_ENCODER = "has_image_encoder"
+# What computes the images from those weights (runtime, precision, its artifacts, scheduler): two servers with
+# the same bundle but other engines draw slightly (or, with another scheduler, entirely) different images.
+PARAM_ENGINE = "engine"

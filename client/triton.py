@@ -9,6 +9,7 @@ import numpy as np
 from realfake.client.errors import UserError
 from realfake.client.protocol import (
     PARAM_BUNDLE_IDENTITY,
+    PARAM_ENGINE,
     PARAM_HAS_IMAGE_ENCODER,
     PARAM_IMAGE_SIZE,
     PIPELINE_INPUTS,
@@ -25,6 +26,7 @@ class ModelCard:
     image_size: int
     has_image_encoder: bool
     max_batch_size: int
+    engine: str = "unknown"
 
 
 def normalise_url(url: str) -> str:
@@ -67,6 +69,7 @@ class PipelineClient:
             image_size=int(params.get(PARAM_IMAGE_SIZE, "0") or 0),
             has_image_encoder=params.get(PARAM_HAS_IMAGE_ENCODER, "false") == "true",
             max_batch_size=int(config.get("max_batch_size", 0)),
+            engine=params.get(PARAM_ENGINE, "unknown"),
         )
 
     def _input(self, name: str, array: np.ndarray):

@@ -6,6 +6,7 @@ runtimes never drift apart by hand edits.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 from realfake.client.errors import UserError
 from realfake.client.protocol import (
     PARAM_BUNDLE_IDENTITY,
+    PARAM_ENGINE,
     PARAM_HAS_IMAGE_ENCODER,
     PARAM_IMAGE_SIZE,
     PIPELINE_INPUTS,
@@ -176,6 +178,37 @@ def _check_openvino(onnx_dir: Path, dtype: str) -> None:
         raise UserError(f"the int8 UNet in {onnx_dir} was made from another unet.onnx: run `rf-export quantize` again")
 
 
+def engine_identity(
+    runtime: str, device: str, dtype: str, scheduler: str, onnx_dir: Path, plans: dict[str, Path]
+) -> str:
+    """A short description of what computes the images, for the client to record and compare: runtime and
+    device, precision, a digest of the runtime's own artifacts where they are not the bundle's graphs (TensorRT
+    plans, which differ between builds; the int8 UNet), and the scheduler."""
+    from realfake.client.dataset import file_sha256
+
+    def digest(files) -> str:
+        h = hashlib.sha256()
+        for path in files:
+            h.update(f"{Path(path).name}:{file_sha256(Path(path))}\n".encode())
+        return h.hexdigest()[:12]
+
+    where = "cuda" if device.startswith("cuda") else "cpu"
+    if runtime == "tensorrt":
+        meta = json.loads(next(iter(plans.values())).with_suffix(".json").read_text())
+        arch = "sm" + "".join(str(n) for n in meta["compute_capability"])
+        precision = "fp16" if meta.get("fp16", True) else "fp32"
+        label = f"tensorrt-{meta['tensorrt_version']} {arch} {precision} {digest(plans[k] for k in sorted(plans))}"
+    elif runtime == "openvino":
+        label = f"openvino-cpu {dtype}"
+        if dtype == "int8":
+            label += f" {digest([onnx_dir / INT8_UNET, onnx_dir / INT8_UNET.with_suffix('.bin')])}"
+    elif runtime == "pytorch":
+        label = f"pytorch-{where} {dtype if dtype != 'auto' else ('fp16' if where == 'cuda' else 'fp32')}"
+    else:  # python-ort (CPU, or CUDA in-process) and onnxruntime (native, GPU)
+        label = f"onnxruntime-{'cuda' if runtime == 'onnxruntime' else where} fp32"
+    return f"{label}, {scheduler}"
+
+
 def write_repository(
     onnx_dir: str | Path,
     out: str | Path,
@@ -277,6 +310,8 @@ def write_repository(
         "intra_op_threads": str(threads),
         "device": device or ("cpu" if runtime in ("python-ort", "openvino") else "cuda"),
     }
+    resolved = "fp32" if runtime == "openvino" and dtype == "auto" else dtype
+    params[PARAM_ENGINE] = engine_identity(runtime, params["device"], resolved, scheduler, onnx_dir, plans)
     if runtime == "openvino":
         params["dtype"] = "fp32" if dtype == "auto" else dtype
     if runtime == "pytorch":

@@ -290,3 +290,63 @@ def test_bench_writes_table_json_csv(triton, tmp_path):
         assert row["latency_p50_ms"] <= row["latency_p95_ms"] <= row["latency_p99_ms"]
     assert stem.with_suffix(".csv").read_text().splitlines()[0].startswith("concurrency,batch,")
     assert "p95 ms" in r.stdout
+
+
+def test_servers_on_other_engines_are_refused_unless_mixed(triton, tiny_onnx, tmp_path):
+    """Same weights, other engine (here another scheduler): refused up front, refused when it joins mid-job,
+    refused on resume; accepted with --mixed-engines, each manifest row naming the engine that made it."""
+    from realfake.client import dataset as ds
+    from realfake.client.classes import load_classes
+    from realfake.client.errors import UserError
+    from realfake.client.generate import Runner
+    from realfake.client.triton import PipelineClient
+    from realfake.export.repo import write_repository
+
+    other_repo = write_repository(tiny_onnx, tmp_path / "ddim_repo", scheduler="ddim")
+    small = ["--classes", "cifar10", "--per-class", "2", "--steps", "4", "--batch", "2", "--quiet"]
+    with LocalServer(other_repo) as other:
+        mine, theirs = PipelineClient(triton.url).card(), PipelineClient(other.url).card()
+        assert mine.identity == theirs.identity
+        assert (mine.engine, theirs.engine) == ("onnxruntime-cpu fp32, unipc", "onnxruntime-cpu fp32, ddim")
+
+        out = tmp_path / "both"
+        r = rf("rf-client", "generate", *small, "--out", str(out), "--url", triton.url, "--url", other.url)
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+            "error: the servers run the model on different engines (onnxruntime-cpu fp32, ddim; onnxruntime-cpu "
+            "fp32, unipc): images would depend on the server that made them; use servers of one kind, or "
+            "--mixed-engines to accept that"
+        ]
+        assert not out.exists() or not list(out.glob("*/*.png"))
+
+        r = rf("rf-client", "generate", *small, "--out", str(out), "--url", triton.url, "--url", other.url,
+               "--mixed-engines")  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        rows = ds.read_manifest_rows(out / "manifest.jsonl")
+        assert len(rows) == 20 and {r["engine"] for r in rows} <= {mine.engine, theirs.engine}
+        assert all(r["engine"] == (mine if r["server"] == triton.url else theirs).engine for r in rows)
+        assert json.loads((out / "job.json").read_text())["engine"] == "mixed"
+
+        single = tmp_path / "single"
+        assert rf("rf-client", "generate", *small, "--out", str(single), "--url", triton.url).returncode == 0
+        assert json.loads((single / "job.json").read_text())["engine"] == mine.engine
+        r = rf("rf-client", "generate", *small, "--out", str(single), "--url", other.url)
+        assert r.returncode == 2 and "other settings (engine)" in r.stderr
+
+        # a server that passes the start-up check but serves another engine when a worker connects (it was
+        # down at the start, or restarted with another repository) is refused and its work goes elsewhere
+        spec = ds.JobSpec(classes=[], per_class=2, steps=4, model=mine.identity, engine=mine.engine)
+        cls = load_classes("cifar10")[0]
+        items = [ds.WorkItem(cls, i, ds.image_seed(0, cls.id, i), "photo of an airplane") for i in range(6)]
+        late = tmp_path / "late"
+        late.mkdir()
+        writer = ds.ManifestWriter(late / "manifest.jsonl")
+        summary = Runner(late, spec, items, [other.url, triton.url], writer, batch=2).run()
+        writer.close()
+        by_url = {s["url"]: s for s in summary.servers}
+        assert summary.images == 6 and by_url[triton.url]["images"] == 6 and by_url[other.url]["images"] == 0
+        assert (
+            "runs engine 'onnxruntime-cpu fp32, ddim', this job's is 'onnxruntime-cpu fp32, unipc'"
+            in (by_url[other.url]["refused"])
+        )
+        with pytest.raises(UserError, match="no server fits this job"):
+            Runner(late, spec, items[:2], [other.url], ds.ManifestWriter(late / "m2.jsonl")).run()

@@ -4,6 +4,7 @@ Tests marked `gpu` build and serve real TensorRT engines and skip, with the reas
 
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -172,6 +173,7 @@ def test_repository_per_runtime(tiny_onnx, tiny_bundle, tmp_path):
     assert (onnx_rt / "unet" / "1" / "model.onnx").is_file() and not (onnx_rt / "unet" / "1" / "model.py").exists()
     pipe = _config(onnx_rt / "pipeline" / "config.pbtxt")
     assert list(pipe.dynamic_batching.preferred_batch_size) == [4, 8, 16]
+    assert pipe.parameters["engine"].string_value == "onnxruntime-cuda fp32, unipc"
     assert pipe.parameters["device"].string_value == "cuda" and pipe.parameters["components"].string_value == "bls"
 
     plans = _fake_plans(tiny_onnx, tmp_path / "engines")
@@ -182,6 +184,13 @@ def test_repository_per_runtime(tiny_onnx, tiny_bundle, tmp_path):
     assert (trt / "vae_decoder" / "1" / "model.plan").read_bytes() == b"plan vae_decoder"
     pipe = _config(trt / "pipeline" / "config.pbtxt")
     assert pipe.max_batch_size == 16 and list(pipe.dynamic_batching.preferred_batch_size) == [4, 8, 16]
+    engine = pipe.parameters["engine"].string_value
+    assert re.fullmatch(r"tensorrt-10\.13\.0 sm90 fp16 [0-9a-f]{12}, unipc", engine), engine
+    again = tmp_path / "engines_again"
+    shutil.copytree(plans, again)
+    (again / "unet.sm90.10.13.0.plan").write_bytes(b"plan unet, built again")  # two TensorRT builds differ
+    rebuilt = write_repository(tiny_onnx, tmp_path / "trt_re", runtime="tensorrt", engines=again)
+    assert _config(rebuilt / "pipeline" / "config.pbtxt").parameters["engine"].string_value != engine
     smaller = _config(
         write_repository(tiny_onnx, tmp_path / "trt8", runtime="tensorrt", engines=plans, max_batch=8)
         / "pipeline"
@@ -211,6 +220,7 @@ def test_repository_per_runtime(tiny_onnx, tiny_bundle, tmp_path):
     assert (
         params["components"].string_value == "pytorch" and Path(params["bundle"].string_value) == tiny_bundle.resolve()
     )
+    assert params["engine"].string_value == "pytorch-cuda fp16, unipc"
     with pytest.raises(UserError, match="needs --bundle"):
         write_repository(tiny_onnx, tmp_path / "pt2", runtime="pytorch")
     with pytest.raises(UserError, match="unknown runtime"):
@@ -373,6 +383,7 @@ def test_repo_cli_wires_runtime_options(tiny_onnx, tiny_bundle, tmp_path):
     assert r.returncode == 0, r.stderr
     pipe = _config(tmp_path / "pt" / "pipeline" / "config.pbtxt")
     assert pipe.parameters["dtype"].string_value == "bf16" and pipe.parameters["device"].string_value == "cpu"
+    assert pipe.parameters["engine"].string_value == "pytorch-cpu bf16, unipc"
     assert pipe.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
 
 
@@ -407,7 +418,6 @@ def test_serving_image_default_runtime_without_gpu_stops_with_one_line(tiny_bund
     """The image's default (TensorRT) started on a host without a GPU: exit 2 with the reason and the CPU
     alternative, before anything is written or served."""
     import os
-    import shutil
     import sys
 
     models = tmp_path / "models"

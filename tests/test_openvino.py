@@ -4,6 +4,7 @@ calibrated, checked, refused when stale, and served through a real Triton."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -231,3 +232,5 @@ def test_demo_export_stage_with_the_int8_runtime(tiny_bundle, tmp_path):
     assert "photo of Ankle boot, best quality" in report["calibration"]["prompts"]
     config = (Path(result["repo"]) / "pipeline" / "config.pbtxt").read_text()
     assert 'string_value: "openvino"' in config and 'string_value: "int8"' in config
+    engine = re.search(r'key: "engine"\n  value: \{ string_value: "([^"]+)" \}', config).group(1)
+    assert re.fullmatch(r"openvino-cpu int8 [0-9a-f]{12}, unipc", engine), engine  # the int8 model's digest
