@@ -230,11 +230,16 @@ def graph_sha256(graph: str | Path) -> str:
     from realfake.client.dataset import file_sha256
 
     files = graph_files(graph)
-    if len(files) == 1:
-        return file_sha256(files[0])
+    return file_sha256(files[0]) if len(files) == 1 else files_sha256(files)
+
+
+def files_sha256(files) -> str:
+    """One sha256 over several files, by name and content (graphs with their weights, sets of plans)."""
+    from realfake.client.dataset import file_sha256
+
     digest = hashlib.sha256()
     for path in files:
-        digest.update(f"{path.name}:{file_sha256(path)}\n".encode())
+        digest.update(f"{Path(path).name}:{file_sha256(Path(path))}\n".encode())
     return digest.hexdigest()
 
 

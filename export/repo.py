@@ -6,7 +6,6 @@ runtimes never drift apart by hand edits.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ from realfake.client.protocol import (
     PIPELINE_MODEL,
     PIPELINE_OUTPUTS,
 )
-from realfake.export.onnx_export import graph_files, graph_sha256, load_export_meta
+from realfake.export.onnx_export import files_sha256, graph_files, graph_sha256, load_export_meta
 from realfake.export.quantize import INT8_UNET, QUANTIZE_REPORT
 
 RUNTIMES = ("python-ort", "openvino", "onnxruntime", "tensorrt", "pytorch")
@@ -184,13 +183,9 @@ def engine_identity(
     """A short description of what computes the images, for the client to record and compare: runtime and
     device, precision, a digest of the runtime's own artifacts where they are not the bundle's graphs (TensorRT
     plans, which differ between builds; the int8 UNet), and the scheduler."""
-    from realfake.client.dataset import file_sha256
 
     def digest(files) -> str:
-        h = hashlib.sha256()
-        for path in files:
-            h.update(f"{Path(path).name}:{file_sha256(Path(path))}\n".encode())
-        return h.hexdigest()[:12]
+        return files_sha256(files)[:12]
 
     where = "cuda" if device.startswith("cuda") else "cpu"
     if runtime == "tensorrt":
