@@ -45,7 +45,7 @@ class ServerState:
     requests: int = 0
     failures: int = 0
     busy_seconds: float = 0.0
-    engine: str | None = None  # from the server's model card, read at every (re)connection
+    engine: str | None = None  # from the server's model card, read at every (re)connection; in manifest rows
     refused: str | None = None  # why this server is not used for this job (it serves something else)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -122,7 +122,6 @@ class Runner:
         self.results: queue.Queue[tuple[str, Batch, object]] = queue.Queue()
         self.stop = threading.Event()
         self.retries = 0
-        self.engines: dict[str, str] = {}  # url -> the engine its card named at the last connection
 
     # -- workers --------------------------------------------------------------------------------------------
 
@@ -148,11 +147,13 @@ class Runner:
             try:
                 if client is None:  # a new connection, perhaps to a restarted server: is it still the job's model?
                     client = PipelineClient(server.url)
-                    refusal = self._refusal(client.card())
+                    card = client.card()
+                    refusal = self._refusal(card)
                     if refusal:
                         server.refused, server.healthy = refusal, False
                         self.results.put(("refused", batch, f"{server.url}: {refusal}"))
                         return
+                    server.engine = card.engine
                 t0 = time.perf_counter()
                 images = client.generate(self.spec, items, init_images)
                 elapsed = time.perf_counter() - t0
@@ -172,7 +173,7 @@ class Runner:
                 png = encode_png(image)
                 rel = image_relpath(item, self.width)
                 write_atomic(self.out / rel, png)
-                rows.append(self._row(item, rel, png, server.url))
+                rows.append(self._row(item, rel, png, server))
             with server.lock:
                 server.images += len(rows)
                 server.requests += 1
@@ -185,7 +186,6 @@ class Runner:
             return f"serves model {card.identity}, this job's is {self.spec.model}"
         if self.spec.engine not in (None, "mixed") and card.engine != self.spec.engine:
             return f"runs engine {card.engine!r}, this job's is {self.spec.engine!r} (see --mixed-engines)"
-        self.engines[card.url] = card.engine
         return None
 
     def _prepare(self, batch: Batch) -> tuple[list[WorkItem], np.ndarray | None, list[tuple[WorkItem, str]]]:
@@ -201,7 +201,7 @@ class Runner:
                 skipped.append((item, f"real image {item.real_image} does not decode ({_one_line(exc)})"))
         return items, (np.stack(images) if images else None), skipped
 
-    def _row(self, item: WorkItem, rel: str, png: bytes, url: str) -> dict:
+    def _row(self, item: WorkItem, rel: str, png: bytes, server: ServerState) -> dict:
         s = self.spec
         return {
             "path": rel,
@@ -219,8 +219,8 @@ class Runner:
             "real_image": item.real_image,
             "caption": item.caption or None,
             "model": s.model,
-            "engine": self.engines.get(url),
-            "server": url,
+            "engine": server.engine,
+            "server": server.url,
             "sha256": hashlib.sha256(png).hexdigest(),
         }
 
