@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -100,8 +99,10 @@ class OrtComponents(ComponentCalls):
         onnx_dir = Path(onnx_dir)
         self.device = torch.device(device)
         self.io_binding = self.device.type == "cuda" if io_binding is None else io_binding
-        meta = json.loads((onnx_dir / "export.json").read_text())
-        self.scale, self.latent_channels = int(meta["vae_scale_factor"]), int(meta["latent_channels"])
+        from realfake.serving.sampler import ModelInfo
+
+        info = ModelInfo.load(onnx_dir)
+        self.scale, self.latent_channels = info.vae_scale_factor, info.latent_channels
         self.sessions = {
             name: make_session(onnx_dir / f"{name}.onnx", threads, self.device)
             for name in COMPONENT_IO
