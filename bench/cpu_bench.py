@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from realfake.client.dataset import DEFAULT_NEGATIVE, DEFAULT_TEMPLATE, render_prompt
+from realfake.client.dataset import DEFAULT_NEGATIVE
 
 SIZES = {
     # the tiny test bundle, and one with 4x its UNet/VAE/text widths (same image size)
@@ -126,8 +126,7 @@ def run_triton(url: str, images: int, batch: int, steps: int, guidance: float, c
 
 def variant_repo(variant: str, bundle: Path, onnx_dir: Path, root: Path, steps: int, guidance: float) -> Path:
     """A repository for one extra (c) variant (VARIANTS); int8 is calibrated first, at the benchmark's settings."""
-    from realfake.client.classes import load_classes
-    from realfake.export.quantize import INT8_UNET, quantize_unet
+    from realfake.export.quantize import INT8_UNET, class_prompts, quantize_unet
     from realfake.export.repo import write_repository
 
     runtime, _, dtype = variant.partition("-")
@@ -138,7 +137,7 @@ def variant_repo(variant: str, bundle: Path, onnx_dir: Path, root: Path, steps: 
     if dtype == "int8" and not (onnx_dir / INT8_UNET).is_file():
         t0 = time.perf_counter()
         # calibrated on other classes' prompts than the benchmark's own, as a deployment would be
-        prompts = [render_prompt(DEFAULT_TEMPLATE, c.name) for c in load_classes("imagenet")[7::125]]
+        prompts = class_prompts("imagenet", 8)
         report = quantize_unet(
             onnx_dir,
             prompts,

@@ -139,15 +139,9 @@ def quantize(
     Calibrates on the UNet's own inputs while the fp32 sampler draws images for prompts of the class set,
     then compares int8 with fp32 images on held-out seeds; writes unet.int8.xml/.bin and quantize.json.
     """
-    import random
+    from realfake.export.quantize import INT8_UNET, QUANTIZE_REPORT, class_prompts, quantize_unet
 
-    from realfake.client.classes import load_classes
-    from realfake.client.dataset import render_prompt
-    from realfake.export.quantize import INT8_UNET, QUANTIZE_REPORT, quantize_unet
-
-    names = [c.name for c in load_classes(classes)]
-    random.Random(0).shuffle(names)  # a spread of classes, the same every run
-    prompts = [render_prompt(prompt_template, name) for name in names[: max(calibration_images, check_images)]]
+    prompts = class_prompts(classes, max(calibration_images, check_images), prompt_template)
     report = quantize_unet(
         onnx_dir,
         prompts,

@@ -13,18 +13,30 @@ Output, next to the ONNX graphs: `unet.int8.xml` / `unet.int8.bin` (OpenVINO IR)
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 
 import numpy as np
 
-from realfake.client.dataset import write_atomic
+from realfake.client.classes import load_classes
+from realfake.client.dataset import DEFAULT_TEMPLATE, render_prompt, write_atomic
 from realfake.client.errors import UserError
 from realfake.export.onnx_export import graph_sha256, load_export_meta
 
 PRESETS = ("performance", "mixed")
 INT8_UNET = Path("unet.int8.xml")  # OpenVINO IR; its weights are unet.int8.bin beside it
 QUANTIZE_REPORT = "quantize.json"
+
+
+def class_prompts(class_set: str, count: int | None = None, template: str = DEFAULT_TEMPLATE) -> list[str]:
+    """Calibration prompts from a class set: every class in order, or `count` classes spread over the set (one
+    fixed shuffle, the same every run)."""
+    names = [c.name for c in load_classes(class_set)]
+    if count is not None:
+        random.Random(0).shuffle(names)
+        names = names[:count]
+    return [render_prompt(template, name) for name in names]
 
 
 def _calibration_prompts(prompts: list[str], count: int) -> list[str]:

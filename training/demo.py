@@ -174,10 +174,10 @@ class Demo:
             return result
         dtype = self.cfg.runtime.removeprefix("openvino-")
         if dtype == "int8":
-            from realfake.client.dataset import DEFAULT_NEGATIVE, DEFAULT_TEMPLATE, render_prompt
-            from realfake.export.quantize import quantize_unet
+            from realfake.client.dataset import DEFAULT_NEGATIVE
+            from realfake.export.quantize import class_prompts, quantize_unet
 
-            prompts = [render_prompt(DEFAULT_TEMPLATE, c.name) for c in self.classes]
+            prompts = class_prompts(CLASS_SET)
             check = quantize_unet(
                 onnx_dir,
                 prompts,
