@@ -254,15 +254,12 @@ def main() -> None:
         if row["size"] not in best or row["c_over_a"] > best[row["size"]]["c_over_a"]:
             best[row["size"]] = row
     # each path at its own best batch setting: what a user of either would actually run
-    best_any = {}
+    best_of_path: dict[str, dict[str, dict]] = {}
     for row in results:
+        paths = best_of_path.setdefault(row["size"], {})
         for path, value in row["images_per_sec"].items():
-            key = (row["size"], path)
-            if key not in best_any or value > best_any[key][0]:
-                best_any[key] = (value, row["batch"])
-    best_of_path = {}
-    for (size, path), (value, batch) in best_any.items():
-        best_of_path.setdefault(size, {})[path] = {"images_per_sec": value, "batch": batch}
+            if path not in paths or value > paths[path]["images_per_sec"]:
+                paths[path] = {"images_per_sec": value, "batch": row["batch"]}
     summary = {
         "cpu_count": os.cpu_count(),
         "results": results,
