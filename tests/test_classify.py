@@ -76,43 +76,34 @@ def _result(out):
     return json.loads((out / "result.json").read_text())
 
 
-def test_real_training_beats_chance_clearly(fmnist, tmp_path):
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _classify_real(fmnist, run, *options):
+    """rf-train classify on the real Fashion-MNIST subset, validated on the held-out one."""
     r = rf(
-        "rf-train",
-        "classify",
-        *COMMON,
-        "--real",
-        str(fmnist / "train"),
-        "--val",
-        str(fmnist / "val"),
-        "--out",
-        str(tmp_path / "run"),
-    )
+        "rf-train", "classify", *options, "--real", str(fmnist / "train"), "--val", str(fmnist / "val"),
+        "--out", str(run),
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_real_training_beats_chance_clearly(fmnist, tmp_path):
+    _classify_real(fmnist, tmp_path / "run", *COMMON)
     result = _result(tmp_path / "run")
     assert result["top1"] > 0.45, result  # chance is 0.10
     assert result["top5"] >= result["top1"] and result["val"]["images"] == 10 * VAL_PER_CLASS
     assert (tmp_path / "run" / "best.pt").is_file()
-    epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epochs = _metrics(tmp_path / "run")
     assert [e["epoch"] for e in epochs] == [1, 2, 3]
     assert all(e["samples_seen"] == e["unique_samples"] == 10 * TRAIN_PER_CLASS for e in epochs)
 
 
 def test_eval_every_validates_only_those_epochs_and_the_last(fmnist, tmp_path):
     args = ["--classes", "fashion-mnist", "--model", "resnet-small", "--epochs", "3", "--eval-every", "2"]
-    r = rf(
-        "rf-train",
-        "classify",
-        *args,
-        "--real",
-        str(fmnist / "train"),
-        "--val",
-        str(fmnist / "val"),
-        "--out",
-        str(tmp_path / "run"),
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    _classify_real(fmnist, tmp_path / "run", *args)
+    epochs = _metrics(tmp_path / "run")
     validated = [e["epoch"] for e in epochs if not math.isnan(e["val_top1"])]
     assert validated == [2, 3]
 
@@ -145,7 +136,7 @@ def test_ddp_two_processes_matches_one(fmnist, tmp_path):
     assert two["processes"] == 2
     # stated margin: BatchNorm statistics are per process under DDP, so runs differ slightly
     assert abs(one["top1"] - two["top1"]) <= 0.12, (one["top1"], two["top1"])
-    for e in (json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()):
+    for e in _metrics(tmp_path / "two"):
         assert e["samples_seen"] == e["unique_samples"] == 10 * TRAIN_PER_CLASS  # no sample twice, none lost
 
 
