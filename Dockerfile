@@ -13,6 +13,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 WORKDIR /opt/realfake
 COPY pyproject.toml README.md ./
+COPY core ./core
 COPY client ./client
 COPY export ./export
 COPY serving ./serving

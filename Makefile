@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check client export serving training bench tests && $(BIN)/ruff format --check client export serving training bench tests
+	$(BIN)/ruff check core client export serving training bench tests && $(BIN)/ruff format --check core client export serving training bench tests
 
 clean:
 	rm -rf $(VENV) out

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from realfake.client.dataset import DEFAULT_NEGATIVE
+from realfake.core.defaults import DEFAULT_NEGATIVE
 
 SIZES = {
     # the tiny test bundle, and one with 4x its UNet/VAE/text widths (same image size)
@@ -41,9 +41,9 @@ VARIANTS = ("openvino-fp32", "openvino-bf16", "openvino-int8", "pytorch-bf16")
 
 
 def build(size: str, root: Path) -> tuple[Path, Path, Path, Path]:
-    from realfake.export.bundle import build_tiny_bundle
     from realfake.export.onnx_export import export_onnx
-    from realfake.export.repo import write_repository
+    from realfake.export.tiny_bundle import build_tiny_bundle
+    from realfake.export.triton_repo import write_repository
 
     bundle = build_tiny_bundle(root / size / "bundle", seed=0, **SIZES[size])
     export_onnx(bundle, root / size / "onnx", log=lambda *_: None)
@@ -91,7 +91,7 @@ def run_ort(onnx_dir: Path, images: int, batch: int, steps: int, guidance: float
 
 
 def run_triton(url: str, images: int, batch: int, steps: int, guidance: float, concurrency: int):
-    from realfake.client.bench import _arrays
+    from realfake.client.throughput import _arrays
     from realfake.client.triton import PipelineClient
 
     def go(images=images):
@@ -126,8 +126,9 @@ def run_triton(url: str, images: int, batch: int, steps: int, guidance: float, c
 
 def variant_repo(variant: str, bundle: Path, onnx_dir: Path, root: Path, steps: int, guidance: float) -> Path:
     """A repository for one extra (c) variant (VARIANTS); int8 is calibrated first, at the benchmark's settings."""
-    from realfake.export.quantize import INT8_UNET, class_prompts, quantize_unet
-    from realfake.export.repo import write_repository
+    from realfake.export.quantize import class_prompts, quantize_unet
+    from realfake.export.triton_repo import write_repository
+    from realfake.serving.export_files import INT8_UNET
 
     runtime, _, dtype = variant.partition("-")
     if runtime == "pytorch":

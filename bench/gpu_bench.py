@@ -31,7 +31,7 @@ def sd15_bundle(out: Path) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from realfake.export.bundle import save_bundle
+    from realfake.export.tiny_bundle import save_bundle
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -109,8 +109,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     from diffusers import StableDiffusionPipeline, UniPCMultistepScheduler
 
-    from realfake.export.bundle import build_tiny_bundle
     from realfake.export.onnx_export import export_onnx
+    from realfake.export.tiny_bundle import build_tiny_bundle
     from realfake.serving.components import OrtComponents
     from realfake.serving.sampler import Sampler, Settings
     from realfake.serving.torch_components import TorchComponents
@@ -141,11 +141,11 @@ def main() -> None:
             print("tensorrt not installed: no TensorRT row")
         else:
             if device.type == "cuda":
-                from realfake.export.engines import build_engines
+                from realfake.export.tensorrt_build import build_plans
                 from realfake.serving.tensorrt_components import TrtComponents
 
                 t0 = time.perf_counter()
-                build_engines(root / "onnx", root / "engines", batches, log=print)
+                build_plans(root / "onnx", root / "engines", batches, log=print)
                 print(f"TensorRT fp16 plans built in {time.perf_counter() - t0:.0f} s (timing cache in the run's tmp)")
                 samplers["e_tensorrt_fp16"] = Sampler(
                     TrtComponents.from_export(root / "engines", root / "onnx"), root / "onnx"

@@ -11,11 +11,18 @@ from typing import Annotated
 
 import typer
 
-from realfake.client import dataset as ds
-from realfake.client.classes import BUILTIN, load_classes
-from realfake.client.cliutil import Debug, int_list, make_app, run_cli
-from realfake.client.errors import UserError
-from realfake.client.protocol import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, DEFAULT_STRENGTH
+from realfake.core import dataset as ds
+from realfake.core.classes import BUILTIN, load_classes
+from realfake.core.cli import Debug, int_list, make_app, run_cli
+from realfake.core.defaults import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_NEGATIVE,
+    DEFAULT_STEPS,
+    DEFAULT_STRENGTH,
+    DEFAULT_TEMPLATE,
+)
+from realfake.core.errors import UserError
+from realfake.core.files import file_sha256, write_atomic
 
 app = make_app("Build labelled synthetic image datasets (Real-Fake) against one or many Triton servers.")
 
@@ -43,7 +50,7 @@ def servers_for(urls: list[str], log):
     if urls:
         yield [normalise_url(u) for u in urls]
         return
-    from realfake.client.local import ensure_default_repo
+    from realfake.client.default_model import ensure_default_repo
     from realfake.client.server import LocalServer
 
     repo = ensure_default_repo(log)
@@ -89,12 +96,13 @@ def generate(
         typer.Option(help="Triton server HOST:PORT (HTTP); repeat for many. None: start a local server."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Job seed: image seeds derive from (seed, class, index).")] = 0,
-    prompt_template: Annotated[str, typer.Option(help="Prompt with {class} and {caption}.")] = ds.DEFAULT_TEMPLATE,
-    negative_prompt: Annotated[str, typer.Option(help="Negative prompt.")] = ds.DEFAULT_NEGATIVE,
+    prompt_template: Annotated[str, typer.Option(help="Prompt with {class} and {caption}.")] = DEFAULT_TEMPLATE,
+    negative_prompt: Annotated[str, typer.Option(help="Negative prompt.")] = DEFAULT_NEGATIVE,
     steps: Annotated[int, typer.Option(help="Sampler steps.")] = DEFAULT_STEPS,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (<= 1 disables it).")] = (
-        DEFAULT_GUIDANCE_SCALE
-    ),
+    guidance_scale: Annotated[
+        float,
+        typer.Option("--guidance-scale", "--guidance", help="Classifier-free guidance scale (<= 1 disables it)."),
+    ] = DEFAULT_GUIDANCE_SCALE,
     batch: Annotated[int, typer.Option(help="Images per request.")] = 4,
     concurrency: Annotated[int, typer.Option(help="Requests in flight per server.")] = 2,
     shard: Annotated[str | None, typer.Option(help="I/N: make only this process's share of the job.")] = None,
@@ -115,8 +123,9 @@ def generate(
 
     Re-running the same command resumes: finished images are kept (checked by hash), the rest are made.
     """
-    from realfake.client import real as realmod
     from realfake.client.triton import PipelineClient
+    from realfake.core import real_folder
+    from realfake.core.images import load_real_image
 
     class_list = load_classes(classes)
     if per_class is None and real is None:
@@ -130,8 +139,8 @@ def generate(
     if guidance_token not in ("auto", "on", "off"):
         raise UserError(f"--guidance-token must be auto, on or off, got {guidance_token!r}")
     shard_ix = ds.parse_shard(shard)
-    caption_map = realmod.load_captions(captions) if captions else {}
-    real_map = realmod.scan_real(real, class_list) if real else {}
+    caption_map = real_folder.load_captions(captions) if captions else {}
+    real_map = real_folder.scan_real(real, class_list) if real else {}
     if real_map and per_class is not None:
         real_map = {k: v[:per_class] for k, v in real_map.items()}
     if caption_map and real_map:
@@ -171,12 +180,12 @@ def generate(
             prompt_template=prompt_template,
             negative_prompt=negative_prompt,
             steps=steps,
-            guidance_scale=guidance,
+            guidance_scale=guidance_scale,
             strength=strength if real else None,
             guidance_token=use_token,
             versions=versions if real else 1,
             real=str(real.resolve()) if real else None,
-            captions_digest=ds.file_sha256(captions) if captions else None,
+            captions_digest=file_sha256(captions) if captions else None,
             model=card.identity,
             engine="mixed" if mixed_engines else card.engine,
         )
@@ -186,7 +195,7 @@ def generate(
             size = card.image_size
 
             def load_real(item):
-                return realmod.load_real_image(real / item.real_image, size)
+                return load_real_image(real / item.real_image, size)
         else:
             items = [
                 ds.WorkItem(c, i, ds.image_seed(seed, c.id, i), ds.render_prompt(prompt_template, c.name))
@@ -200,7 +209,7 @@ def generate(
 
 def _real_items(class_list, real_map, caption_map, spec: ds.JobSpec) -> list[ds.WorkItem]:
     """Real image r of a class yields versions v = 0..V-1 as indices r*V + v, each with its own seed."""
-    from realfake.client.real import caption_for
+    from realfake.core.real_folder import caption_for
 
     items = []
     for c in class_list:
@@ -235,7 +244,7 @@ def _check_job(out: Path, spec: ds.JobSpec, force: bool) -> None:
                 f"{out} holds a job with other settings ({', '.join(changed)}): use another --out, "
                 "or --force to resume with the new settings"
             )
-    ds.write_atomic(path, json.dumps(spec.to_json(), indent=1).encode())
+    write_atomic(path, json.dumps(spec.to_json(), indent=1).encode())
 
 
 @dataclass(frozen=True)
@@ -374,7 +383,9 @@ def bench(
     batch: Annotated[str, typer.Option(help="Comma-separated images per request.")] = "1,4",
     requests: Annotated[int, typer.Option(help="Requests measured per setting.")] = 8,
     steps: Annotated[int, typer.Option(help="Sampler steps.")] = DEFAULT_STEPS,
-    guidance: Annotated[float, typer.Option(help="Guidance scale.")] = DEFAULT_GUIDANCE_SCALE,
+    guidance_scale: Annotated[
+        float, typer.Option("--guidance-scale", "--guidance", help="Classifier-free guidance scale.")
+    ] = DEFAULT_GUIDANCE_SCALE,
     out: Annotated[Path, typer.Option(help="Results path stem: writes STEM.json and STEM.csv.")] = Path("bench"),
     debug: Debug = False,
 ) -> None:
@@ -382,7 +393,7 @@ def bench(
     from rich.console import Console
     from rich.table import Table
 
-    from realfake.client.bench import measure, write_results
+    from realfake.client.throughput import measure, write_results
     from realfake.client.triton import PipelineClient
 
     levels, batches = int_list(concurrency, "--concurrency"), int_list(batch, "--batch")
@@ -394,12 +405,12 @@ def bench(
         rows = []
         for b in batches:
             for c in levels:
-                row = measure(urls[0], c, b, requests, steps, guidance)
+                row = measure(urls[0], c, b, requests, steps, guidance_scale)
                 rows.append(row)
                 console.print(f"concurrency {c} batch {b}: {row.images_per_sec:.2f} img/s, p50 {row.latency_p50_ms} ms")
     table = Table(
         title=f"rf-client bench: {urls[0]}, model {card.identity}, engine {card.engine}, {steps} steps, "
-        f"guidance {guidance}"
+        f"guidance scale {guidance_scale}"
     )
     for col in ("concurrency", "batch", "images/s", "p50 ms", "p95 ms", "p99 ms", "errors"):
         table.add_column(col, justify="right")
@@ -419,7 +430,7 @@ def bench(
         "model": card.identity,
         "engine": card.engine,
         "steps": steps,
-        "guidance_scale": guidance,
+        "guidance_scale": guidance_scale,
         "requests": requests,
     }
     json_path, csv_path = write_results(rows, out, meta)
@@ -435,7 +446,7 @@ def serve(
     debug: Debug = False,
 ) -> None:
     """Start a local Triton server on a model repository and keep it running until Ctrl-C."""
-    from realfake.client.local import ensure_default_repo
+    from realfake.client.default_model import ensure_default_repo
     from realfake.client.server import LocalServer
 
     repo = repo or ensure_default_repo(lambda m: typer.echo(m, err=True))

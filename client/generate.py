@@ -16,18 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from realfake.client.dataset import (
-    JobSpec,
-    ManifestWriter,
-    WorkItem,
-    encode_png,
-    image_relpath,
-    index_width,
-    write_atomic,
-)
-from realfake.client.errors import UserError
 from realfake.client.server import server_ready
 from realfake.client.triton import PipelineClient
+from realfake.core.dataset import JobSpec, ManifestWriter, WorkItem, image_relpath, index_width
+from realfake.core.errors import UserError
+from realfake.core.files import write_atomic
+from realfake.core.images import encode_png
 
 
 @dataclass

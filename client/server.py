@@ -21,7 +21,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from realfake.client.errors import UserError
+from realfake.core.errors import UserError
 
 LOOPBACK = "127.0.0.1"
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from realfake.client.errors import UserError
-from realfake.client.protocol import (
+from realfake.core.errors import UserError
+from realfake.core.protocol import (
     PARAM_BUNDLE_IDENTITY,
     PARAM_ENGINE,
     PARAM_HAS_IMAGE_ENCODER,

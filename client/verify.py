@@ -9,9 +9,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from realfake.client.dataset import file_sha256, manifest_files, read_manifest_rows, write_atomic
-from realfake.client.errors import UserError
-from realfake.client.real import check_decodes
+from realfake.core.dataset import manifest_files, read_manifest_rows
+from realfake.core.errors import UserError
+from realfake.core.files import file_sha256, write_atomic
+from realfake.core.images import check_decodes
 
 
 @dataclass

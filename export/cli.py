@@ -8,8 +8,14 @@ from typing import Annotated
 
 import typer
 
-from realfake.client.cliutil import Debug, int_list, make_app, run_cli
-from realfake.client.dataset import DEFAULT_NEGATIVE, DEFAULT_TEMPLATE
+from realfake.core.cli import Debug, int_list, make_app, run_cli
+from realfake.core.defaults import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_NEGATIVE,
+    DEFAULT_SCHEDULER,
+    DEFAULT_STEPS,
+    DEFAULT_TEMPLATE,
+)
 
 app = make_app("Export a diffusers-layout bundle to ONNX and a Triton model repository.")
 
@@ -67,7 +73,7 @@ def repo(
             "(native GPU models), pytorch (GPU fp16, or CPU with --device cpu)."
         ),
     ] = "python-ort",
-    scheduler: Annotated[str, typer.Option(help="Sampler: unipc, ddim, euler, dpm.")] = "unipc",
+    scheduler: Annotated[str, typer.Option(help="Sampler: unipc, ddim, euler, dpm.")] = DEFAULT_SCHEDULER,
     max_batch: Annotated[
         int | None,
         typer.Option(
@@ -96,7 +102,7 @@ def repo(
     debug: Debug = False,
 ) -> None:
     """Write the Triton model repository: component models plus the `pipeline` model."""
-    from realfake.export.repo import write_repository
+    from realfake.export.triton_repo import write_repository
 
     write_repository(
         onnx_dir,
@@ -126,8 +132,10 @@ def quantize(
     negative_prompt: Annotated[str, typer.Option(help="Negative prompt.")] = DEFAULT_NEGATIVE,
     calibration_images: Annotated[int, typer.Option(help="Images whose UNet calls calibrate (x steps calls).")] = 8,
     check_images: Annotated[int, typer.Option(help="Held-out images compared with fp32.")] = 4,
-    steps: Annotated[int, typer.Option(help="Sampler steps, as served.")] = 30,
-    guidance: Annotated[float, typer.Option(help="Guidance scale, as served.")] = 2.0,
+    steps: Annotated[int, typer.Option(help="Sampler steps, as served.")] = DEFAULT_STEPS,
+    guidance_scale: Annotated[
+        float, typer.Option("--guidance-scale", "--guidance", help="Classifier-free guidance scale, as served.")
+    ] = DEFAULT_GUIDANCE_SCALE,
     preset: Annotated[str, typer.Option(help="NNCF preset: performance (symmetric) or mixed.")] = "performance",
     budget: Annotated[
         float, typer.Option(help="Largest mean |int8 - fp32| per pixel (0-255) on held-out images; above it: exit 2.")
@@ -139,7 +147,8 @@ def quantize(
     Calibrates on the UNet's own inputs while the fp32 sampler draws images for prompts of the class set,
     then compares int8 with fp32 images on held-out seeds; writes unet.int8.xml/.bin and quantize.json.
     """
-    from realfake.export.quantize import INT8_UNET, QUANTIZE_REPORT, class_prompts, quantize_unet
+    from realfake.export.quantize import class_prompts, quantize_unet
+    from realfake.serving.export_files import INT8_UNET, QUANTIZE_REPORT
 
     prompts = class_prompts(classes, max(calibration_images, check_images), prompt_template)
     report = quantize_unet(
@@ -149,7 +158,7 @@ def quantize(
         calibration_images=calibration_images,
         check_images=check_images,
         steps=steps,
-        guidance=guidance,
+        guidance_scale=guidance_scale,
         preset=preset,
         budget=budget,
         log=typer.echo,
@@ -173,10 +182,10 @@ def engines(
     debug: Debug = False,
 ) -> None:
     """Build TensorRT plans for this machine's GPU (kept when already built for it; rebuilt when not)."""
-    from realfake.export.engines import build_engines
+    from realfake.export.tensorrt_build import build_plans
 
     sizes = int_list(batch_sizes, "--batch-sizes")
-    for r in build_engines(onnx_dir, out, sizes, fp16=fp16, log=lambda m: typer.echo(m, err=True)):
+    for r in build_plans(onnx_dir, out, sizes, fp16=fp16, log=lambda m: typer.echo(m, err=True)):
         typer.echo(f"{r.component:<13} {'built' if r.built else 'kept '} {r.plan} ({r.reason}, {r.seconds:.0f}s)")
 
 
@@ -188,7 +197,7 @@ def tiny_bundle(
     debug: Debug = False,
 ) -> None:
     """Build a tiny Stable-Diffusion-layout bundle with seeded random weights (tests, demos)."""
-    from realfake.export.bundle import build_tiny_bundle
+    from realfake.export.tiny_bundle import build_tiny_bundle
 
     _quiet_tracer_warnings()
     build_tiny_bundle(out, seed=seed, image_encoder=image_encoder)
@@ -202,9 +211,9 @@ def tiny(
     debug: Debug = False,
 ) -> None:
     """The embedded default model in one step: tiny bundle -> ONNX (parity-checked) -> repository."""
-    from realfake.export.bundle import build_tiny_bundle
     from realfake.export.onnx_export import export_onnx
-    from realfake.export.repo import write_repository
+    from realfake.export.tiny_bundle import build_tiny_bundle
+    from realfake.export.triton_repo import write_repository
 
     _quiet_tracer_warnings()
     build_tiny_bundle(out / "bundle", seed=seed)

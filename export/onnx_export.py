@@ -10,7 +10,6 @@ Graph contracts (names are what the Triton repository and the sampler use):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from realfake.client.errors import UserError
-from realfake.export.bundle import TEXT_MAX_LENGTH, BundleInfo, bundle_identity, check_bundle
+from realfake.core.errors import UserError
+from realfake.serving.export_files import graph_files
+from realfake.serving.model_bundle import TEXT_MAX_LENGTH, BundleInfo, bundle_identity, check_bundle, load_torch_modules
 
 OPSET = 17
 # fp32 ONNX vs fp32 PyTorch differ only by kernel order; anything above this is a broken export.
@@ -78,99 +78,6 @@ SPECS = {
 }
 
 
-def load_export_meta(onnx_dir: str | Path) -> dict:
-    """export.json of an ONNX export directory (what `rf-export onnx` wrote), or one clear error."""
-    path = Path(onnx_dir) / "export.json"
-    if not path.is_file():
-        raise UserError(f"{onnx_dir} is not an ONNX export (no export.json): run `rf-export onnx` first")
-    return json.loads(path.read_text())
-
-
-def quiet_loading() -> None:
-    """Loading a local bundle needs no per-shard progress bars from transformers/diffusers."""
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
-
-    tlog.disable_progress_bar()
-    dlog.disable_progress_bar()
-
-
-def load_torch_components(bundle: str | Path) -> tuple[BundleInfo, dict]:
-    """The bundle's modules as small torch wrappers whose signatures are the graph contracts above."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPVisionModelWithProjection
-
-    info = check_bundle(bundle)
-    root = info.path
-    quiet_loading()
-    try:
-        unet = UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True).eval()
-        vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True).eval()
-        text = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True).eval()
-        vision = (
-            CLIPVisionModelWithProjection.from_pretrained(root / "image_encoder", local_files_only=True).eval()
-            if info.has_image_encoder
-            else None
-        )
-    except (OSError, ValueError) as exc:
-        raise UserError(f"bundle {root}: could not load weights ({exc})") from exc
-    scaling = float(vae.config.scaling_factor)
-
-    class TextEncoder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.text = text
-
-        def forward(self, input_ids):
-            return self.text(input_ids=input_ids).last_hidden_state
-
-    class Unet(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.unet = unet
-
-        def forward(self, sample, timestep, encoder_hidden_states):
-            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
-
-    class VaeDecoder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.vae = vae
-
-        def forward(self, latents):
-            return self.vae.decode(latents / scaling, return_dict=False)[0]
-
-    class VaeEncoder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.vae = vae
-
-        def forward(self, image):
-            moments = self.vae.encoder(image)
-            if self.vae.quant_conv is not None:
-                moments = self.vae.quant_conv(moments)
-            return moments
-
-    class ImageEncoder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.vision = vision
-
-        def forward(self, pixel_values):
-            return self.vision(pixel_values=pixel_values).image_embeds
-
-    modules = {
-        "text_encoder": TextEncoder().eval(),
-        "unet": Unet().eval(),
-        "vae_decoder": VaeDecoder().eval(),
-        "vae_encoder": VaeEncoder().eval(),
-    }
-    if vision is not None:
-        modules["image_encoder"] = ImageEncoder().eval()
-    return info, modules
-
-
 def example_inputs(name: str, info: BundleInfo, batch: int, seed: int = 0, image_encoder_size: int = 224):
     """Seeded example inputs for a component at a batch size (used for export tracing and parity)."""
     rng = np.random.default_rng(seed)
@@ -201,46 +108,6 @@ def example_inputs(name: str, info: BundleInfo, batch: int, seed: int = 0, image
 def _image_encoder_size(modules: dict) -> int:
     vision = modules.get("image_encoder")
     return int(vision.vision.config.image_size) if vision is not None else 224
-
-
-def graph_files(graph: str | Path) -> list[Path]:
-    """An ONNX graph file and the external-data files its initializers point to; one clear error when any of
-    those is missing (a graph copied without its weights)."""
-    import onnx
-
-    graph = Path(graph)
-    model = onnx.load(str(graph), load_external_data=False)
-    locations = {
-        entry.value
-        for tensor in model.graph.initializer
-        if tensor.data_location == onnx.TensorProto.EXTERNAL
-        for entry in tensor.external_data
-        if entry.key == "location"
-    }
-    missing = sorted(loc for loc in locations if not (graph.parent / loc).is_file())
-    if missing:
-        raise UserError(f"{graph} keeps its weights in {', '.join(missing)}, which is missing beside it")
-    return [graph] + [graph.parent / loc for loc in sorted(locations)]
-
-
-def graph_sha256(graph: str | Path) -> str:
-    """sha256 over a graph and its external weights: a re-finetuned model whose graph file is byte-identical
-    (same architecture, weights outside) still gets a new digest, so engines and int8 models built from the old
-    weights are noticed as stale."""
-    from realfake.client.dataset import file_sha256
-
-    files = graph_files(graph)
-    return file_sha256(files[0]) if len(files) == 1 else files_sha256(files)
-
-
-def files_sha256(files) -> str:
-    """One sha256 over several files, by name and content (graphs with their weights, sets of plans)."""
-    from realfake.client.dataset import file_sha256
-
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(f"{Path(path).name}:{file_sha256(Path(path))}\n".encode())
-    return digest.hexdigest()
 
 
 def _place_graph(raw: Path, target: Path, external_above: int) -> None:
@@ -287,7 +154,7 @@ def export_onnx(
     in `<component>.onnx.data`), then check parity; returns the report."""
     import torch
 
-    info, modules = load_torch_components(bundle)
+    info, modules = load_torch_modules(bundle)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     img_size = _image_encoder_size(modules)
@@ -354,7 +221,7 @@ def check_parity(
     import torch
 
     if modules is None:
-        info, modules = load_torch_components(bundle)
+        info, modules = load_torch_modules(bundle)
     else:
         info = check_bundle(bundle)
     onnx_dir = Path(onnx_dir)

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from realfake.client.classes import load_classes
-from realfake.client.dataset import DEFAULT_TEMPLATE, render_prompt, write_atomic
-from realfake.client.errors import UserError
-from realfake.export.onnx_export import graph_sha256, load_export_meta
+from realfake.core.classes import load_classes
+from realfake.core.dataset import render_prompt
+from realfake.core.defaults import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, DEFAULT_TEMPLATE
+from realfake.core.errors import UserError
+from realfake.core.files import write_atomic
+from realfake.serving.export_files import INT8_UNET, QUANTIZE_REPORT, graph_sha256, load_export_meta
 
 PRESETS = ("performance", "mixed")
-INT8_UNET = Path("unet.int8.xml")  # OpenVINO IR; its weights are unet.int8.bin beside it
-QUANTIZE_REPORT = "quantize.json"
 
 
 def class_prompts(class_set: str, count: int | None = None, template: str = DEFAULT_TEMPLATE) -> list[str]:
@@ -50,8 +50,8 @@ def quantize_unet(
     *,
     calibration_images: int = 8,
     check_images: int = 4,
-    steps: int = 30,
-    guidance: float = 2.0,
+    steps: int = DEFAULT_STEPS,
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
     preset: str = "performance",
     budget: float = 6.0,
     log=print,
@@ -92,7 +92,7 @@ def quantize_unet(
                 recorded.append({n: a.copy() for n, a in feed.items()})
             return super().unet(sample, timestep, encoder_hidden_states)
 
-    settings = Settings(steps, guidance)
+    settings = Settings(steps, guidance_scale)
     t0 = time.perf_counter()
     fp32 = Recording(onnx_dir)
     reference = Sampler(fp32, onnx_dir)
@@ -139,7 +139,7 @@ def quantize_unet(
                 "images": calibration_images,
                 "unet_calls": len(recorded),
                 "steps": steps,
-                "guidance": guidance,
+                "guidance_scale": guidance_scale,
                 "prompts": sorted(set(calib_prompts)),
                 "negative": negative,
             },

@@ -11,7 +11,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from realfake.client.protocol import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, MAX_STEPS
+from realfake.core.defaults import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_STEPS,
+    DEFAULT_STRENGTH,
+    MAX_STEPS,
+    TEXT_ONLY_STRENGTH,
+)
 from realfake.serving.sampler import Sampler, Settings
 
 
@@ -47,7 +53,9 @@ def parse_request(index: int, arrays: dict, image_size: int) -> list[tuple[Setti
     steps = [int(s) for s in _column(arrays, "STEPS", rows, DEFAULT_STEPS)]
     scales = [float(g) for g in _column(arrays, "GUIDANCE_SCALE", rows, DEFAULT_GUIDANCE_SCALE)]
     init = arrays.get("INIT_IMAGE")
-    strengths = [float(s) for s in _column(arrays, "STRENGTH", rows, 1.0 if init is None else 0.75)]
+    strengths = [
+        float(s) for s in _column(arrays, "STRENGTH", rows, TEXT_ONLY_STRENGTH if init is None else DEFAULT_STRENGTH)
+    ]
     tokens = [bool(t) for t in _column(arrays, "GUIDANCE_TOKEN", rows, False)]
     if init is not None:
         init = np.asarray(init)

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from realfake.export.quantize import INT8_UNET
 from realfake.serving.components import COMPONENT_IO, ComponentCalls, numpy_feed
+from realfake.serving.export_files import INT8_UNET
 
 DTYPES = ("fp32", "bf16", "int8")
 

@@ -20,9 +20,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-# CLIP image preprocessing constants (OpenAI CLIP), for the guidance-token image embedding.
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+from realfake.core.defaults import DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, TEXT_ONLY_STRENGTH
+from realfake.core.images import clip_preprocess
 
 SCHEDULERS = ("unipc", "ddim", "euler", "dpm")
 
@@ -71,9 +70,9 @@ class ModelInfo:
 class Settings:
     """Settings shared by every image of one sampler call (requests are grouped by these)."""
 
-    steps: int = 30
-    guidance_scale: float = 2.0
-    strength: float = 1.0  # 1.0: from pure noise; < 1: real-image latent prior (img2img)
+    steps: int = DEFAULT_STEPS
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+    strength: float = TEXT_ONLY_STRENGTH  # 1.0: from pure noise; < 1: real-image latent prior (img2img)
     guidance_token: bool = False  # replace the last cond token by the init image's CLIP embedding
 
 
@@ -97,7 +96,7 @@ def make_scheduler(name: str, config: dict):
 
 
 class Sampler:
-    def __init__(self, components: Components, model_dir: str | Path, scheduler: str = "unipc"):
+    def __init__(self, components: Components, model_dir: str | Path, scheduler: str = DEFAULT_SCHEDULER):
         from transformers import CLIPTokenizer
 
         model_dir = Path(model_dir)
@@ -197,20 +196,6 @@ class Sampler:
             raise ValueError("this model has no image encoder, so it cannot compute the guidance token")
         pixels = torch.from_numpy(clip_preprocess(images, self.info.image_encoder_size))
         return self.components.image_encoder(pixels.to(self.components.device))
-
-
-def clip_preprocess(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [B,H,W,3] -> CLIP pixel values [B,3,size,size]: bicubic resize of the short side, centre crop."""
-    from PIL import Image
-
-    from realfake.client.real import centre_crop, resize_short_side
-
-    out = []
-    for img in images:
-        pil = centre_crop(resize_short_side(Image.fromarray(img), size), size)
-        arr = np.asarray(pil, dtype=np.float32) / 255.0
-        out.append(((arr - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1))
-    return np.ascontiguousarray(np.stack(out), dtype=np.float32)
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from realfake.client.errors import UserError
+from realfake.core.errors import UserError
 from realfake.serving.components import COMPONENT_IO, ComponentCalls
 
 
@@ -49,7 +49,7 @@ class TrtComponents(ComponentCalls):
     """`plans`: the plan of each component (see `from_export` and `from_folder`), loaded on `device`."""
 
     def __init__(self, plans: dict, device: str | torch.device = "cuda"):
-        from realfake.export.engines import import_tensorrt
+        from realfake.serving.tensorrt_plans import import_tensorrt
 
         trt = import_tensorrt()
         self.device = torch.device(device)
@@ -84,8 +84,8 @@ class TrtComponents(ComponentCalls):
         cls, engines: str | Path, onnx_dir: str | Path, device: str | torch.device = "cuda"
     ) -> TrtComponents:
         """The plans in `engines` made from this export's graphs for this GPU (as `rf-export repo` picks them)."""
-        from realfake.export.engines import detect_gpu, import_tensorrt, select_plans
-        from realfake.export.onnx_export import load_export_meta
+        from realfake.serving.export_files import load_export_meta
+        from realfake.serving.tensorrt_plans import detect_gpu, import_tensorrt, select_plans
 
         import_tensorrt()  # the first thing missing is the first thing said
         meta = load_export_meta(onnx_dir)
@@ -97,7 +97,7 @@ class TrtComponents(ComponentCalls):
         model files)."""
         import json
 
-        from realfake.export.engines import SelectedPlan
+        from realfake.serving.tensorrt_plans import SelectedPlan
 
         plans = {}
         for path in sorted(Path(folder).glob("*.plan")):

@@ -20,7 +20,7 @@ class TorchComponents(ComponentCalls):
     ):
         """`dtype`: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, or bf16 (about 2x faster UNet on CPUs with
         avx512_bf16, at a few 1e-2 of output difference)."""
-        from realfake.export.onnx_export import load_torch_components
+        from realfake.serving.model_bundle import load_torch_modules
 
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -32,7 +32,7 @@ class TorchComponents(ComponentCalls):
             self.dtype = dtypes[dtype]
         else:
             raise ValueError(f"unknown dtype {dtype!r}: auto, fp32, fp16 or bf16")
-        _, modules = load_torch_components(bundle)
+        _, modules = load_torch_modules(bundle)
         self.modules = {}
         for name, module in modules.items():
             module = module.to(self.device, self.dtype).eval()

@@ -34,7 +34,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
-    from realfake.export.bundle import build_tiny_bundle
+    from realfake.export.tiny_bundle import build_tiny_bundle
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -54,7 +54,7 @@ def tiny_onnx(tiny_bundle, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_repo(tiny_onnx, tmp_path_factory) -> Path:
-    from realfake.export.repo import write_repository
+    from realfake.export.triton_repo import write_repository
 
     return write_repository(tiny_onnx, tmp_path_factory.mktemp("repo") / "triton_repo")
 

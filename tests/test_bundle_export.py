@@ -7,9 +7,10 @@ import numpy as np
 import onnx
 import pytest
 
-from realfake.client.errors import UserError
-from realfake.export.bundle import check_bundle, clip_tokenizer
+from realfake.core.errors import UserError
 from realfake.export.onnx_export import PARITY_BATCHES, check_parity
+from realfake.export.tiny_bundle import clip_tokenizer
+from realfake.serving.model_bundle import check_bundle
 
 from conftest import rf
 
@@ -110,9 +111,10 @@ def test_large_graphs_keep_their_weights_beside_them(tiny_bundle, tiny_onnx, tmp
     limit leaves no stale weights file."""
     from realfake.client.server import LocalServer
     from realfake.client.triton import PipelineClient
-    from realfake.export.onnx_export import export_onnx, graph_files, graph_sha256
-    from realfake.export.repo import write_repository
+    from realfake.export.onnx_export import export_onnx
+    from realfake.export.triton_repo import write_repository
     from realfake.serving.components import OrtComponents
+    from realfake.serving.export_files import graph_files, graph_sha256
     from realfake.serving.sampler import Sampler, Settings
 
     out = tmp_path / "ext"

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from realfake.client.classes import load_classes
-from realfake.client.dataset import ManifestWriter, encode_png, write_atomic
 from realfake.client.verify import pack_webdataset
+from realfake.core.classes import load_classes
+from realfake.core.dataset import ManifestWriter
+from realfake.core.files import write_atomic
+from realfake.core.images import encode_png
 from realfake.training.idx import DEBIAN_DIR, balanced_subset, load_split, write_imagefolder
 
 from conftest import rf
@@ -249,7 +251,7 @@ def test_bad_input(fmnist, tmp_path):
 
 
 def test_corrupt_idx_file(tmp_path):
-    from realfake.client.errors import UserError
+    from realfake.core.errors import UserError
 
     for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
         shutil.copy(DEBIAN_DIR / name, tmp_path / name)

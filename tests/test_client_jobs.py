@@ -137,7 +137,7 @@ def _real_folder(root, classes=("airplane", "cat", "dog"), per=2):
 
 
 def test_real_conditioned_mode(triton, tiny_onnx, tmp_path):
-    from realfake.client.real import load_real_image
+    from realfake.core.images import load_real_image
     from realfake.serving.components import OrtComponents
     from realfake.serving.sampler import Sampler, Settings
 
@@ -295,12 +295,12 @@ def test_bench_writes_table_json_csv(triton, tmp_path):
 def test_servers_on_other_engines_are_refused_unless_mixed(triton, tiny_onnx, tmp_path):
     """Same weights, other engine (here another scheduler): refused up front, refused when it joins mid-job,
     refused on resume; accepted with --mixed-engines, each manifest row naming the engine that made it."""
-    from realfake.client import dataset as ds
-    from realfake.client.classes import load_classes
-    from realfake.client.errors import UserError
     from realfake.client.generate import Runner
     from realfake.client.triton import PipelineClient
-    from realfake.export.repo import write_repository
+    from realfake.core import dataset as ds
+    from realfake.core.classes import load_classes
+    from realfake.core.errors import UserError
+    from realfake.export.triton_repo import write_repository
 
     other_repo = write_repository(tiny_onnx, tmp_path / "ddim_repo", scheduler="ddim")
     small = ["--classes", "cifar10", "--per-class", "2", "--steps", "4", "--batch", "2", "--quiet"]

@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from realfake.client import dataset as ds
-from realfake.client.classes import ClassInfo, load_classes
-from realfake.client.errors import UserError
-from realfake.client.real import caption_for, load_captions, load_real_image, scan_real
 from realfake.client.verify import pack_webdataset, verify
+from realfake.core import dataset as ds
+from realfake.core.classes import ClassInfo, load_classes
+from realfake.core.defaults import DEFAULT_TEMPLATE
+from realfake.core.errors import UserError
+from realfake.core.files import write_atomic
+from realfake.core.images import encode_png, load_real_image
+from realfake.core.real_folder import caption_for, load_captions, scan_real
 
 
 def test_imagenet_is_the_standard_1000():
@@ -70,8 +73,8 @@ def test_unknown_class_set():
 
 
 def test_prompt_template():
-    assert ds.render_prompt(ds.DEFAULT_TEMPLATE, "tench") == "photo of tench, best quality"
-    assert ds.render_prompt(ds.DEFAULT_TEMPLATE, "tench", "a man holding a fish") == (
+    assert ds.render_prompt(DEFAULT_TEMPLATE, "tench") == "photo of tench, best quality"
+    assert ds.render_prompt(DEFAULT_TEMPLATE, "tench", "a man holding a fish") == (
         "photo of tench, a man holding a fish, best quality"
     )
     assert ds.render_prompt("{caption}, a {class}", "dog") == "a dog"
@@ -111,9 +114,9 @@ def test_manifest_torn_last_line_is_dropped_other_damage_is_an_error(tmp_path):
 def _fake_dataset(out, n=4):
     writer = ds.ManifestWriter(out / "manifest.jsonl")
     for i in range(n):
-        png = ds.encode_png(np.full((8, 8, 3), i * 40, np.uint8))
+        png = encode_png(np.full((8, 8, 3), i * 40, np.uint8))
         rel = f"c/{i:05d}.png"
-        ds.write_atomic(out / rel, png)
+        write_atomic(out / rel, png)
         writer.append(
             {
                 "path": rel,
@@ -140,7 +143,7 @@ def test_verify_finds_every_kind_of_hole(tmp_path):
     assert verify(tmp_path).ok
     (tmp_path / "c/00000.png").unlink()
     (tmp_path / "c/00001.png").write_bytes(b"junk")
-    ds.write_atomic(tmp_path / "c/00009.png", ds.encode_png(np.zeros((4, 4, 3), np.uint8)))
+    write_atomic(tmp_path / "c/00009.png", encode_png(np.zeros((4, 4, 3), np.uint8)))
     with open(tmp_path / "manifest.jsonl", "a") as f:
         f.write((tmp_path / "manifest.jsonl").read_text().splitlines()[3] + "\n")
     report = verify(tmp_path)

@@ -67,7 +67,7 @@ def models(tiny_bundle):
 
 
 def test_training_lowers_the_loss_and_only_lora_changes(tiny_bundle, real_set):
-    from realfake.client.classes import load_classes
+    from realfake.core.classes import load_classes
     from realfake.training.data import FinetuneDataset, collect_samples
     from realfake.training.finetune import (
         FinetuneConfig,

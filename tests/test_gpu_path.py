@@ -14,9 +14,10 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from realfake.client.errors import UserError
-from realfake.export import engines as eng
-from realfake.export.repo import write_repository
+from realfake.core.errors import UserError
+from realfake.export import tensorrt_build as eng
+from realfake.export.triton_repo import write_repository
+from realfake.serving import tensorrt_plans as trt_plans
 
 from conftest import rf
 
@@ -29,20 +30,20 @@ META = {
     "image_encoder_size": 32,
     "components": ["text_encoder", "unet", "vae_decoder", "vae_encoder", "image_encoder"],
 }
-H100 = eng.GpuInfo("NVIDIA H100 80GB HBM3", (9, 0))
-L4 = eng.GpuInfo("NVIDIA L4", (8, 9))
+H100 = trt_plans.GpuInfo("NVIDIA H100 80GB HBM3", (9, 0))
+L4 = trt_plans.GpuInfo("NVIDIA L4", (8, 9))
 
 
 def _fake_plans(onnx_dir: Path, folder: Path, batch_sizes=(1, 4, 8, 16), gpu=H100, digest=None) -> Path:
     """Plan files with the metadata `rf-export engines` writes (the plan bytes are not an engine)."""
-    from realfake.export.onnx_export import graph_sha256
+    from realfake.serving.export_files import graph_sha256
 
     folder.mkdir(exist_ok=True)
     meta = json.loads((onnx_dir / "export.json").read_text())
     for name, profile in eng.component_profiles(meta, list(batch_sizes)).items():
         plan = folder / eng.plan_name(name, gpu, "10.13.0")
         plan.write_bytes(b"plan " + name.encode())
-        wanted = eng.engine_meta(name, gpu, "10.13.0", digest or graph_sha256(onnx_dir / f"{name}.onnx"), profile, True)
+        wanted = eng.plan_meta(name, gpu, "10.13.0", digest or graph_sha256(onnx_dir / f"{name}.onnx"), profile, True)
         plan.with_suffix(".json").write_text(json.dumps(wanted))
     return folder
 
@@ -66,7 +67,7 @@ def test_profiles_double_the_guided_components():
 def test_plan_names_and_rebuild_decision(tmp_path):
     assert eng.plan_name("unet", H100, "10.13.0") == "unet.sm90.10.13.0.plan"
     profile = eng.component_profiles(META, [1, 8])["unet"]
-    wanted = eng.engine_meta("unet", H100, "10.13.0", "abc", profile, True)
+    wanted = eng.plan_meta("unet", H100, "10.13.0", "abc", profile, True)
     meta_path = tmp_path / "unet.sm90.10.13.0.json"
     assert eng.rebuild_reason(meta_path, wanted) == "no plan yet"
     meta_path.with_suffix(".plan").write_bytes(b"plan")
@@ -83,28 +84,28 @@ def test_plan_names_and_rebuild_decision(tmp_path):
         assert eng.rebuild_reason(meta_path, {**wanted, key: value}).startswith(message), key
     meta_path.write_text("{broken")
     assert eng.rebuild_reason(meta_path, wanted) == "metadata unreadable"
-    assert wanted["max_images"] == 8 and eng.profile_max_images("unet", wanted["profiles"]) == 8
+    assert wanted["max_images"] == 8 and trt_plans.profile_max_images("unet", wanted["profiles"]) == 8
     assert eng.timing_cache_name(H100) == "timing.sm90.cache" != eng.timing_cache_name(L4)
 
 
 def test_plan_selection_refuses_stale_or_foreign_plans(tiny_onnx, tmp_path):
     comps = json.loads((tiny_onnx / "export.json").read_text())["components"]
     plans = _fake_plans(tiny_onnx, tmp_path / "e")
-    picked = eng.select_plans(plans, tiny_onnx, comps, H100)
+    picked = trt_plans.select_plans(plans, tiny_onnx, comps, H100)
     assert {p.path.name for p in picked.values()} == {f"{c}.sm90.10.13.0.plan" for c in comps}
     assert {p.max_images for p in picked.values()} == {16}
     with pytest.raises(UserError, match=r"are for sm90, not this NVIDIA L4 \(sm89\)"):
-        eng.select_plans(plans, tiny_onnx, comps, L4)
+        trt_plans.select_plans(plans, tiny_onnx, comps, L4)
     _fake_plans(tiny_onnx, plans, (1, 8), gpu=L4)  # a second architecture in the same volume
-    assert eng.select_plans(plans, tiny_onnx, comps, L4)["unet"].path.name == "unet.sm89.10.13.0.plan"
-    assert eng.select_plans(plans, tiny_onnx, comps, H100)["unet"].max_images == 16
+    assert trt_plans.select_plans(plans, tiny_onnx, comps, L4)["unet"].path.name == "unet.sm89.10.13.0.plan"
+    assert trt_plans.select_plans(plans, tiny_onnx, comps, H100)["unet"].max_images == 16
     stale = _fake_plans(tiny_onnx, tmp_path / "stale", digest="0" * 64)  # built from an older unet.onnx
     with pytest.raises(UserError, match="built from another image_encoder.onnx"):
-        eng.select_plans(stale, tiny_onnx, comps)
+        trt_plans.select_plans(stale, tiny_onnx, comps)
     (plans / "unet.sm89.10.13.0.json").unlink()
     (plans / "unet.sm90.10.13.0.json").write_text("{broken")
     with pytest.raises(UserError, match="another unet.onnx \\(or lack their metadata\\)"):
-        eng.select_plans(plans, tiny_onnx, comps)
+        trt_plans.select_plans(plans, tiny_onnx, comps)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on machines without a GPU")
@@ -135,7 +136,7 @@ def test_missing_tensorrt_is_one_clear_line(no_tensorrt, tiny_onnx, tmp_path):
     from realfake.serving.tensorrt_components import TrtComponents
 
     with pytest.raises(UserError, match="needs the `tensorrt` Python package"):
-        eng.import_tensorrt()
+        trt_plans.import_tensorrt()
     with pytest.raises(UserError, match="needs the `tensorrt` Python package"):
         TrtComponents.from_export(_fake_plans(tiny_onnx, tmp_path / "e"), tiny_onnx)
     with pytest.raises(UserError, match="needs the `tensorrt` Python package"):
@@ -306,9 +307,9 @@ def test_tensorrt_engines_serve_the_pipeline(tiny_onnx, tmp_path):
     from realfake.client.server import LocalServer
     from realfake.client.triton import PipelineClient
 
-    results = eng.build_engines(tiny_onnx, tmp_path / "engines", [1, 4])
+    results = eng.build_plans(tiny_onnx, tmp_path / "engines", [1, 4])
     assert all(r.built for r in results)
-    again = eng.build_engines(tiny_onnx, tmp_path / "engines", [1, 4])
+    again = eng.build_plans(tiny_onnx, tmp_path / "engines", [1, 4])
     assert not any(r.built for r in again)  # kept: same GPU, TensorRT, graphs, profiles
     repo = write_repository(tiny_onnx, tmp_path / "repo", runtime="tensorrt", engines=tmp_path / "engines")
     cpu_repo = write_repository(tiny_onnx, tmp_path / "cpu_repo")

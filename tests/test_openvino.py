@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from realfake.client.errors import UserError
-from realfake.export.repo import write_repository
+from realfake.core.errors import UserError
+from realfake.export.triton_repo import write_repository
 
 from conftest import rf
 
@@ -63,7 +63,7 @@ def test_openvino_bf16_close_to_fp32(tiny_onnx, fp32_images):
 
 
 def test_quantize_writes_a_checked_int8_unet(int8_onnx, tiny_onnx):
-    from realfake.export.onnx_export import graph_sha256
+    from realfake.serving.export_files import graph_sha256
 
     onnx_dir, report = int8_onnx
     ir = (onnx_dir / "unet.int8.xml").read_text()

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from realfake.client.errors import UserError
 from realfake.client.server import LocalServer, free_port
 from realfake.client.triton import PipelineClient
+from realfake.core.errors import UserError
 
 from conftest import rf
 

@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from realfake.client.classes import ClassInfo, load_classes
-from realfake.client.dataset import manifest_files, read_manifest_rows, write_atomic
-from realfake.client.errors import UserError
-from realfake.client.real import scan_real
+from realfake.core.classes import ClassInfo, load_classes
+from realfake.core.dataset import manifest_files, read_manifest_rows
+from realfake.core.errors import UserError
+from realfake.core.files import write_atomic
+from realfake.core.real_folder import scan_real
 from realfake.training.data import jsonable
 
 MODELS = ("resnet50", "resnet18", "resnet-small")

@@ -8,8 +8,9 @@ from typing import Annotated
 
 import typer
 
-from realfake.client.cliutil import Debug, make_app, run_cli
-from realfake.client.errors import UserError
+from realfake.core.cli import Debug, make_app, run_cli
+from realfake.core.errors import UserError
+from realfake.training.demo import RUNTIMES, DemoConfig
 
 app = make_app("Real-Fake training: distribution-matched LoRA finetuning, and classifiers on synthetic data.")
 
@@ -121,23 +122,31 @@ def classify(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Run directory (stages/, datasets, results.json/.md, grid PNG).")] = Path(
-        "out/realfake-demo"
-    ),
-    fmnist: Annotated[Path, typer.Option(help="Directory with the four Fashion-MNIST idx .gz files.")] = Path(
-        "/usr/share/datasets/fashion-mnist"
-    ),
-    per_class: Annotated[int, typer.Option(help="Real training images per class.")] = 100,
-    test_images: Annotated[int, typer.Option(help="Real test images to evaluate on (max 10000).")] = 10000,
-    base_vae_steps: Annotated[int, typer.Option(help="Training steps of the base model's VAE.")] = 150,
-    base_unet_steps: Annotated[int, typer.Option(help="Training steps of the base model's UNet.")] = 500,
-    finetune_steps: Annotated[int, typer.Option(help="Real-Fake finetuning steps.")] = 100,
-    steps: Annotated[int, typer.Option(help="Sampler steps at generation.")] = 30,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 2.0,
+    out: Annotated[
+        Path, typer.Option(help="Run directory (stages/, datasets, results.json/.md, grid PNG).")
+    ] = DemoConfig.out,
+    fmnist: Annotated[
+        Path, typer.Option(help="Directory with the four Fashion-MNIST idx .gz files.")
+    ] = DemoConfig.fmnist,
+    per_class: Annotated[int, typer.Option(help="Real training images per class.")] = DemoConfig.per_class,
+    test_images: Annotated[
+        int, typer.Option(help="Real test images to evaluate on (max 10000).")
+    ] = DemoConfig.test_images,
+    base_vae_steps: Annotated[
+        int, typer.Option(help="Training steps of the base model's VAE.")
+    ] = DemoConfig.base_vae_steps,
+    base_unet_steps: Annotated[
+        int, typer.Option(help="Training steps of the base model's UNet.")
+    ] = DemoConfig.base_unet_steps,
+    finetune_steps: Annotated[int, typer.Option(help="Real-Fake finetuning steps.")] = DemoConfig.finetune_steps,
+    steps: Annotated[int, typer.Option(help="Sampler steps at generation.")] = DemoConfig.steps,
+    guidance_scale: Annotated[
+        float, typer.Option("--guidance-scale", "--guidance", help="Classifier-free guidance scale.")
+    ] = DemoConfig.guidance_scale,
     strength: Annotated[
         float, typer.Option(help="Latent prior strength (the paper's 0.75 needs a stronger base model).")
-    ] = 0.5,
-    epochs: Annotated[int, typer.Option(help="Classifier epochs.")] = 15,
+    ] = DemoConfig.strength,
+    epochs: Annotated[int, typer.Option(help="Classifier epochs.")] = DemoConfig.epochs,
     ablate: Annotated[bool, typer.Option(help="Add ablation rows (text-only base, + finetune, + prior).")] = False,
     runtime: Annotated[
         str,
@@ -145,18 +154,18 @@ def demo(
             help="How Triton runs the models: onnxruntime (fp32, exact), openvino-fp32, openvino-bf16, or "
             "openvino-int8 (UNet quantized on the class prompts first; fastest on CPU)."
         ),
-    ] = "onnxruntime",
+    ] = DemoConfig.runtime,
     http_port: Annotated[int | None, typer.Option(help="Port of the local Triton (default: a free one).")] = None,
     fresh: Annotated[bool, typer.Option(help="Forget finished stages of OUT and start over.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed of everything.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of everything.")] = DemoConfig.seed,
     debug: Debug = False,
 ) -> None:
     """The whole Real-Fake loop on Fashion-MNIST on CPU: base model, finetune, export, Triton, generate,
     classifiers on real / synthetic / both, and the table of accuracies. Re-running resumes."""
     import shutil
 
-    from realfake.client.local import home
-    from realfake.training.demo import RUNTIMES, Demo, DemoConfig
+    from realfake.client.default_model import home
+    from realfake.training.demo import Demo
 
     warnings.filterwarnings("ignore")
     if runtime not in RUNTIMES:
@@ -172,7 +181,7 @@ def demo(
         base_unet_steps=base_unet_steps,
         finetune_steps=finetune_steps,
         steps=steps,
-        guidance=guidance,
+        guidance_scale=guidance_scale,
         strength=strength,
         epochs=epochs,
         model="resnet-small",

@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from realfake.client.classes import ClassInfo
-from realfake.client.dataset import DEFAULT_TEMPLATE, render_prompt
-from realfake.client.errors import UserError
-from realfake.client.real import IMAGE_SUFFIXES, caption_for, load_captions, resize_short_side, scan_real
+from realfake.core.classes import ClassInfo
+from realfake.core.dataset import render_prompt
+from realfake.core.defaults import DEFAULT_TEMPLATE
+from realfake.core.errors import UserError
+from realfake.core.images import IMAGE_SUFFIXES, resize_short_side
+from realfake.core.real_folder import caption_for, load_captions, scan_real
 
 FINETUNE_TEMPLATE = DEFAULT_TEMPLATE  # "photo of {class}, {caption}, best quality"
 

@@ -22,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from realfake.client.classes import load_classes
-from realfake.client.dataset import read_manifest_rows, write_atomic
-from realfake.client.errors import UserError
+from realfake.core.classes import load_classes
+from realfake.core.dataset import read_manifest_rows
+from realfake.core.defaults import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS
+from realfake.core.errors import UserError
+from realfake.core.files import write_atomic
 from realfake.training.idx import DEBIAN_DIR, balanced_subset, load_split, write_imagefolder
 
 CLASS_SET = "fashion-mnist"
@@ -41,8 +43,8 @@ class DemoConfig:
     base_vae_steps: int = 150
     base_unet_steps: int = 500
     finetune_steps: int = 100
-    steps: int = 30
-    guidance: float = 2.0
+    steps: int = DEFAULT_STEPS
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     # The paper's 0.75 assumes a strong pretrained SD; this demo's base model trains for minutes on CPU and cannot
     # rebuild an image from 75 % noise, so it keeps more of the real image (measured: README, issue notes).
     strength: float = 0.5
@@ -163,7 +165,7 @@ class Demo:
 
     def export(self, bundle: str, name: str) -> dict:
         from realfake.export.onnx_export import export_onnx
-        from realfake.export.repo import write_repository
+        from realfake.export.triton_repo import write_repository
 
         onnx_dir, repo = self.out / f"onnx_{name}", self.out / f"repo_{name}"
         report = export_onnx(bundle, onnx_dir, log=lambda m: self.log("  " + m))
@@ -174,7 +176,7 @@ class Demo:
             return result
         dtype = self.cfg.runtime.removeprefix("openvino-")
         if dtype == "int8":
-            from realfake.client.dataset import DEFAULT_NEGATIVE
+            from realfake.core.defaults import DEFAULT_NEGATIVE
             from realfake.export.quantize import class_prompts, quantize_unet
 
             prompts = class_prompts(CLASS_SET)
@@ -184,7 +186,7 @@ class Demo:
                 DEFAULT_NEGATIVE,
                 calibration_images=len(prompts),
                 steps=self.cfg.steps,
-                guidance=self.cfg.guidance,
+                guidance_scale=self.cfg.guidance_scale,
                 log=lambda m: self.log("  " + m),
             )["check"]
             result["int8_mean_abs_pixel_diff"] = check["mean_abs_pixel_diff"]

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from realfake.client.classes import load_classes
-from realfake.client.dataset import write_atomic
-from realfake.client.errors import UserError
-from realfake.export.bundle import check_bundle
+from realfake.core.classes import load_classes
+from realfake.core.errors import UserError
+from realfake.core.files import write_atomic
+from realfake.serving.model_bundle import check_bundle
 from realfake.training.data import FinetuneDataset, RealSample, collect_samples, jsonable, load_rgb
 from realfake.training.objective import realfake_loss, snr
 
@@ -74,7 +74,7 @@ def load_models(bundle: Path, with_image_encoder: bool) -> Models:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-    from realfake.export.onnx_export import quiet_loading
+    from realfake.serving.model_bundle import quiet_loading
 
     info = check_bundle(bundle)
     quiet_loading()
@@ -137,7 +137,7 @@ def image_embeddings(
     """CLIP image embeddings [N, D] of the real images, cached on disk per (file, image-encoder weights)."""
     from safetensors.torch import load_file, save_file
 
-    from realfake.serving.sampler import clip_preprocess
+    from realfake.core.images import clip_preprocess
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"image_embeds-{_model_key(bundle)}.safetensors"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from realfake.client.classes import ClassInfo
-from realfake.client.errors import UserError
+from realfake.core.classes import ClassInfo
+from realfake.core.errors import UserError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 SPLITS = {"train": "train", "test": "t10k"}

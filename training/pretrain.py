@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from realfake.client.classes import ClassInfo
-from realfake.client.dataset import render_prompt
-from realfake.export.bundle import build_tiny_bundle
+from realfake.core.classes import ClassInfo
+from realfake.core.dataset import render_prompt
+from realfake.export.tiny_bundle import build_tiny_bundle
 
 PROMPT = "photo of {class}, best quality"
 
@@ -53,7 +53,7 @@ def pretrain_base(
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from realfake.export.onnx_export import quiet_loading
+    from realfake.serving.model_bundle import quiet_loading
 
     quiet_loading()
     tmp = out.with_name(out.name + ".tmp")

@@ -14,7 +14,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
-from realfake.client.protocol import PIPELINE_INPUTS
+from realfake.core.protocol import PIPELINE_INPUTS
 from realfake.serving.batching import run_batch
 from realfake.serving.components import COMPONENT_IO, ComponentCalls, OrtComponents, instance_device
 from realfake.serving.sampler import Sampler

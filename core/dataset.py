@@ -8,19 +8,18 @@ so any number of processes can split a job and resume it without overlap.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from realfake.client.classes import ClassInfo
-from realfake.client.errors import UserError
+from realfake.core.classes import ClassInfo
+from realfake.core.defaults import DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE, DEFAULT_STEPS, DEFAULT_TEMPLATE
+from realfake.core.errors import UserError
+from realfake.core.files import file_sha256, write_atomic
 
 JOB_FILE = "job.json"
-DEFAULT_TEMPLATE = "photo of {class}, {caption}, best quality"
-DEFAULT_NEGATIVE = "distorted, unrealistic, blurry, out of frame, cropped, deformed"
 # Settings that may change between runs of one job without changing what it makes.
 TRANSIENT = ("urls", "batch", "concurrency", "shard")
 
@@ -62,8 +61,8 @@ class JobSpec:
     seed: int = 0
     prompt_template: str = DEFAULT_TEMPLATE
     negative_prompt: str = DEFAULT_NEGATIVE
-    steps: int = 30
-    guidance_scale: float = 2.0
+    steps: int = DEFAULT_STEPS
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     strength: float | None = None
     guidance_token: bool = False
     versions: int = 1
@@ -130,33 +129,6 @@ def read_manifest_rows(path: Path) -> list[dict]:
                 break
             raise UserError(f"{path} line {n} is not valid JSON: the manifest was edited or corrupted") from None
     return rows
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks (plans and graphs can be GBs)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def encode_png(image) -> bytes:
-    """uint8 HxWx3 -> PNG bytes; deterministic (no timestamps), so re-runs give identical files."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so a crash never leaves a partial file under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def remove_stale_temporaries(out: Path, shard: tuple[int, int]) -> None:

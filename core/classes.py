@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from realfake.client.errors import UserError
+from realfake.core.errors import UserError
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR100 = (
@@ -61,7 +61,7 @@ def _from_names(names: list[str]) -> list[ClassInfo]:
 
 
 def _imagenet() -> list[ClassInfo]:
-    text = resources.files("realfake.client").joinpath("data/imagenet.tsv").read_text(encoding="utf-8")
+    text = resources.files("realfake.core").joinpath("data/imagenet.tsv").read_text(encoding="utf-8")
     rows = [line.split("\t") for line in text.splitlines()[1:] if line.strip()]
     return [ClassInfo(i, wnid, name) for i, (wnid, name, _) in enumerate(rows)]
 

@@ -22,11 +22,6 @@ PIPELINE_INPUTS: dict[str, tuple[str, list[int], bool]] = {
 }
 PIPELINE_OUTPUTS: dict[str, tuple[str, list[int]]] = {"IMAGE": ("UINT8", [-1, -1, 3])}
 
-DEFAULT_STEPS = 30
-DEFAULT_GUIDANCE_SCALE = 2.0
-DEFAULT_STRENGTH = 0.75
-MAX_STEPS = 1000
-
 # Parameters of the pipeline model's config that describe the model it serves (recorded in manifests).
 PARAM_BUNDLE_IDENTITY = "bundle_identity"
 PARAM_IMAGE_SIZE = "image_size"

@@ -1,17 +1,14 @@
-"""Real images for the conditioned (Real-Fake) mode: an ImageFolder scan, per-image captions, and loading an
-image as the latent prior at the model's resolution."""
+"""The real images of the conditioned (Real-Fake) mode: an ImageFolder scan (class folders by id or name) and
+per-image captions (JSONL)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
-
-from realfake.client.classes import ClassInfo
-from realfake.client.errors import UserError
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+from realfake.core.classes import ClassInfo
+from realfake.core.errors import UserError
+from realfake.core.images import IMAGE_SUFFIXES
 
 
 def scan_real(root: Path, classes: list[ClassInfo]) -> dict[str, list[str]]:
@@ -68,37 +65,3 @@ def caption_for(captions: dict[str, str], relpath: str) -> str:
     if relpath in captions:
         return captions[relpath]
     return captions.get(Path(relpath).stem, "")
-
-
-def load_real_image(path: Path, size: int) -> np.ndarray:
-    """Decode, convert to RGB, resize the short side to `size` and centre-crop: uint8 [size, size, 3]."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(centre_crop(resize_short_side(im.convert("RGB"), size), size), dtype=np.uint8)
-
-
-def resize_short_side(image, size: int):
-    """PIL image with its short side resized (bicubic) to `size`, aspect kept."""
-    from PIL import Image
-
-    scale = size / min(image.size)
-    w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-    return image.resize((w, h), Image.BICUBIC)
-
-
-def centre_crop(image, size: int):
-    left, top = (image.width - size) // 2, (image.height - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
-def check_decodes(path: Path) -> str | None:
-    """None when the image decodes, else the reason."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is a reason to skip the image
-        return f"{type(exc).__name__}: {exc}"
-    return None

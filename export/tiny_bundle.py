@@ -7,17 +7,11 @@ No other stage knows which it got.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import importlib.util
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
-from realfake.client.errors import UserError
-
-REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
-OPTIONAL_COMPONENTS = ("image_encoder",)
-TEXT_MAX_LENGTH = 77
+from realfake.core.errors import UserError
+from realfake.serving.model_bundle import TEXT_MAX_LENGTH, check_bundle
 
 # SD 1.x noise schedule: the scheduler config every stage derives its sampler from.
 SD_SCHEDULE = {
@@ -27,62 +21,6 @@ SD_SCHEDULE = {
     "beta_schedule": "scaled_linear",
     "prediction_type": "epsilon",
 }
-
-
-@dataclass(frozen=True)
-class BundleInfo:
-    path: Path
-    has_image_encoder: bool
-    image_size: int  # pixels per side the UNet was built for
-    latent_channels: int
-    vae_scale_factor: int
-    text_hidden_size: int
-
-
-def check_bundle(path: str | Path) -> BundleInfo:
-    """Validate the directory layout and the widths that later stages rely on; raise UserError otherwise."""
-    root = Path(path)
-    if not root.is_dir():
-        raise UserError(f"bundle {root} is not a directory (expected a diffusers-layout model folder)")
-    if not (root / "model_index.json").is_file():
-        raise UserError(f"bundle {root} has no model_index.json (is it a diffusers-format directory?)")
-    missing = [c for c in REQUIRED_COMPONENTS if not (root / c).is_dir()]
-    if missing:
-        raise UserError(f"bundle {root} is missing component(s): {', '.join(missing)}")
-    configs = {}
-    for name, fname in (("unet", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json")):
-        cfg = root / name / fname
-        if not cfg.is_file():
-            raise UserError(f"bundle {root}: {name}/{fname} is missing")
-        configs[name] = json.loads(cfg.read_text())
-    unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
-    vae_scale = 2 ** (len(vae.get("block_out_channels", [1])) - 1)
-    has_image_encoder = (root / "image_encoder" / "config.json").is_file()
-    if has_image_encoder:
-        proj = json.loads((root / "image_encoder" / "config.json").read_text()).get("projection_dim")
-        if proj != text["hidden_size"]:
-            raise UserError(
-                f"bundle {root}: image_encoder projection_dim {proj} != text hidden size {text['hidden_size']}"
-                " (the guidance token replaces a text token, so the widths must match)"
-            )
-    return BundleInfo(
-        path=root,
-        has_image_encoder=has_image_encoder,
-        image_size=int(unet["sample_size"]) * vae_scale,
-        latent_channels=int(unet["in_channels"]),
-        vae_scale_factor=vae_scale,
-        text_hidden_size=int(text["hidden_size"]),
-    )
-
-
-def bundle_identity(path: str | Path) -> str:
-    """A short content hash of the bundle's weights and configs: the model identity the manifest records."""
-    digest = hashlib.sha256()
-    root = Path(path)
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(f.relative_to(root)).encode())
-        digest.update(hashlib.sha256(f.read_bytes()).digest())
-    return digest.hexdigest()[:16]
 
 
 def _byte_alphabet() -> list[str]:

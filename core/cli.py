@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from realfake.client.errors import UserError
+from realfake.core.errors import UserError
 
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks of internal errors.")]
 

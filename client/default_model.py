@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from realfake.client.errors import UserError
+from realfake.core.errors import UserError
 
 
 def home() -> Path:

@@ -12,8 +12,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from realfake.client.errors import UserError
-from realfake.client.protocol import (
+from realfake.core.defaults import DEFAULT_SCHEDULER
+from realfake.core.errors import UserError
+from realfake.core.files import files_sha256
+from realfake.core.protocol import (
     PARAM_BUNDLE_IDENTITY,
     PARAM_ENGINE,
     PARAM_HAS_IMAGE_ENCODER,
@@ -22,8 +24,7 @@ from realfake.client.protocol import (
     PIPELINE_MODEL,
     PIPELINE_OUTPUTS,
 )
-from realfake.export.onnx_export import files_sha256, graph_files, graph_sha256, load_export_meta
-from realfake.export.quantize import INT8_UNET, QUANTIZE_REPORT
+from realfake.serving.export_files import INT8_UNET, QUANTIZE_REPORT, graph_files, graph_sha256, load_export_meta
 
 RUNTIMES = ("python-ort", "openvino", "onnxruntime", "tensorrt", "pytorch")
 COMPONENT_MODES = ("bls", "inprocess")
@@ -148,7 +149,7 @@ def _plans(engines: Path | None, onnx_dir: Path, components: list[str], max_batc
     """The plan of each component for this export (and this machine's GPU when one is visible), and the pipeline
     batch: the plans' largest profile batch unless `max_batch` asks for less; more is refused, since TensorRT
     cannot run a shape outside its optimisation profile."""
-    from realfake.export.engines import select_plans, visible_gpu
+    from realfake.serving.tensorrt_plans import select_plans, visible_gpu
 
     if engines is None or not Path(engines).is_dir():
         raise UserError("--runtime tensorrt needs --engines: the folder `rf-export engines` wrote")
@@ -209,7 +210,7 @@ def write_repository(
     out: str | Path,
     *,
     runtime: str = "python-ort",
-    scheduler: str = "unipc",
+    scheduler: str = DEFAULT_SCHEDULER,
     max_batch: int | None = None,
     queue_delay_us: int = 5000,
     threads: int | None = None,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from realfake.client.dataset import write_atomic
 from realfake.client.triton import PipelineClient
+from realfake.core.files import write_atomic
 
 
 @dataclass
@@ -30,24 +30,24 @@ class BenchRow:
     errors: int
 
 
-def _arrays(batch: int, seed0: int, steps: int, guidance: float, prompt: str) -> dict[str, np.ndarray]:
+def _arrays(batch: int, seed0: int, steps: int, guidance_scale: float, prompt: str) -> dict[str, np.ndarray]:
     return {
         "PROMPT": np.array([[prompt.encode()]] * batch, dtype=np.object_),
         "NEGATIVE_PROMPT": np.array([[b"blurry"]] * batch, dtype=np.object_),
         "SEED": np.arange(seed0, seed0 + batch, dtype=np.int64).reshape(batch, 1),
         "STEPS": np.full((batch, 1), steps, dtype=np.int32),
-        "GUIDANCE_SCALE": np.full((batch, 1), guidance, dtype=np.float32),
+        "GUIDANCE_SCALE": np.full((batch, 1), guidance_scale, dtype=np.float32),
     }
 
 
 def measure(
-    url: str, concurrency: int, batch: int, requests: int, steps: int, guidance: float, warmup: int = 1
+    url: str, concurrency: int, batch: int, requests: int, steps: int, guidance_scale: float, warmup: int = 1
 ) -> BenchRow:
     """Send `requests` requests of `batch` images from `concurrency` threads; time each and the whole."""
     prompt = "photo of a tench, best quality"
     warm = PipelineClient(url)
     for k in range(warmup):
-        warm.infer(_arrays(batch, 10_000 + k, steps, guidance, prompt))
+        warm.infer(_arrays(batch, 10_000 + k, steps, guidance_scale, prompt))
     latencies: list[float] = []
     errors = 0
     lock = threading.Lock()
@@ -63,7 +63,7 @@ def measure(
                 return
             t0 = time.perf_counter()
             try:
-                client.infer(_arrays(batch, k * batch, steps, guidance, prompt))
+                client.infer(_arrays(batch, k * batch, steps, guidance_scale, prompt))
             except Exception:  # noqa: BLE001 - counted, the benchmark goes on
                 with lock:
                     errors += 1

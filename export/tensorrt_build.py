@@ -13,22 +13,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from realfake.client.dataset import write_atomic
-from realfake.client.errors import UserError
-from realfake.export.bundle import TEXT_MAX_LENGTH
-from realfake.export.onnx_export import graph_sha256, load_export_meta
-
-GUIDED = ("text_encoder", "unet")  # components that see both guidance halves in one call
-
-
-@dataclass(frozen=True)
-class GpuInfo:
-    name: str
-    compute_capability: tuple[int, int]
-
-    @property
-    def arch(self) -> str:
-        return f"sm{self.compute_capability[0]}{self.compute_capability[1]}"
+from realfake.core.errors import UserError
+from realfake.core.files import write_atomic
+from realfake.serving.export_files import graph_sha256, load_export_meta
+from realfake.serving.model_bundle import TEXT_MAX_LENGTH
+from realfake.serving.tensorrt_plans import GpuInfo, detect_gpu, import_tensorrt, profile_max_images
 
 
 def timing_cache_name(gpu: GpuInfo) -> str:
@@ -88,13 +77,7 @@ def plan_name(component: str, gpu: GpuInfo, trt_version: str) -> str:
     return f"{component}.{gpu.arch}.{trt_version}.plan"
 
 
-def profile_max_images(component: str, profile_json: dict, cfg: bool = True) -> int:
-    """The largest pipeline batch (images) a plan with this profile serves."""
-    first = next(iter(profile_json.values()))
-    return first["max"][0] // (2 if cfg and component in GUIDED else 1)
-
-
-def engine_meta(component: str, gpu: GpuInfo, trt_version: str, onnx_hash: str, profile: Profile, fp16: bool) -> dict:
+def plan_meta(component: str, gpu: GpuInfo, trt_version: str, onnx_hash: str, profile: Profile, fp16: bool) -> dict:
     return {
         "component": component,
         "max_images": profile_max_images(component, profile.to_json()),
@@ -126,85 +109,6 @@ def rebuild_reason(meta_path: Path, wanted: dict) -> str | None:
         if have.get(key) != wanted.get(key):
             return f"{label} changed ({have.get(key)} -> {wanted.get(key)})"
     return None
-
-
-def visible_gpu() -> GpuInfo | None:
-    """The first CUDA device, or None on a machine without one."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    return GpuInfo(torch.cuda.get_device_name(0), tuple(torch.cuda.get_device_capability(0)))
-
-
-def detect_gpu() -> GpuInfo:
-    gpu = visible_gpu()
-    if gpu is None:
-        raise UserError("rf-export engines needs an NVIDIA GPU (none is visible here); on CPU use --runtime python-ort")
-    return gpu
-
-
-@dataclass(frozen=True)
-class SelectedPlan:
-    path: Path
-    meta: dict
-
-    @property
-    def max_images(self) -> int:
-        if "max_images" in self.meta:
-            return int(self.meta["max_images"])
-        return profile_max_images(self.meta["component"], self.meta["profiles"])
-
-
-def select_plans(
-    engines: Path, onnx_dir: Path, components: list[str], gpu: GpuInfo | None = None
-) -> dict[str, SelectedPlan]:
-    """For each component, the plan in `engines` built from this export's graph (and, when `gpu` is given, for
-    its architecture); the newest when several qualify. A plan whose metadata is missing or names another
-    graph is never picked: serving it would serve other weights."""
-    plans = {}
-    for name in components:
-        found = sorted(Path(engines).glob(f"{name}.sm*.plan"), key=lambda p: p.stat().st_mtime)
-        if not found:
-            raise UserError(f"no TensorRT plan for {name} in {engines}: run `rf-export engines` on the serving GPU")
-        digest = graph_sha256(Path(onnx_dir) / f"{name}.onnx")
-        candidates = []
-        for plan in found:
-            try:
-                meta = json.loads(plan.with_suffix(".json").read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            if meta.get("onnx_sha256") == digest:
-                candidates.append(SelectedPlan(plan, meta))
-        if not candidates:
-            raise UserError(
-                f"the TensorRT plans for {name} in {engines} were built from another {name}.onnx (or lack their "
-                f"metadata): run `rf-export engines {onnx_dir}` again"
-            )
-        if gpu is not None:
-            archs = sorted({c.path.name.split(".")[1] for c in candidates})
-            candidates = [
-                c for c in candidates if list(c.meta.get("compute_capability", [])) == list(gpu.compute_capability)
-            ]
-            if not candidates:
-                raise UserError(
-                    f"the plans for {name} in {engines} are for {', '.join(archs)}, not this {gpu.name} ({gpu.arch}): "
-                    "run `rf-export engines` here"
-                )
-        plans[name] = candidates[-1]
-    return plans
-
-
-def import_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise UserError(
-            "rf-export engines needs the `tensorrt` Python package (pip install tensorrt) and a GPU"
-        ) from None
-    return trt
 
 
 def build_plan(
@@ -240,7 +144,7 @@ def build_plan(
 
 
 @dataclass
-class EngineResult:
+class PlanResult:
     component: str
     plan: str
     built: bool
@@ -248,9 +152,7 @@ class EngineResult:
     seconds: float
 
 
-def build_engines(
-    onnx_dir: Path, out: Path, batch_sizes: list[int], fp16: bool = True, log=print
-) -> list[EngineResult]:
+def build_plans(onnx_dir: Path, out: Path, batch_sizes: list[int], fp16: bool = True, log=print) -> list[PlanResult]:
     """Plans for every component of an ONNX export, for the GPU of this machine; up-to-date plans are kept."""
     meta = load_export_meta(onnx_dir)
     profiles = component_profiles(meta, batch_sizes)
@@ -261,7 +163,7 @@ def build_engines(
     for component, profile in profiles.items():
         onnx_path = onnx_dir / f"{component}.onnx"
         plan = out / plan_name(component, gpu, trt.__version__)
-        wanted = engine_meta(component, gpu, trt.__version__, graph_sha256(onnx_path), profile, fp16)
+        wanted = plan_meta(component, gpu, trt.__version__, graph_sha256(onnx_path), profile, fp16)
         reason = rebuild_reason(plan.with_suffix(".json"), wanted)
         t0 = time.perf_counter()
         if reason is not None:
@@ -270,7 +172,7 @@ def build_engines(
             build_plan(onnx_path, plan, profile, out / timing_cache_name(gpu), fp16)
             write_atomic(plan.with_suffix(".json"), json.dumps(wanted, indent=1).encode())
         results.append(
-            EngineResult(
+            PlanResult(
                 component, str(plan), reason is not None, reason or "up to date", round(time.perf_counter() - t0, 2)
             )
         )

@@ -1,0 +1,165 @@
+"""The model bundle contract: a diffusers-layout Stable Diffusion directory, checked, identified and loaded
+here. A real user passes a local Stable Diffusion 1.x copy; tests and demos build a tiny one
+(`realfake.export.tiny_bundle`). No stage knows which it got.
+
+`load_torch_modules` gives the bundle's modules as torch wrappers whose signatures are the graph contracts every
+runtime serves (ONNX export traces them; the pytorch runtime runs them directly).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from realfake.core.errors import UserError
+
+REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
+
+
+OPTIONAL_COMPONENTS = ("image_encoder",)
+
+
+TEXT_MAX_LENGTH = 77
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    path: Path
+    has_image_encoder: bool
+    image_size: int  # pixels per side the UNet was built for
+    latent_channels: int
+    vae_scale_factor: int
+    text_hidden_size: int
+
+
+def check_bundle(path: str | Path) -> BundleInfo:
+    """Validate the directory layout and the widths that later stages rely on; raise UserError otherwise."""
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"bundle {root} is not a directory (expected a diffusers-layout model folder)")
+    if not (root / "model_index.json").is_file():
+        raise UserError(f"bundle {root} has no model_index.json (is it a diffusers-format directory?)")
+    missing = [c for c in REQUIRED_COMPONENTS if not (root / c).is_dir()]
+    if missing:
+        raise UserError(f"bundle {root} is missing component(s): {', '.join(missing)}")
+    configs = {}
+    for name, fname in (("unet", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json")):
+        cfg = root / name / fname
+        if not cfg.is_file():
+            raise UserError(f"bundle {root}: {name}/{fname} is missing")
+        configs[name] = json.loads(cfg.read_text())
+    unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
+    vae_scale = 2 ** (len(vae.get("block_out_channels", [1])) - 1)
+    has_image_encoder = (root / "image_encoder" / "config.json").is_file()
+    if has_image_encoder:
+        proj = json.loads((root / "image_encoder" / "config.json").read_text()).get("projection_dim")
+        if proj != text["hidden_size"]:
+            raise UserError(
+                f"bundle {root}: image_encoder projection_dim {proj} != text hidden size {text['hidden_size']}"
+                " (the guidance token replaces a text token, so the widths must match)"
+            )
+    return BundleInfo(
+        path=root,
+        has_image_encoder=has_image_encoder,
+        image_size=int(unet["sample_size"]) * vae_scale,
+        latent_channels=int(unet["in_channels"]),
+        vae_scale_factor=vae_scale,
+        text_hidden_size=int(text["hidden_size"]),
+    )
+
+
+def bundle_identity(path: str | Path) -> str:
+    """A short content hash of the bundle's weights and configs: the model identity the manifest records."""
+    digest = hashlib.sha256()
+    root = Path(path)
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(f.relative_to(root)).encode())
+        digest.update(hashlib.sha256(f.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def quiet_loading() -> None:
+    """Loading a local bundle needs no per-shard progress bars from transformers/diffusers."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    tlog.disable_progress_bar()
+    dlog.disable_progress_bar()
+
+
+def load_torch_modules(bundle: str | Path) -> tuple[BundleInfo, dict]:
+    """The bundle's modules as small torch wrappers whose signatures are the graph contracts above."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPVisionModelWithProjection
+
+    info = check_bundle(bundle)
+    root = info.path
+    quiet_loading()
+    try:
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True).eval()
+        vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True).eval()
+        text = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True).eval()
+        vision = (
+            CLIPVisionModelWithProjection.from_pretrained(root / "image_encoder", local_files_only=True).eval()
+            if info.has_image_encoder
+            else None
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(f"bundle {root}: could not load weights ({exc})") from exc
+    scaling = float(vae.config.scaling_factor)
+
+    class TextEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.text = text
+
+        def forward(self, input_ids):
+            return self.text(input_ids=input_ids).last_hidden_state
+
+    class Unet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, sample, timestep, encoder_hidden_states):
+            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+    class VaeDecoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, latents):
+            return self.vae.decode(latents / scaling, return_dict=False)[0]
+
+    class VaeEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, image):
+            moments = self.vae.encoder(image)
+            if self.vae.quant_conv is not None:
+                moments = self.vae.quant_conv(moments)
+            return moments
+
+    class ImageEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vision = vision
+
+        def forward(self, pixel_values):
+            return self.vision(pixel_values=pixel_values).image_embeds
+
+    modules = {
+        "text_encoder": TextEncoder().eval(),
+        "unet": Unet().eval(),
+        "vae_decoder": VaeDecoder().eval(),
+        "vae_encoder": VaeEncoder().eval(),
+    }
+    if vision is not None:
+        modules["image_encoder"] = ImageEncoder().eval()
+    return info, modules
