@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,8 @@ import warnings
 from pathlib import Path
 
 import pytest
+
+from realfake.serving.tensorrt_plans import GpuInfo
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -75,3 +78,41 @@ def rf_home(tiny_repo, tmp_path_factory) -> Path:
     (home / "tiny").mkdir()
     (home / "tiny" / "repo").symlink_to(tiny_repo)
     return home
+
+
+# -- TensorRT plans without a GPU: files with the metadata `rf-export engines` writes --------------------------------
+
+# the shape facts of the tiny export (export.json), for plan profiles made without a GPU
+TINY_META = {
+    "image_size": 32,
+    "vae_scale_factor": 2,
+    "latent_channels": 4,
+    "text_hidden_size": 32,
+    "image_encoder_size": 32,
+    "components": ["text_encoder", "unet", "vae_decoder", "vae_encoder", "image_encoder"],
+}
+H100 = GpuInfo("NVIDIA H100 80GB HBM3", (9, 0))
+L4 = GpuInfo("NVIDIA L4", (8, 9))
+
+
+def fake_plans(onnx_dir: Path, folder: Path, batch_sizes=(1, 4, 8, 16), gpu=H100, digest=None) -> Path:
+    """Plan files with the metadata `rf-export engines` writes (the plan bytes are not an engine)."""
+    from realfake.export import tensorrt_build as eng
+    from realfake.serving.export_files import graph_sha256
+
+    folder.mkdir(exist_ok=True)
+    meta = json.loads((onnx_dir / "export.json").read_text())
+    for name, profile in eng.component_profiles(meta, list(batch_sizes)).items():
+        plan = folder / eng.plan_name(name, gpu, "10.13.0")
+        plan.write_bytes(b"plan " + name.encode())
+        wanted = eng.plan_meta(name, gpu, "10.13.0", digest or graph_sha256(onnx_dir / f"{name}.onnx"), profile, True)
+        plan.with_suffix(".json").write_text(json.dumps(wanted))
+    return folder
+
+
+def parse_config(path: Path):
+    """A config.pbtxt parsed back by Triton's own protobuf schema."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
