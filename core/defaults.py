@@ -1,5 +1,5 @@
-"""The Real-Fake generation defaults (METHOD.md), named once: CLIs, dataclasses, the sampler, the server's
-request parsing and the demo all refer to these."""
+"""The Real-Fake generation defaults (the ICLR 2024 paper's reference settings), named once: CLIs, dataclasses,
+the sampler, the server's request parsing and the demo all refer to these."""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""rf-export: model bundles to ONNX, TensorRT engines and the Triton model repository."""
+"""rf-export: model bundles to ONNX, TensorRT plans and the Triton model repository."""

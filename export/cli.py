@@ -1,4 +1,5 @@
-"""`rf-export`: bundles to ONNX (parity-checked), Triton repositories, and the tiny test bundle."""
+"""`rf-export`: bundles to ONNX (parity-checked), TensorRT plans, the int8 UNet, Triton repositories, and the tiny
+test bundle."""
 
 from __future__ import annotations
 

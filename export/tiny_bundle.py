@@ -1,7 +1,6 @@
-"""The model bundle contract: a diffusers-layout Stable Diffusion directory, checked and loaded here.
-
-A real user passes a local Stable Diffusion 1.x copy; tests and demos build a tiny one with `build_tiny_bundle`.
-No other stage knows which it got.
+"""Tiny random-weight model bundles for tests and demos (`build_tiny_bundle`), in the layout that
+realfake.serving.model_bundle checks and loads. A real user passes a local Stable Diffusion 1.x copy instead;
+no other stage knows which it got.
 """
 
 from __future__ import annotations

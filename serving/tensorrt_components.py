@@ -3,7 +3,7 @@ against the same sampler on the PyTorch and ONNX Runtime components.
 
 Plans come from `rf-export engines` and are picked the way `rf-export repo --runtime tensorrt` picks them (built
 from this export's graphs, for this GPU). Inputs are CUDA tensors; each call binds them by address, runs the
-engine on PyTorch's current stream (so it is ordered with the sampler's own tensor work) and returns a CUDA
+plan on PyTorch's current stream (so it is ordered with the sampler's own tensor work) and returns a CUDA
 tensor: nothing crosses to the host between the first text encoding and the decoded image. A shape outside a
 plan's optimisation profile is refused with the profile in the message, before TensorRT sees it.
 """

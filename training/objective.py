@@ -1,5 +1,9 @@
-"""The Real-Fake finetuning objective (METHOD.md §1): min-SNR-weighted denoising MSE plus a linear-kernel
-distribution-matching term that matches the batch's weighted first moment of predictions and targets."""
+"""The Real-Fake finetuning objective: min-SNR-weighted denoising MSE plus a linear-kernel distribution-matching
+term that matches the batch's weighted first moment of predictions and targets.
+
+Source: Yuan, Zhang, Sun, Torr, Zhao, "Real-Fake: Effective Training Data Synthesis Through Distribution
+Matching", ICLR 2024. The settings used here (gamma 5, weight 0.003, epsilon and v-prediction targets) are listed
+in the top-level README, "Finetuning with the Real-Fake objective"."""
 
 from __future__ import annotations
 
