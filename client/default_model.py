@@ -1,4 +1,5 @@
-"""The embedded default: a tiny model repository in the local cache, served by a local Triton server.
+"""The embedded default: a tiny model repository in the local cache, served by a local Triton server when a
+command is given no server.
 
 Building it needs the server extra (torch, diffusers, onnx); the client only runs `rf-export tiny` as a
 child process, so it never imports them itself.
@@ -6,6 +7,7 @@ child process, so it never imports them itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -34,3 +36,20 @@ def ensure_default_repo(log=print) -> Path:
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
         raise UserError(f"could not build the embedded default model: {tail[0]}")
     return repo
+
+
+@contextlib.contextmanager
+def serving_urls(urls: list[str], log=print):
+    """The given servers (normalised HOST:PORT), or with none the embedded default: a local Triton on the tiny
+    model for as long as the block runs."""
+    from realfake.client.server import LocalServer
+    from realfake.client.triton import normalise_url
+
+    if urls:
+        yield [normalise_url(u) for u in urls]
+        return
+    repo = ensure_default_repo(log)
+    log(f"starting a local Triton server on {repo}")
+    with LocalServer(repo) as server:
+        log(f"server ready at {server.url} (log: {server.log_path})")
+        yield [server.url]

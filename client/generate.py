@@ -1,309 +1,290 @@
-"""Run a dataset job against one or many Triton servers: bounded in-flight work per server, retries on
-another server, dead servers dropped and re-probed, files written atomically, the manifest appended and
-fsync'd, progress and a summary. Nothing finished is ever lost or made twice.
+"""Generate a labelled synthetic dataset: the Python API under `rf-client generate`, the demo and notebooks.
+
+    from realfake.client.generate import GenerateConfig, generate_dataset
+
+    summary = generate_dataset(GenerateConfig(classes="cifar10", out=Path("out/c10"), per_class=10,
+                                              urls=["127.0.0.1:8000"]))
+
+`generate_dataset` runs in numbered steps: 1. check the options; 2. read the class set, the real images and
+their captions; 3. negotiate the servers (one model; one engine unless mixed engines are accepted); 4. build the
+job (its settings and work items) and compare it with the job stored in OUT, so a re-run resumes; 5. run the
+work on the servers and write the summary. Re-running the same configuration resumes where it stopped.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import queue
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from realfake.client.server import server_ready
-from realfake.client.triton import PipelineClient
-from realfake.core.dataset import JobSpec, ManifestWriter, WorkItem, image_relpath, index_width
+from realfake.client.runner import Runner, Summary, write_summary
+from realfake.client.triton import ModelCard, PipelineClient
+from realfake.core import dataset as ds
+from realfake.core.classes import ClassInfo, load_classes
+from realfake.core.defaults import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_NEGATIVE,
+    DEFAULT_STEPS,
+    DEFAULT_STRENGTH,
+    DEFAULT_TEMPLATE,
+)
 from realfake.core.errors import UserError
-from realfake.core.files import write_atomic
-from realfake.core.images import encode_png
+from realfake.core.files import file_sha256, write_atomic
+from realfake.core.images import load_real_image
+from realfake.core.real_folder import caption_for, load_captions, scan_real
+
+GUIDANCE_TOKEN_MODES = ("auto", "on", "off")
+# (images done, images failed or skipped, images to make in this run, per-server (images, images/s, healthy))
+ProgressCallback = Callable[[int, int, int, dict], None]
 
 
 @dataclass
-class Batch:
-    items: list[WorkItem]
-    attempts: int = 0
-    last_error: str = ""
+class GenerateConfig:
+    """One dataset job. The fields above `urls` decide which images are made (stored in OUT/job.json and
+    compared on resume); the rest only decide how the work is spread and retried."""
+
+    classes: str  # a built-in class set or a class file (see realfake.core.classes)
+    out: Path
+    per_class: int | None = None  # text-only mode: images per class; with `real`: real images used per class
+    real: Path | None = None  # ImageFolder of real images: each yields `versions` images conditioned on it
+    versions: int = 1
+    strength: float = DEFAULT_STRENGTH  # latent prior strength (with `real`)
+    captions: Path | None = None  # JSONL {"image": <path or stem>, "caption": <text>}
+    guidance_token: str = "auto"  # auto (when the served model has an image encoder), on, off
+    seed: int = 0
+    prompt_template: str = DEFAULT_TEMPLATE
+    negative_prompt: str = DEFAULT_NEGATIVE
+    steps: int = DEFAULT_STEPS
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+    urls: list[str] = field(default_factory=list)  # Triton HTTP HOST:PORT; none: start the embedded default
+    batch: int = 4
+    concurrency: int = 2
+    shard: str | None = None  # "I/N": only this process's share
+    force: bool = False  # resume even though the job's settings changed
+    mixed_engines: bool = False
+    max_attempts: int = 4
+    server_wait: float = 120.0
+
+    def check(self) -> None:
+        """One UserError naming the first option that is out of range."""
+        if self.per_class is None and self.real is None:
+            raise UserError("--per-class is required in text-only mode (without --real)")
+        if self.per_class is not None and self.per_class < 1:
+            raise UserError(f"--per-class must be >= 1, got {self.per_class}")
+        if min(self.steps, self.batch, self.concurrency, self.max_attempts, self.versions) < 1:
+            raise UserError("--steps, --batch, --concurrency, --max-attempts and --versions must be >= 1")
+        if not 0.0 < self.strength <= 1.0:
+            raise UserError(f"--strength must be in (0, 1], got {self.strength}")
+        if self.guidance_token not in GUIDANCE_TOKEN_MODES:
+            raise UserError(f"--guidance-token must be auto, on or off, got {self.guidance_token!r}")
+        ds.parse_shard(self.shard)
 
 
 @dataclass
-class ServerState:
-    url: str
-    healthy: bool = True
-    images: int = 0
-    requests: int = 0
-    failures: int = 0
-    busy_seconds: float = 0.0
-    engine: str | None = None  # from the server's model card, read at every (re)connection; in manifest rows
-    refused: str | None = None  # why this server is not used for this job (it serves something else)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+class Inputs:
+    """What the job reads before any server is asked: classes, real images by class, captions."""
 
-    def summary(self, wall: float) -> dict:
-        return {
-            "url": self.url,
-            "engine": self.engine,
-            "images": self.images,
-            "requests": self.requests,
-            "failures": self.failures,
-            "images_per_sec": round(self.images / wall, 3) if wall > 0 else 0.0,
-            "refused": self.refused,
-        }
+    classes: list[ClassInfo]
+    real: dict[str, list[str]]  # class id -> image paths relative to the real root
+    captions: dict[str, str]
 
 
-@dataclass
-class Summary:
-    images: int
-    skipped: int
-    failed: int
-    retries: int
-    wall_seconds: float
-    servers: list[dict]
-    failures: list[dict]
-    skipped_real: int = 0
-
-    @property
-    def images_per_sec(self) -> float:
-        return self.images / self.wall_seconds if self.wall_seconds > 0 else 0.0
-
-    def to_json(self) -> dict:
-        return {
-            "images": self.images,
-            "skipped_already_done": self.skipped,
-            "failed": self.failed,
-            "skipped_undecodable_real": self.skipped_real,
-            "retries": self.retries,
-            "wall_seconds": round(self.wall_seconds, 3),
-            "images_per_sec": round(self.images_per_sec, 3),
-            "servers": self.servers,
-            "failures": self.failures[:100],
-        }
+def read_inputs(cfg: GenerateConfig) -> Inputs:
+    class_list = load_classes(cfg.classes)
+    captions = load_captions(cfg.captions) if cfg.captions else {}
+    real = scan_real(cfg.real, class_list) if cfg.real else {}
+    if real and cfg.per_class is not None:
+        real = {k: v[: cfg.per_class] for k, v in real.items()}
+    if captions and real:
+        _check_captions(captions, real, cfg.captions)
+    return Inputs(class_list, real, captions)
 
 
-class Runner:
-    """Generates `items` into `out`; call `run()`."""
-
-    def __init__(
-        self,
-        out: Path,
-        spec: JobSpec,
-        items: list[WorkItem],
-        urls: list[str],
-        manifest: ManifestWriter,
-        *,
-        batch: int = 4,
-        concurrency: int = 2,
-        max_attempts: int = 4,
-        server_wait: float = 120.0,
-        load_real: Callable[[WorkItem], np.ndarray] | None = None,
-        on_progress: Callable[[int, int, dict], None] | None = None,
-    ):
-        self.out, self.spec, self.manifest = out, spec, manifest
-        self.width = index_width(spec)
-        self.batches = [Batch(items[i : i + batch]) for i in range(0, len(items), batch)]
-        self.total = len(items)
-        self.servers = [ServerState(u) for u in urls]
-        self.concurrency = concurrency
-        self.max_attempts = max_attempts
-        self.server_wait = server_wait
-        self.load_real = load_real
-        self.on_progress = on_progress
-        self.work: queue.Queue[Batch] = queue.Queue()
-        self.results: queue.Queue[tuple[str, Batch, object]] = queue.Queue()
-        self.stop = threading.Event()
-        self.retries = 0
-
-    # -- workers --------------------------------------------------------------------------------------------
-
-    def _worker(self, server: ServerState) -> None:
-        client: PipelineClient | None = None
-        while not self.stop.is_set() and not server.refused:
-            if not server.healthy:
-                if server_ready(server.url, timeout=1.0):
-                    server.healthy = True
-                    client = None
-                else:
-                    self.stop.wait(1.0)
-                    continue
-            try:
-                batch = self.work.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            items, init_images, skipped = self._prepare(batch)
-            if skipped:
-                self.results.put(("skipped", Batch([it for it, _ in skipped]), skipped))
-            if not items:
-                continue
-            try:
-                if client is None:  # a new connection, perhaps to a restarted server: is it still the job's model?
-                    client = PipelineClient(server.url)
-                    card = client.card()
-                    refusal = self._refusal(card)
-                    if refusal:
-                        server.refused, server.healthy = refusal, False
-                        self.results.put(("refused", batch, f"{server.url}: {refusal}"))
-                        return
-                    server.engine = card.engine
-                t0 = time.perf_counter()
-                images = client.generate(self.spec, items, init_images)
-                elapsed = time.perf_counter() - t0
-            except Exception as exc:  # noqa: BLE001 - every failure is retried or reported, never lost
-                client = None
-                alive = server_ready(server.url, timeout=1.0)
-                with server.lock:
-                    server.failures += 1
-                    if not alive:
-                        server.healthy = False
-                self.results.put(("failed", Batch(items, batch.attempts), f"{server.url}: {_one_line(exc)}"))
-                if alive:  # the server answered but the request failed: back off before the next one
-                    self.stop.wait(min(0.5 * 2**batch.attempts, 8.0))
-                continue
-            rows = []
-            for item, image in zip(items, images, strict=True):
-                png = encode_png(image)
-                rel = image_relpath(item, self.width)
-                write_atomic(self.out / rel, png)
-                rows.append(self._row(item, rel, png, server))
-            with server.lock:
-                server.images += len(rows)
-                server.requests += 1
-                server.busy_seconds += elapsed
-            self.results.put(("done", Batch(items), rows))
-
-    def _refusal(self, card) -> str | None:
-        """Why a server's model card does not fit this job (another model, or another engine), or None."""
-        if self.spec.model is not None and card.identity != self.spec.model:
-            return f"serves model {card.identity}, this job's is {self.spec.model}"
-        if self.spec.engine not in (None, "mixed") and card.engine != self.spec.engine:
-            return f"runs engine {card.engine!r}, this job's is {self.spec.engine!r} (see --mixed-engines)"
-        return None
-
-    def _prepare(self, batch: Batch) -> tuple[list[WorkItem], np.ndarray | None, list[tuple[WorkItem, str]]]:
-        """Load the batch's real images; an image that does not decode is skipped (and reported), not retried."""
-        if self.load_real is None or batch.items[0].real_image is None:
-            return batch.items, None, []
-        items, images, skipped = [], [], []
-        for item in batch.items:
-            try:
-                images.append(self.load_real(item))
-                items.append(item)
-            except Exception as exc:  # noqa: BLE001 - a bad input file must not stop the job
-                skipped.append((item, f"real image {item.real_image} does not decode ({_one_line(exc)})"))
-        return items, (np.stack(images) if images else None), skipped
-
-    def _row(self, item: WorkItem, rel: str, png: bytes, server: ServerState) -> dict:
-        s = self.spec
-        return {
-            "path": rel,
-            "class_index": item.cls.index,
-            "class_id": item.cls.id,
-            "class_name": item.cls.name,
-            "index": item.index,
-            "prompt": item.prompt,
-            "negative_prompt": s.negative_prompt,
-            "seed": item.seed,
-            "steps": s.steps,
-            "guidance_scale": s.guidance_scale,
-            "strength": s.strength if item.real_image else None,
-            "guidance_token": bool(s.guidance_token and item.real_image),
-            "real_image": item.real_image,
-            "caption": item.caption or None,
-            "model": s.model,
-            "engine": server.engine,
-            "server": server.url,
-            "sha256": hashlib.sha256(png).hexdigest(),
-        }
-
-    # -- the job --------------------------------------------------------------------------------------------
-
-    def run(self) -> Summary:
-        for b in self.batches:
-            self.work.put(b)
-        threads = [
-            threading.Thread(target=self._worker, args=(srv,), daemon=True, name=f"rf-{srv.url}-{k}")
-            for srv in self.servers
-            for k in range(self.concurrency)
-        ]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        done = failed = skipped = 0
-        failures: list[dict] = []
-        all_down_since: float | None = None
+def negotiate(urls: list[str], mixed_engines: bool = False, log: Callable[[str], None] = print) -> ModelCard:
+    """The model card the servers agree on: one model, and one engine unless `mixed_engines`. A server that
+    does not answer is skipped with a warning (the job's failover retries it) unless it is the only one."""
+    cards = []
+    for u in urls:
         try:
-            while done + failed + skipped < self.total:
-                try:
-                    kind, batch, payload = self.results.get(timeout=0.5)
-                except queue.Empty:
-                    kind = None
-                if kind == "done":
-                    for row in payload:  # type: ignore[union-attr]
-                        self.manifest.append(row)
-                    done += len(batch.items)
-                elif kind == "skipped":
-                    skipped += len(batch.items)
-                    failures += [
-                        {
-                            "path": image_relpath(i, self.width),
-                            "real_image": i.real_image,
-                            "error": reason,
-                            "kind": "skipped",
-                        }
-                        for i, reason in payload
-                    ]
-                elif kind == "refused":  # not the batch's fault: it goes back, uncounted
-                    self.work.put(batch)
-                    if all(srv.refused for srv in self.servers):
-                        raise UserError(
-                            "no server fits this job: "
-                            + "; ".join(f"{srv.url} {srv.refused}" for srv in self.servers)
-                            + f"; {done} images finished and kept"
-                        )
-                elif kind == "failed":
-                    batch.attempts += 1
-                    batch.last_error = str(payload)
-                    if batch.attempts >= self.max_attempts:
-                        failed += len(batch.items)
-                        failures += [
-                            {"path": image_relpath(i, self.width), "error": batch.last_error} for i in batch.items
-                        ]
-                    else:
-                        self.retries += 1
-                        self.work.put(batch)
-                if any(s.healthy for s in self.servers if not s.refused):
-                    all_down_since = None
-                elif all_down_since is None:
-                    all_down_since = time.monotonic()
-                elif time.monotonic() - all_down_since > self.server_wait:
-                    raise UserError(
-                        f"no server reachable for {self.server_wait:.0f}s ({', '.join(s.url for s in self.servers)});"
-                        f" {done} images finished and kept: re-run the same command to resume"
-                    )
-                if self.on_progress:
-                    self.on_progress(done, failed + skipped, self._rates(time.perf_counter() - start))
-        finally:
-            self.stop.set()
-            self.manifest.sync()
-            for t in threads:
-                t.join(timeout=5)
-        wall = time.perf_counter() - start
-        servers = [s.summary(wall) for s in self.servers]
-        return Summary(done, 0, failed, self.retries, wall, servers, failures, skipped_real=skipped)
-
-    def _rates(self, wall: float) -> dict:
-        return {s.url: (s.images, s.images / wall if wall > 0 else 0.0, s.healthy) for s in self.servers}
+            cards.append(PipelineClient(u).card())
+        except UserError as exc:
+            if len(urls) == 1:
+                raise
+            log(f"warning: {exc}; going on without it until it answers")
+    if not cards:
+        raise UserError(f"none of the servers is usable: {', '.join(urls)}")
+    identities = {c.identity for c in cards}
+    if len(identities) > 1:
+        raise UserError(f"the servers serve different models ({', '.join(sorted(identities))})")
+    engines = {c.engine for c in cards}
+    if len(engines) > 1 and not mixed_engines:
+        raise UserError(
+            f"the servers run the model on different engines ({'; '.join(sorted(engines))}): images would depend "
+            "on the server that made them; use servers of one kind, or --mixed-engines to accept that"
+        )
+    return cards[0]
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+def build_job(
+    cfg: GenerateConfig, inputs: Inputs, card: ModelCard, log: Callable[[str], None] = print
+) -> tuple[ds.JobSpec, list[ds.WorkItem]]:
+    """The job's settings (what decides the images) and its work items, one per image."""
+    conditioned = cfg.real is not None
+    token = cfg.guidance_token
+    use_token = conditioned and (token == "on" or (token == "auto" and card.has_image_encoder))
+    if use_token and not card.has_image_encoder:
+        raise UserError("--guidance-token on needs a model with an image encoder; this one has none")
+    if conditioned and not use_token and token == "auto":
+        log("the served model has no image encoder: generating without the guidance token")
+    spec = ds.JobSpec(
+        classes=[c.__dict__ for c in inputs.classes],
+        per_class=max(len(v) for v in inputs.real.values()) if conditioned else cfg.per_class,
+        seed=cfg.seed,
+        prompt_template=cfg.prompt_template,
+        negative_prompt=cfg.negative_prompt,
+        steps=cfg.steps,
+        guidance_scale=cfg.guidance_scale,
+        strength=cfg.strength if conditioned else None,
+        guidance_token=use_token,
+        versions=cfg.versions if conditioned else 1,
+        real=str(cfg.real.resolve()) if conditioned else None,
+        captions_digest=file_sha256(cfg.captions) if cfg.captions else None,
+        model=card.identity,
+        engine="mixed" if cfg.mixed_engines else card.engine,
+    )
+    if conditioned:
+        return spec, _real_items(inputs, spec)
+    items = [
+        ds.WorkItem(c, i, ds.image_seed(cfg.seed, c.id, i), ds.render_prompt(cfg.prompt_template, c.name))
+        for c in inputs.classes
+        for i in range(cfg.per_class)
+    ]
+    return spec, items
 
 
-def write_summary(out: Path, name: str, summary: Summary, extra: dict) -> Path:
-    path = out / name
-    write_atomic(path, json.dumps({**summary.to_json(), **extra}, indent=2).encode())
-    return path
+def _real_items(inputs: Inputs, spec: ds.JobSpec) -> list[ds.WorkItem]:
+    """Real image r of a class yields versions v = 0..V-1 as indices r*V + v, each with its own seed."""
+    items = []
+    for c in inputs.classes:
+        for r, rel in enumerate(inputs.real.get(c.id, [])):
+            caption = caption_for(inputs.captions, rel)
+            prompt = ds.render_prompt(spec.prompt_template, c.name, caption)
+            for v in range(spec.versions):
+                index = r * spec.versions + v
+                items.append(ds.WorkItem(c, index, ds.image_seed(spec.seed, c.id, index), prompt, rel, caption))
+    return items
+
+
+def _check_captions(caption_map: dict, real_map: dict, path: Path) -> None:
+    known = {rel for rels in real_map.values() for rel in rels}
+    known |= {Path(rel).stem for rel in known}
+    unknown = [k for k in caption_map if k not in known]
+    if len(unknown) == len(caption_map):
+        raise UserError(f"captions file {path} names none of the real images (e.g. {unknown[0]!r})")
+
+
+def check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{time.time_ns()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"output directory {out} is not writable ({exc.strerror or exc})") from None
+
+
+def store_job(out: Path, spec: ds.JobSpec, force: bool) -> None:
+    """Write OUT/job.json; a stored job with other settings is refused unless `force` (resume with new ones)."""
+    path = out / ds.JOB_FILE
+    if path.exists():
+        try:
+            stored = json.loads(path.read_text())
+            old = ds.JobSpec(**stored)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise UserError(f"{path} is unreadable ({exc}); move it away to start a new job") from None
+        changed = [k for k in old.differences(spec) if k in stored]  # what an older version did not record: new
+        if changed and not force:
+            raise UserError(
+                f"{out} holds a job with other settings ({', '.join(changed)}): use another --out, "
+                "or --force to resume with the new settings"
+            )
+    write_atomic(path, json.dumps(spec.to_json(), indent=1).encode())
+
+
+def run_job(
+    cfg: GenerateConfig,
+    spec: ds.JobSpec,
+    items: list[ds.WorkItem],
+    urls: list[str],
+    image_size: int,
+    log: Callable[[str], None] = print,
+    progress: ProgressCallback | None = None,
+) -> Summary:
+    """Make this shard's unfinished items on `urls`, append the manifest, write the summary (Summary.path)."""
+    out, shard = cfg.out, ds.parse_shard(cfg.shard)
+    mine = [it for it in items if shard[1] == 1 or ds.shard_of(it, shard[1]) == shard[0]]
+    name = ds.manifest_name(shard)
+    ds.remove_stale_temporaries(out, shard)
+    done = ds.compact_manifest(out, name)
+    for other in ds.manifest_files(out):
+        if other.name != name:
+            done.update({(r["class_id"], int(r["index"])): r for r in ds.read_manifest_rows(other)})
+    pending = [it for it in mine if it.key not in done]
+    skipped = len(mine) - len(pending)
+    if skipped:
+        log(f"resuming: {skipped} of {len(mine)} images already finished")
+    load_real = None
+    if cfg.real is not None:
+        real_root = cfg.real
+
+        def load_real(item: ds.WorkItem):
+            return load_real_image(real_root / item.real_image, image_size)
+
+    writer = ds.ManifestWriter(out / name)
+    runner = Runner(
+        out,
+        spec,
+        pending,
+        urls,
+        writer,
+        batch=cfg.batch,
+        concurrency=cfg.concurrency,
+        max_attempts=cfg.max_attempts,
+        server_wait=cfg.server_wait,
+        load_real=load_real,
+        on_progress=(lambda d, f, rates: progress(d, f, len(pending), rates)) if progress else None,
+    )
+    try:
+        summary = runner.run()
+    finally:
+        writer.close()
+    summary.skipped = skipped
+    summary_name = "summary.json" if shard[1] == 1 else f"summary.shard-{shard[0]}-of-{shard[1]}.json"
+    summary.path = write_summary(out, summary_name, summary, {"out": str(out), "index_width": ds.index_width(spec)})
+    return summary
+
+
+def generate_dataset(
+    cfg: GenerateConfig, log: Callable[[str], None] = print, progress: ProgressCallback | None = None
+) -> Summary:
+    """Make (or finish) the dataset `cfg` describes: OUT/<class_id>/<index>.png, OUT/manifest.jsonl (one row per
+    image), OUT/job.json and OUT/summary.json. Without `cfg.urls` a local Triton on the embedded default model
+    is started for the job. Returns the summary; images that failed every attempt are counted in
+    `summary.failed` (a re-run retries them). Bad options, inputs or servers raise UserError."""
+    from realfake.client.default_model import serving_urls
+
+    # 1. the options
+    cfg.check()
+    # 2. classes, real images, captions
+    inputs = read_inputs(cfg)
+    check_writable(cfg.out)
+    with serving_urls(cfg.urls, log) as urls:
+        # 3. the servers: one model, one engine
+        card = negotiate(urls, cfg.mixed_engines, log)
+        # 4. the job, compared with the one stored in OUT
+        spec, items = build_job(cfg, inputs, card, log)
+        store_job(cfg.out, spec, cfg.force)
+        # 5. the work
+        return run_job(cfg, spec, items, urls, card.image_size, log, progress)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -23,10 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from realfake.core.classes import load_classes
-from realfake.core.dataset import read_manifest_rows
 from realfake.core.defaults import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS
 from realfake.core.errors import UserError
 from realfake.core.files import write_atomic
+from realfake.training.demo_report import write_report
 from realfake.training.idx import DEBIAN_DIR, balanced_subset, load_split, write_imagefolder
 
 CLASS_SET = "fashion-mnist"
@@ -70,6 +68,7 @@ class Demo:
         self.cfg, self.cache, self.log = cfg, cache, log
         self.out = Path(cfg.out)
         self.stages_dir = self.out / "stages"
+        self.class_set = CLASS_SET
         self.classes = load_classes(CLASS_SET)
 
     # -- stage bookkeeping ----------------------------------------------------------------------------------
@@ -133,7 +132,7 @@ class Demo:
             return {"bundle": str(bundle), "cached": True}
         images, labels = self.train_split
         bundle.parent.mkdir(parents=True, exist_ok=True)
-        bar = _Bar(self.log)
+        bar = _Bar(self.log, "base")
         pretrain_base(
             images,
             labels,
@@ -193,63 +192,51 @@ class Demo:
         write_repository(onnx_dir, repo, runtime="openvino", dtype=dtype)
         return result
 
-    def generate(self, url: str, target: str, conditioned: bool, token: bool) -> dict:
-        out = self.out / target
-        cmd = [
-            sys.executable,
-            "-m",
-            "realfake.client.cli",
-            "generate",
-            "--classes",
-            CLASS_SET,
-            "--out",
-            str(out),
-            "--url",
-            url,
-            "--steps",
-            str(self.cfg.steps),
-            "--guidance",
-            str(self.cfg.guidance),
-            "--seed",
-            str(self.cfg.seed),
-            "--batch",
-            "8",
-            "--concurrency",
-            "2",
-        ]
-        if conditioned:
-            cmd += [
-                "--real",
-                str(self.out / "real_train"),
-                "--versions",
-                "1",
-                "--strength",
-                str(self.cfg.strength),
-                "--guidance-token",
-                "on" if token else "off",
-            ]
+    def generate(self, url: str, gen: Generation) -> dict:
+        """One synthetic set through the client's Python API against the local Triton at `url`."""
+        from realfake.client.generate import GenerateConfig, generate_dataset
+
+        out = self.out / gen.target
+        cfg = GenerateConfig(
+            classes=CLASS_SET,
+            out=out,
+            urls=[url],
+            steps=self.cfg.steps,
+            guidance_scale=self.cfg.guidance_scale,
+            seed=self.cfg.seed,
+            batch=8,
+            concurrency=2,
+        )
+        if gen.conditioned:
+            cfg.real, cfg.versions, cfg.strength = self.out / "real_train", 1, self.cfg.strength
+            cfg.guidance_token = "on" if gen.guidance_token else "off"
         else:
-            cmd += ["--per-class", str(self.cfg.per_class)]
-        result = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
-        if result.returncode != 0:
-            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise UserError(f"rf-client generate: {last}")
-        summary = json.loads((out / "summary.json").read_text())
+            cfg.per_class = self.cfg.per_class
+        bar = _Bar(self.log, "images of")
+        summary = generate_dataset(
+            cfg,
+            log=lambda m: self.log("  " + m),
+            progress=lambda done, failed, total, _: bar.update(gen.target, done + failed, max(total, 1)),
+        )
+        if summary.failed:
+            raise UserError(f"{summary.failed} images failed (see {summary.path}); re-run to retry them")
         return {
             "dataset": str(out),
-            "images": summary["images"] + summary["skipped_already_done"],
-            "images_per_sec": summary["images_per_sec"],
+            "images": summary.images + summary.skipped,
+            "images_per_sec": summary.images_per_sec,
         }
 
-    def classify(self, name: str, synthetic: str | None, real: bool) -> dict:
+    def classify(self, c: Classifier, s: dict) -> dict:
         from realfake.training.classify import ClassifyConfig, run_classify
+
+        synthetic = s[c.synthetic]["dataset"] if c.synthetic else None
 
         cfg = ClassifyConfig(
             classes=CLASS_SET,
             val=self.out / "real_test",
-            out=self.out / "classify" / name,
+            out=self.out / "classify" / c.name,
             synthetic=Path(synthetic) if synthetic else None,
-            real=self.out / "real_train" if real else None,
+            real=self.out / "real_train" if c.real else None,
             model=self.cfg.model,
             epochs=self.cfg.epochs,
             batch_size=64,
@@ -268,148 +255,103 @@ class Demo:
         self.check_settings()
         started = time.perf_counter()
         s = {}
+        # 1-4. real data, base model, finetune, export (the base model's export too, for the ablations)
         s["data"] = self.stage("data", "1/8", self.data)
         s["base"] = self.stage("base", "2/8", self.base)
         s["finetune"] = self.stage("finetune", "3/8", lambda: self.finetune(s["base"]["bundle"]))
         s["export"] = self.stage("export", "4/8", lambda: self.export(s["finetune"]["merged_bundle"], "finetuned"))
         if self.cfg.ablate:
             s["export_base"] = self.stage("export_base", "4/8", lambda: self.export(s["base"]["bundle"], "base"))
-        gen_stages = {"generate": ("finetuned", "synthetic", True, True)}
-        if self.cfg.ablate:
-            gen_stages |= {
-                "generate_base_text": ("base", "synthetic_base_text", False, False),
-                "generate_finetuned_text": ("finetuned", "synthetic_finetuned_text", False, False),
-                "generate_prior_no_token": ("finetuned", "synthetic_prior_no_token", True, False),
-            }
-        pending = [k for k in gen_stages if not (self.stages_dir / f"{k}.json").is_file()]
-        for repo_name in dict.fromkeys(gen_stages[k][0] for k in gen_stages):
-            names = [k for k in gen_stages if gen_stages[k][0] == repo_name]
-            if not any(k in pending for k in names):
-                for k in names:
-                    s[k] = self.stage(k, "5/8", dict)
+        # 5. the synthetic sets, one local Triton per served model
+        generations = GENERATIONS + (ABLATION_GENERATIONS if self.cfg.ablate else ())
+        for model in dict.fromkeys(g.model for g in generations):
+            mine = [g for g in generations if g.model == model]
+            if all((self.stages_dir / f"{g.stage}.json").is_file() for g in mine):
+                for g in mine:
+                    s[g.stage] = self.stage(g.stage, "5/8", dict)
                 continue
-            repo = s["export" if repo_name == "finetuned" else "export_base"]["repo"]
+            repo = s[EXPORT_STAGE[model]]["repo"]
             try:
                 server = LocalServer(repo, http_port=self.cfg.http_port).start()
             except UserError as exc:
                 raise UserError(f"stage generate failed: {exc} (re-run to resume from this stage)") from exc
             try:
                 self.log(f"  local Triton serving {repo} at {server.url}")
-                for k in names:
-                    _, target, conditioned, token = gen_stages[k]
-                    s[k] = self.stage(
-                        k, "5/8", lambda u=server.url, t=target, c=conditioned, tk=token: self.generate(u, t, c, tk)
-                    )
+                for g in mine:
+                    s[g.stage] = self.stage(g.stage, "5/8", lambda g=g, url=server.url: self.generate(url, g))
             finally:
                 server.stop()
-        s["classify_real"] = self.stage("classify_real", "6/8", lambda: self.classify("real", None, True))
-        s["classify_synthetic"] = self.stage(
-            "classify_synthetic", "6/8", lambda: self.classify("synthetic", s["generate"]["dataset"], False)
-        )
-        s["classify_mixed"] = self.stage(
-            "classify_mixed", "6/8", lambda: self.classify("mixed", s["generate"]["dataset"], True)
-        )
+        # 6-7. the same classifier on each training set, evaluated on the real test images
+        classifiers = CLASSIFIERS + (ABLATION_CLASSIFIERS if self.cfg.ablate else ())
+        for c in classifiers:
+            number = "7/8" if c in ABLATION_CLASSIFIERS else "6/8"
+            s[c.stage] = self.stage(c.stage, number, lambda c=c: self.classify(c, s))
+        # 8. the table and the grid
+        labels = [(c.label, c.stage) for c in classifiers]
         if self.cfg.ablate:
-            for k in ("generate_base_text", "generate_finetuned_text", "generate_prior_no_token"):
-                name = "classify_" + k.removeprefix("generate_")
-                s[name] = self.stage(name, "7/8", lambda k=k: self.classify(k, s[k]["dataset"], False))
-        report = self.stage("report", "8/8", lambda: self.report(s, time.perf_counter() - started))
-        return report
+            labels.append(("ablation: + guidance token (= Real-Fake)", "classify_synthetic"))
+        return self.stage("report", "8/8", lambda: write_report(self, labels, s, time.perf_counter() - started))
 
-    def report(self, s: dict, wall: float) -> dict:
-        real, syn = s["classify_real"], s["classify_synthetic"]
-        labels = [
-            ("real only", "classify_real"),
-            ("synthetic only (Real-Fake)", "classify_synthetic"),
-            ("real + synthetic", "classify_mixed"),
-        ]
-        if self.cfg.ablate:
-            labels += [
-                ("ablation: text-only, base model", "classify_base_text"),
-                ("ablation: text-only, + finetune", "classify_finetuned_text"),
-                ("ablation: + latent prior (no guidance token)", "classify_prior_no_token"),
-                ("ablation: + guidance token (= Real-Fake)", "classify_synthetic"),
-            ]
-        rows = [{"data": label, **{k: s[key][k] for k in ("train_images", "top1", "top5")}} for label, key in labels]
-        stage_times = {k: v["wall_seconds"] for k, v in s.items()}
-        table = {
-            "class_set": CLASS_SET,
-            "classifier": self.cfg.model,
-            "epochs": self.cfg.epochs,
-            "test_images": s["data"]["real_test"],
-            "rows": rows,
-            "synthetic_over_real_top1": syn["top1"] / real["top1"] if real["top1"] else None,
-            "generation_images_per_sec": s["generate"]["images_per_sec"],
-            "stage_seconds": stage_times,
-            "wall_seconds_this_run": round(wall, 1),
-            "settings": self.cfg.run_key(),
-        }
-        write_atomic(self.out / "results.json", json.dumps(table, indent=1).encode())
-        write_atomic(self.out / "results.md", markdown(table).encode())
-        grid = self.grid(Path(s["generate"]["dataset"]))
-        self.log("\n" + markdown(table))
-        self.log(f"results: {self.out / 'results.json'}, {self.out / 'results.md'}, grid: {grid}")
-        return {"results": str(self.out / "results.json"), "grid": str(grid)}
 
-    def grid(self, synthetic: Path, per: int = 4) -> Path:
-        """Rows = classes; pairs of columns = a real image and the synthetic image conditioned on it."""
-        from PIL import Image
+@dataclass(frozen=True)
+class Generation:
+    """A synthetic set the demo makes: which model's export serves it and how its images are conditioned."""
 
-        rows = read_manifest_rows(synthetic / "manifest.jsonl")
-        by_class: dict[str, list[dict]] = {}
-        for r in sorted(rows, key=lambda r: r["index"]):
-            by_class.setdefault(r["class_id"], []).append(r)
-        tiles = []
-        for c in self.classes:
-            row_tiles = []
-            for r in by_class.get(c.id, [])[:per]:
-                real = Image.open(self.out / "real_train" / r["real_image"]).convert("RGB").resize((32, 32))
-                fake = Image.open(synthetic / r["path"]).convert("RGB").resize((32, 32))
-                row_tiles += [np.asarray(real), np.asarray(fake), np.full((32, 4, 3), 255, np.uint8)]
-            if row_tiles:
-                tiles.append(np.concatenate(row_tiles, axis=1))
-        width = max(t.shape[1] for t in tiles)
-        tiles = [np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0)), constant_values=255) for t in tiles]
-        image = Image.fromarray(np.concatenate(tiles, axis=0))
-        path = self.out / "real_vs_synthetic.png"
-        image.resize((image.width * 3, image.height * 3), Image.NEAREST).save(path)
-        return path
+    stage: str
+    model: str  # "finetuned" or "base"
+    target: str  # its folder under OUT
+    conditioned: bool  # latent prior from a real training image
+    guidance_token: bool  # that real image's CLIP embedding as the last text token
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """A classifier the demo trains: its report label, and its training data (a synthetic set and/or the real)."""
+
+    stage: str
+    label: str
+    synthetic: str | None  # the Generation stage whose set it trains on
+    real: bool
+
+    @property
+    def name(self) -> str:
+        return self.stage.removeprefix("classify_")
+
+
+EXPORT_STAGE = {"finetuned": "export", "base": "export_base"}
+GENERATIONS = (Generation("generate", "finetuned", "synthetic", conditioned=True, guidance_token=True),)
+ABLATION_GENERATIONS = (
+    Generation("generate_base_text", "base", "synthetic_base_text", conditioned=False, guidance_token=False),
+    Generation("generate_finetuned_text", "finetuned", "synthetic_finetuned_text", False, False),
+    Generation("generate_prior_no_token", "finetuned", "synthetic_prior_no_token", True, False),
+)
+CLASSIFIERS = (
+    Classifier("classify_real", "real only", None, real=True),
+    Classifier("classify_synthetic", "synthetic only (Real-Fake)", "generate", real=False),
+    Classifier("classify_mixed", "real + synthetic", "generate", real=True),
+)
+ABLATION_CLASSIFIERS = (
+    Classifier("classify_base_text", "ablation: text-only, base model", "generate_base_text", False),
+    Classifier("classify_finetuned_text", "ablation: text-only, + finetune", "generate_finetuned_text", False),
+    Classifier(
+        "classify_prior_no_token", "ablation: + latent prior (no guidance token)", "generate_prior_no_token", False
+    ),
+)
 
 
 class StageFailed(Exception):
     """A stage raised an internal error; the message names the stage."""
 
 
-def markdown(table: dict) -> str:
-    lines = [
-        f"Fashion-MNIST, {table['classifier']} x {table['epochs']} epochs, top-1 on {table['test_images']} real "
-        "test images",
-        "",
-        "| training data | images | top-1 | top-5 |",
-        "|---|---:|---:|---:|",
-    ]
-    lines += [f"| {r['data']} | {r['train_images']} | {r['top1']:.4f} | {r['top5']:.4f} |" for r in table["rows"]]
-    ratio = table["synthetic_over_real_top1"]
-    lines += [
-        "",
-        f"synthetic / real top-1: **{ratio:.3f}**" if ratio is not None else "synthetic / real top-1: n/a",
-        f"generation: {table['generation_images_per_sec']:.2f} images/sec (rf-client -> local Triton, CPU)",
-        "",
-        "| stage | seconds |",
-        "|---|---:|",
-    ]
-    lines += [f"| {k} | {v:.1f} |" for k, v in table["stage_seconds"].items()]
-    return "\n".join(lines) + "\n"
-
-
 class _Bar:
-    """Prints training progress of the base model every 10 %."""
+    """Logs the progress of long work every 10 %: the base model's training steps, a set's images."""
 
-    def __init__(self, log):
-        self.log, self.last = log, {}
+    def __init__(self, log, what: str):
+        self.log, self.what, self.last = log, what, {}
 
-    def update(self, stage: str, step: int, total: int, loss: float) -> None:
+    def update(self, stage: str, step: int, total: int, loss: float | None = None) -> None:
         tenth = step * 10 // total
         if self.last.get(stage) != tenth:
             self.last[stage] = tenth
-            self.log(f"  base {stage}: step {step}/{total}, loss {loss:.4f}")
+            tail = f", loss {loss:.4f}" if loss is not None else ""
+            self.log(f"  {self.what} {stage}: {step}/{total}{tail}")

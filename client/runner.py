@@ -1,0 +1,310 @@
+"""Run a dataset job against one or many Triton servers: bounded in-flight work per server, retries on
+another server, dead servers dropped and re-probed, files written atomically, the manifest appended and
+fsync'd, progress and a summary. Nothing finished is ever lost or made twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from realfake.client.server import server_ready
+from realfake.client.triton import PipelineClient
+from realfake.core.dataset import JobSpec, ManifestWriter, WorkItem, image_relpath, index_width
+from realfake.core.errors import UserError
+from realfake.core.files import write_atomic
+from realfake.core.images import encode_png
+
+
+@dataclass
+class Batch:
+    items: list[WorkItem]
+    attempts: int = 0
+    last_error: str = ""
+
+
+@dataclass
+class ServerState:
+    url: str
+    healthy: bool = True
+    images: int = 0
+    requests: int = 0
+    failures: int = 0
+    busy_seconds: float = 0.0
+    engine: str | None = None  # from the server's model card, read at every (re)connection; in manifest rows
+    refused: str | None = None  # why this server is not used for this job (it serves something else)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def summary(self, wall: float) -> dict:
+        return {
+            "url": self.url,
+            "engine": self.engine,
+            "images": self.images,
+            "requests": self.requests,
+            "failures": self.failures,
+            "images_per_sec": round(self.images / wall, 3) if wall > 0 else 0.0,
+            "refused": self.refused,
+        }
+
+
+@dataclass
+class Summary:
+    images: int
+    skipped: int
+    failed: int
+    retries: int
+    wall_seconds: float
+    servers: list[dict]
+    failures: list[dict]
+    skipped_real: int = 0
+    path: Path | None = None  # where the summary was written (summary.json, or per shard)
+
+    @property
+    def images_per_sec(self) -> float:
+        return self.images / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "images": self.images,
+            "skipped_already_done": self.skipped,
+            "failed": self.failed,
+            "skipped_undecodable_real": self.skipped_real,
+            "retries": self.retries,
+            "wall_seconds": round(self.wall_seconds, 3),
+            "images_per_sec": round(self.images_per_sec, 3),
+            "servers": self.servers,
+            "failures": self.failures[:100],
+        }
+
+
+class Runner:
+    """Generates `items` into `out`; call `run()`."""
+
+    def __init__(
+        self,
+        out: Path,
+        spec: JobSpec,
+        items: list[WorkItem],
+        urls: list[str],
+        manifest: ManifestWriter,
+        *,
+        batch: int = 4,
+        concurrency: int = 2,
+        max_attempts: int = 4,
+        server_wait: float = 120.0,
+        load_real: Callable[[WorkItem], np.ndarray] | None = None,
+        on_progress: Callable[[int, int, dict], None] | None = None,
+    ):
+        self.out, self.spec, self.manifest = out, spec, manifest
+        self.width = index_width(spec)
+        self.batches = [Batch(items[i : i + batch]) for i in range(0, len(items), batch)]
+        self.total = len(items)
+        self.servers = [ServerState(u) for u in urls]
+        self.concurrency = concurrency
+        self.max_attempts = max_attempts
+        self.server_wait = server_wait
+        self.load_real = load_real
+        self.on_progress = on_progress
+        self.work: queue.Queue[Batch] = queue.Queue()
+        self.results: queue.Queue[tuple[str, Batch, object]] = queue.Queue()
+        self.stop = threading.Event()
+        self.retries = 0
+
+    # -- workers --------------------------------------------------------------------------------------------
+
+    def _worker(self, server: ServerState) -> None:
+        client: PipelineClient | None = None
+        while not self.stop.is_set() and not server.refused:
+            if not server.healthy:
+                if server_ready(server.url, timeout=1.0):
+                    server.healthy = True
+                    client = None
+                else:
+                    self.stop.wait(1.0)
+                    continue
+            try:
+                batch = self.work.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            items, init_images, skipped = self._prepare(batch)
+            if skipped:
+                self.results.put(("skipped", Batch([it for it, _ in skipped]), skipped))
+            if not items:
+                continue
+            try:
+                if client is None:  # a new connection, perhaps to a restarted server: is it still the job's model?
+                    client = PipelineClient(server.url)
+                    card = client.card()
+                    refusal = self._refusal(card)
+                    if refusal:
+                        server.refused, server.healthy = refusal, False
+                        self.results.put(("refused", batch, f"{server.url}: {refusal}"))
+                        return
+                    server.engine = card.engine
+                t0 = time.perf_counter()
+                images = client.generate(self.spec, items, init_images)
+                elapsed = time.perf_counter() - t0
+            except Exception as exc:  # noqa: BLE001 - every failure is retried or reported, never lost
+                client = None
+                alive = server_ready(server.url, timeout=1.0)
+                with server.lock:
+                    server.failures += 1
+                    if not alive:
+                        server.healthy = False
+                self.results.put(("failed", Batch(items, batch.attempts), f"{server.url}: {_one_line(exc)}"))
+                if alive:  # the server answered but the request failed: back off before the next one
+                    self.stop.wait(min(0.5 * 2**batch.attempts, 8.0))
+                continue
+            rows = []
+            for item, image in zip(items, images, strict=True):
+                png = encode_png(image)
+                rel = image_relpath(item, self.width)
+                write_atomic(self.out / rel, png)
+                rows.append(self._row(item, rel, png, server))
+            with server.lock:
+                server.images += len(rows)
+                server.requests += 1
+                server.busy_seconds += elapsed
+            self.results.put(("done", Batch(items), rows))
+
+    def _refusal(self, card) -> str | None:
+        """Why a server's model card does not fit this job (another model, or another engine), or None."""
+        if self.spec.model is not None and card.identity != self.spec.model:
+            return f"serves model {card.identity}, this job's is {self.spec.model}"
+        if self.spec.engine not in (None, "mixed") and card.engine != self.spec.engine:
+            return f"runs engine {card.engine!r}, this job's is {self.spec.engine!r} (see --mixed-engines)"
+        return None
+
+    def _prepare(self, batch: Batch) -> tuple[list[WorkItem], np.ndarray | None, list[tuple[WorkItem, str]]]:
+        """Load the batch's real images; an image that does not decode is skipped (and reported), not retried."""
+        if self.load_real is None or batch.items[0].real_image is None:
+            return batch.items, None, []
+        items, images, skipped = [], [], []
+        for item in batch.items:
+            try:
+                images.append(self.load_real(item))
+                items.append(item)
+            except Exception as exc:  # noqa: BLE001 - a bad input file must not stop the job
+                skipped.append((item, f"real image {item.real_image} does not decode ({_one_line(exc)})"))
+        return items, (np.stack(images) if images else None), skipped
+
+    def _row(self, item: WorkItem, rel: str, png: bytes, server: ServerState) -> dict:
+        s = self.spec
+        return {
+            "path": rel,
+            "class_index": item.cls.index,
+            "class_id": item.cls.id,
+            "class_name": item.cls.name,
+            "index": item.index,
+            "prompt": item.prompt,
+            "negative_prompt": s.negative_prompt,
+            "seed": item.seed,
+            "steps": s.steps,
+            "guidance_scale": s.guidance_scale,
+            "strength": s.strength if item.real_image else None,
+            "guidance_token": bool(s.guidance_token and item.real_image),
+            "real_image": item.real_image,
+            "caption": item.caption or None,
+            "model": s.model,
+            "engine": server.engine,
+            "server": server.url,
+            "sha256": hashlib.sha256(png).hexdigest(),
+        }
+
+    # -- the job --------------------------------------------------------------------------------------------
+
+    def run(self) -> Summary:
+        for b in self.batches:
+            self.work.put(b)
+        threads = [
+            threading.Thread(target=self._worker, args=(srv,), daemon=True, name=f"rf-{srv.url}-{k}")
+            for srv in self.servers
+            for k in range(self.concurrency)
+        ]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        done = failed = skipped = 0
+        failures: list[dict] = []
+        all_down_since: float | None = None
+        try:
+            while done + failed + skipped < self.total:
+                try:
+                    kind, batch, payload = self.results.get(timeout=0.5)
+                except queue.Empty:
+                    kind = None
+                if kind == "done":
+                    for row in payload:  # type: ignore[union-attr]
+                        self.manifest.append(row)
+                    done += len(batch.items)
+                elif kind == "skipped":
+                    skipped += len(batch.items)
+                    failures += [
+                        {
+                            "path": image_relpath(i, self.width),
+                            "real_image": i.real_image,
+                            "error": reason,
+                            "kind": "skipped",
+                        }
+                        for i, reason in payload
+                    ]
+                elif kind == "refused":  # not the batch's fault: it goes back, uncounted
+                    self.work.put(batch)
+                    if all(srv.refused for srv in self.servers):
+                        raise UserError(
+                            "no server fits this job: "
+                            + "; ".join(f"{srv.url} {srv.refused}" for srv in self.servers)
+                            + f"; {done} images finished and kept"
+                        )
+                elif kind == "failed":
+                    batch.attempts += 1
+                    batch.last_error = str(payload)
+                    if batch.attempts >= self.max_attempts:
+                        failed += len(batch.items)
+                        failures += [
+                            {"path": image_relpath(i, self.width), "error": batch.last_error} for i in batch.items
+                        ]
+                    else:
+                        self.retries += 1
+                        self.work.put(batch)
+                if any(s.healthy for s in self.servers if not s.refused):
+                    all_down_since = None
+                elif all_down_since is None:
+                    all_down_since = time.monotonic()
+                elif time.monotonic() - all_down_since > self.server_wait:
+                    raise UserError(
+                        f"no server reachable for {self.server_wait:.0f}s ({', '.join(s.url for s in self.servers)});"
+                        f" {done} images finished and kept: re-run the same command to resume"
+                    )
+                if self.on_progress:
+                    self.on_progress(done, failed + skipped, self._rates(time.perf_counter() - start))
+        finally:
+            self.stop.set()
+            self.manifest.sync()
+            for t in threads:
+                t.join(timeout=5)
+        wall = time.perf_counter() - start
+        servers = [s.summary(wall) for s in self.servers]
+        return Summary(done, 0, failed, self.retries, wall, servers, failures, skipped_real=skipped)
+
+    def _rates(self, wall: float) -> dict:
+        return {s.url: (s.images, s.images / wall if wall > 0 else 0.0, s.healthy) for s in self.servers}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def write_summary(out: Path, name: str, summary: Summary, extra: dict) -> Path:
+    path = out / name
+    write_atomic(path, json.dumps({**summary.to_json(), **extra}, indent=2).encode())
+    return path
