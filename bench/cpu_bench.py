@@ -1,4 +1,4 @@
-"""CPU throughput, measured in one run on the same bundle, prompts, seeds, steps and guidance:
+"""CPU throughput, measured in one run on the same bundle, prompts, seeds, steps and guidance_scale:
 
   (a) diffusers' StableDiffusionPipeline in-process, eager PyTorch (the baseline a user would script),
   (b) realfake's sampler in-process on ONNX Runtime,
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from realfake.core.defaults import DEFAULT_NEGATIVE
+from realfake.core.defaults import DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE, DEFAULT_STEPS
 
 SIZES = {
     # the tiny test bundle, and one with 4x its UNet/VAE/text widths (same image size)
@@ -47,12 +47,12 @@ def build(size: str, root: Path) -> tuple[Path, Path, Path, Path]:
 
     bundle = build_tiny_bundle(root / size / "bundle", seed=0, **SIZES[size])
     export_onnx(bundle, root / size / "onnx", log=lambda *_: None)
-    inprocess = write_repository(root / size / "onnx", root / size / "repo_inprocess", components="inprocess")
-    bls = write_repository(root / size / "onnx", root / size / "repo_bls", components="bls")
+    inprocess = write_repository(root / size / "onnx", root / size / "repo_inprocess", placement="inprocess")
+    bls = write_repository(root / size / "onnx", root / size / "repo_bls", placement="bls")
     return bundle, root / size / "onnx", inprocess, bls
 
 
-def run_diffusers(bundle: Path, images: int, batch: int, steps: int, guidance: float):
+def run_diffusers(bundle: Path, images: int, batch: int, steps: int, guidance_scale: float):
     import torch
     from diffusers import StableDiffusionPipeline, UniPCMultistepScheduler
 
@@ -68,7 +68,7 @@ def run_diffusers(bundle: Path, images: int, batch: int, steps: int, guidance: f
                 [PROMPT] * n,
                 negative_prompt=[NEGATIVE] * n,
                 num_inference_steps=steps,
-                guidance_scale=guidance,
+                guidance_scale=guidance_scale,
                 generator=gens,
                 output_type="np",
             )
@@ -76,7 +76,7 @@ def run_diffusers(bundle: Path, images: int, batch: int, steps: int, guidance: f
     return go
 
 
-def run_ort(onnx_dir: Path, images: int, batch: int, steps: int, guidance: float):
+def run_ort(onnx_dir: Path, images: int, batch: int, steps: int, guidance_scale: float):
     from realfake.serving.components import OrtComponents
     from realfake.serving.sampler import Sampler, Settings
 
@@ -85,12 +85,14 @@ def run_ort(onnx_dir: Path, images: int, batch: int, steps: int, guidance: float
     def go(images=images):
         for start in range(0, images, batch):
             n = min(batch, images - start)
-            sampler.generate([PROMPT] * n, [NEGATIVE] * n, list(range(start, start + n)), Settings(steps, guidance))
+            sampler.generate(
+                [PROMPT] * n, [NEGATIVE] * n, list(range(start, start + n)), Settings(steps, guidance_scale)
+            )
 
     return go
 
 
-def run_triton(url: str, images: int, batch: int, steps: int, guidance: float, concurrency: int):
+def run_triton(url: str, images: int, batch: int, steps: int, guidance_scale: float, concurrency: int):
     from realfake.client.throughput import _arrays
     from realfake.client.triton import PipelineClient
 
@@ -106,7 +108,7 @@ def run_triton(url: str, images: int, batch: int, steps: int, guidance: float, c
                     start = next(starts, None)
                 if start is None:
                     return
-                arrays = _arrays(min(batch, images - start), start, steps, guidance, PROMPT)
+                arrays = _arrays(min(batch, images - start), start, steps, guidance_scale, PROMPT)
                 arrays["NEGATIVE_PROMPT"] = np.array([[NEGATIVE.encode()]] * len(arrays["SEED"]), dtype=np.object_)
                 try:
                     client.infer(arrays)
@@ -124,7 +126,7 @@ def run_triton(url: str, images: int, batch: int, steps: int, guidance: float, c
     return go
 
 
-def variant_repo(variant: str, bundle: Path, onnx_dir: Path, root: Path, steps: int, guidance: float) -> Path:
+def variant_repo(variant: str, bundle: Path, onnx_dir: Path, root: Path, steps: int, guidance_scale: float) -> Path:
     """A repository for one extra (c) variant (VARIANTS); int8 is calibrated first, at the benchmark's settings."""
     from realfake.export.quantize import class_prompts, quantize_unet
     from realfake.export.triton_repo import write_repository
@@ -146,7 +148,7 @@ def variant_repo(variant: str, bundle: Path, onnx_dir: Path, root: Path, steps: 
             calibration_images=4,
             check_images=2,
             steps=steps,
-            guidance=guidance,
+            guidance_scale=guidance_scale,
             log=lambda *_: None,
         )
         print(
@@ -175,8 +177,8 @@ def main() -> None:
         help="more (c) variants, comma-separated: openvino-fp32, openvino-bf16, openvino-int8 (after an int8 "
         "calibration, timed apart), pytorch-bf16. Not bit-exact except openvino-fp32.",
     )
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--guidance-scale", "--guidance", type=float, default=DEFAULT_GUIDANCE_SCALE)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench-cpu.json"))
     args = parser.parse_args()
@@ -196,23 +198,23 @@ def main() -> None:
                 server_bls = stack.enter_context(LocalServer(repo_bls)) if args.with_bls else None
                 variants = {}
                 for variant in also:
-                    repo_v = variant_repo(variant, bundle, onnx_dir, Path(tmp) / size, args.steps, args.guidance)
+                    repo_v = variant_repo(variant, bundle, onnx_dir, Path(tmp) / size, args.steps, args.guidance_scale)
                     variants[variant] = stack.enter_context(LocalServer(repo_v))
                 for batch in (int(b) for b in args.batches.split(",")):
                     paths = {
-                        "a_diffusers_eager": run_diffusers(bundle, args.images, batch, args.steps, args.guidance),
-                        "b_ort_in_process": run_ort(onnx_dir, args.images, batch, args.steps, args.guidance),
+                        "a_diffusers_eager": run_diffusers(bundle, args.images, batch, args.steps, args.guidance_scale),
+                        "b_ort_in_process": run_ort(onnx_dir, args.images, batch, args.steps, args.guidance_scale),
                         "c_triton": run_triton(
-                            server.url, args.images, batch, args.steps, args.guidance, args.concurrency
+                            server.url, args.images, batch, args.steps, args.guidance_scale, args.concurrency
                         ),
                     }
                     if args.with_bls:
                         paths["c_triton_bls"] = run_triton(
-                            server_bls.url, args.images, batch, args.steps, args.guidance, args.concurrency
+                            server_bls.url, args.images, batch, args.steps, args.guidance_scale, args.concurrency
                         )
                     for variant, vserver in variants.items():
                         paths[f"c_triton_{variant}"] = run_triton(
-                            vserver.url, args.images, batch, args.steps, args.guidance, args.concurrency
+                            vserver.url, args.images, batch, args.steps, args.guidance_scale, args.concurrency
                         )
                     for fn in paths.values():  # warm-up: the first call allocates and loads kernels
                         fn(batch)
@@ -226,7 +228,7 @@ def main() -> None:
                         "batch": batch,
                         "images": args.images,
                         "steps": args.steps,
-                        "guidance": args.guidance,
+                        "guidance_scale": args.guidance_scale,
                         "concurrency_c": args.concurrency,
                         "repeats": args.repeats,
                         "images_per_sec": {k: round(v, 3) for k, v in ips.items()},

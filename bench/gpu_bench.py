@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from realfake.core.defaults import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS
+
 PROMPT = "photo of tench, best quality"
 
 
@@ -100,8 +102,8 @@ def _sync(device):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,4,8,16")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--guidance-scale", "--guidance", type=float, default=DEFAULT_GUIDANCE_SCALE)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench-gpu.json"))
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny bundle, few steps: checks the code")
@@ -157,14 +159,14 @@ def main() -> None:
                 "a_diffusers_eager": lambda b=batch: pipe(
                     [PROMPT] * b,
                     num_inference_steps=steps,
-                    guidance_scale=args.guidance,
+                    guidance_scale=args.guidance_scale,
                     generator=[torch.Generator().manual_seed(i) for i in range(b)],
                     output_type="np",
                 )
             }
             for name, sampler in samplers.items():
                 paths[name] = lambda s=sampler, b=batch: s.generate(
-                    [PROMPT] * b, [""] * b, list(range(b)), Settings(steps, args.guidance)
+                    [PROMPT] * b, [""] * b, list(range(b)), Settings(steps, args.guidance_scale)
                 )
             for fn in paths.values():
                 fn()
