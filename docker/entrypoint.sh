@@ -3,8 +3,8 @@
 # TensorRT plans for the GPU this container runs on, write the repository for the chosen runtime, serve it.
 #   RF_RUNTIME      tensorrt (default) | onnxruntime | pytorch (GPU) | openvino | python-ort (CPU hosts)
 #   RF_BATCH_SIZES  image batch sizes the engines are optimised for (default 1,4,8,16)
-#   RF_COMPONENTS   tensorrt: bls (default; plans as native tensorrt_plan models) | inprocess (plans inside each
-#                   pipeline instance, on its own GPU)
+#   RF_PLACEMENT    tensorrt: bls (default; plans as native tensorrt_plan models) | inprocess (plans inside each
+#                   pipeline instance, on its own GPU); RF_COMPONENTS, its old name, is read when it is unset
 #   RF_DTYPE        openvino precision: fp32 (default) | bf16 | int8 (the UNet is quantized once, kept in the volume)
 #   RF_CLASSES      class set whose prompts calibrate the int8 UNet (default imagenet)
 set -euo pipefail
@@ -28,7 +28,7 @@ if [ -f "$models/bundle/model_index.json" ]; then
     tensorrt)
       rf-export engines "$models/onnx" --out "$models/engines" --batch-sizes "${RF_BATCH_SIZES:-1,4,8,16}"
       rf-export repo "$models/onnx" --out "$models/repo" --runtime tensorrt --engines "$models/engines" \
-        --components "${RF_COMPONENTS:-bls}" ;;
+        --placement "${RF_PLACEMENT:-${RF_COMPONENTS:-bls}}" ;;
     pytorch)
       rf-export repo "$models/onnx" --out "$models/repo" --runtime pytorch --bundle "$models/bundle" ;;
     openvino)

@@ -83,11 +83,14 @@ def repo(
         ),
     ] = None,
     queue_delay_us: Annotated[int, typer.Option(help="Dynamic batching queue delay, microseconds.")] = 5000,
-    components: Annotated[
+    placement: Annotated[
         str,
         typer.Option(
-            help="bls: graphs as separate models called by BLS; inprocess: inside the pipeline (python-ort; "
-            "tensorrt: the plans in each pipeline instance, on its own GPU)."
+            "--placement",
+            "--components",
+            help="Where the graphs run, bls|inprocess. bls: separate models called by BLS; inprocess: inside the "
+            "pipeline (python-ort; tensorrt: the plans in each pipeline instance, on its own GPU). openvino and "
+            "pytorch always run inside the pipeline. --components is the old name.",
         ),
     ] = "bls",
     engines: Annotated[Path | None, typer.Option(help="Plans from `rf-export engines` (runtime tensorrt).")] = None,
@@ -112,7 +115,7 @@ def repo(
         scheduler=scheduler,
         max_batch=max_batch,
         queue_delay_us=queue_delay_us,
-        components=components,
+        placement=placement,
         engines=engines,
         bundle=bundle,
         device=device,

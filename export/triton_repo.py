@@ -15,19 +15,16 @@ from pathlib import Path
 from realfake.core.defaults import DEFAULT_SCHEDULER
 from realfake.core.errors import UserError
 from realfake.core.files import files_sha256
-from realfake.core.protocol import (
-    PARAM_BUNDLE_IDENTITY,
-    PARAM_ENGINE,
-    PARAM_HAS_IMAGE_ENCODER,
-    PARAM_IMAGE_SIZE,
-    PIPELINE_INPUTS,
-    PIPELINE_MODEL,
-    PIPELINE_OUTPUTS,
-)
+from realfake.core.protocol import PIPELINE_INPUTS, PIPELINE_MODEL, PIPELINE_OUTPUTS
 from realfake.serving.export_files import INT8_UNET, QUANTIZE_REPORT, graph_files, graph_sha256, load_export_meta
+from realfake.serving.pipeline_params import (
+    PARAM_INTRA_OP_THREADS,
+    RUNTIMES,
+    PipelineParams,
+    check_runtime,
+    served_placement,
+)
 
-RUNTIMES = ("python-ort", "openvino", "onnxruntime", "tensorrt", "pytorch")
-COMPONENT_MODES = ("bls", "inprocess")
 DEFAULT_MAX_BATCH = 32
 MODELS_SRC = Path(__file__).resolve().parent.parent / "serving" / "triton_models"
 ONNX_TO_TRITON = {1: "TYPE_FP32", 7: "TYPE_INT64", 6: "TYPE_INT32", 10: "TYPE_FP16", 9: "TYPE_BOOL", 2: "TYPE_UINT8"}
@@ -82,7 +79,7 @@ def component_config(
     onnxruntime_onnx on the GPU; tensorrt: a tensorrt_plan built by `rf-export engines`.
     """
     if runtime == "python-ort":
-        head, kind, params = 'backend: "python"\n', "KIND_CPU", {"intra_op_threads": str(threads)}
+        head, kind, params = 'backend: "python"\n', "KIND_CPU", {PARAM_INTRA_OP_THREADS: str(threads)}
     elif runtime == "onnxruntime":
         head, kind, params = 'platform: "onnxruntime_onnx"\ndefault_model_filename: "model.onnx"\n', "KIND_GPU", {}
     elif runtime == "tensorrt":
@@ -99,7 +96,7 @@ def component_config(
 
 
 def pipeline_config(
-    params: dict[str, str],
+    params: PipelineParams,
     max_batch: int,
     queue_delay_us: int,
     gpu: bool = False,
@@ -122,7 +119,7 @@ def pipeline_config(
         + _tensor_block("output", outputs)
         + f"dynamic_batching {{{sizes}\n  max_queue_delay_microseconds: {queue_delay_us}\n}}\n"
         + f"instance_group [ {{ count: 1, kind: {'KIND_GPU' if gpu else 'KIND_CPU'} }} ]\n"
-        + _parameters(params)
+        + _parameters(params.to_parameters())
     )
 
 
@@ -214,7 +211,7 @@ def write_repository(
     max_batch: int | None = None,
     queue_delay_us: int = 5000,
     threads: int | None = None,
-    components: str = "bls",
+    placement: str = "bls",
     engines: str | Path | None = None,
     bundle: str | Path | None = None,
     preferred: tuple[int, ...] = (4, 8, 16),
@@ -223,34 +220,28 @@ def write_repository(
 ) -> Path:
     """Fill `out` with the component models and the `pipeline` model for `runtime`.
 
-    `components`: `bls` serves each graph as its own model and the pipeline calls them by BLS; `inprocess`
+    `placement`: `bls` serves each graph as its own model and the pipeline calls them by BLS; `inprocess`
     puts the graphs inside the pipeline model (one process, no copies between steps; with `tensorrt`, the plans
     run inside each pipeline instance, on that instance's GPU). Runtimes: `python-ort`
     (CPU), `onnxruntime` and `tensorrt` (native GPU component models; tensorrt takes the plans from `engines`),
     `pytorch` (the bundle's modules on the GPU in fp16 inside the pipeline model; needs `bundle`), `openvino`
     (CPU, the graphs inside the pipeline model; `dtype` fp32, bf16, or int8 after `rf-export quantize`).
+    openvino and pytorch always run inside the pipeline model, whatever `placement` says; onnxruntime only as
+    component models (realfake.serving.pipeline_params.SERVED).
     `max_batch`: the largest batch the pipeline's dynamic batcher forms; default 32, or for `tensorrt` the
     largest image batch the plans' profiles allow (a larger value is refused).
     """
     onnx_dir, out = Path(onnx_dir), Path(out)
-    if runtime not in RUNTIMES:
-        raise UserError(f"unknown runtime {runtime!r}; this build supports: {', '.join(RUNTIMES)}")
+    check_runtime(runtime)
     meta = load_export_meta(onnx_dir)
-    if components not in COMPONENT_MODES:
-        raise UserError(f"unknown components mode {components!r}; choose one of {', '.join(COMPONENT_MODES)}")
+    placement = served_placement(runtime, placement)
     if runtime == "openvino":
-        components = "openvino"
         if device not in (None, "cpu"):
             raise UserError("--runtime openvino runs on the CPU: leave --device out or pass cpu")
         _check_openvino(onnx_dir, dtype)
     elif runtime == "pytorch":
-        components = "pytorch"
         if bundle is None or not (Path(bundle) / "model_index.json").is_file():
             raise UserError("--runtime pytorch needs --bundle: the diffusers-layout directory the ONNX came from")
-    elif runtime == "tensorrt" and components == "inprocess":
-        components = "tensorrt"  # the plans inside each pipeline instance, on that instance's GPU
-    elif runtime != "python-ort" and components == "inprocess":
-        raise UserError(f"--runtime {runtime} serves components as native GPU models: use --components bls")
     if max_batch is not None and max_batch < 1:
         raise UserError(f"--max-batch must be >= 1, got {max_batch}")
     plans = {}
@@ -258,8 +249,24 @@ def write_repository(
         plans, max_batch = _plans(engines, onnx_dir, meta["components"], max_batch)
     max_batch = max_batch or DEFAULT_MAX_BATCH
     threads = threads or os.cpu_count() or 1
+    device = device or ("cpu" if runtime in ("python-ort", "openvino") else "cuda")
+    resolved = "fp32" if runtime == "openvino" and dtype == "auto" else dtype
+    params = PipelineParams(
+        placement=placement,
+        runtime=runtime,
+        device=device,
+        intra_op_threads=threads,
+        bundle_identity=meta["bundle_identity"],
+        image_size=int(meta["image_size"]),
+        has_image_encoder="image_encoder" in meta["components"],
+        engine=engine_identity(runtime, device, resolved, scheduler, onnx_dir, plans),
+        scheduler=scheduler,
+        dtype=resolved if runtime in ("openvino", "pytorch") else None,
+        bundle=str(Path(bundle).resolve()) if runtime == "pytorch" else None,
+    )
+    kind = params.components_kind()
     out.mkdir(parents=True, exist_ok=True)
-    for name in meta["components"] if components == "bls" else []:
+    for name in meta["components"] if kind == "bls" else []:
         graph = onnx_dir / f"{name}.onnx"
         if not graph.is_file():
             raise UserError(f"{graph} is missing from the export")
@@ -282,38 +289,22 @@ def write_repository(
     for sub in ("tokenizer", "scheduler"):
         shutil.copytree(onnx_dir / sub, files / sub)
     shutil.copy2(onnx_dir / "export.json", files / "export.json")
-    if components in ("inprocess", "openvino"):
+    if kind in ("ort", "openvino"):
         for name in meta["components"]:
             _link_graph(onnx_dir / f"{name}.onnx", files)
-        if components == "openvino" and dtype == "int8":
+        if kind == "openvino" and dtype == "int8":
             for path in (INT8_UNET, INT8_UNET.with_suffix(".bin")):
                 _link_or_copy(onnx_dir / path, files / path)
-    if components == "tensorrt":
+    if kind == "tensorrt":
         for name, plan in plans.items():
             _link_or_copy(plan, files / "engines" / f"{name}.plan")
             _link_or_copy(plan.with_suffix(".json"), files / "engines" / f"{name}.json")
-    if components != "bls":  # the pipeline holds the components: a rewritten repository keeps no stale models
+    if kind != "bls":  # the pipeline holds the components: a rewritten repository keeps no stale models
         for name in meta["components"]:
             if (out / name).is_dir():
                 shutil.rmtree(out / name)
     shutil.copy2(MODELS_SRC / "pipeline.py", out / PIPELINE_MODEL / "1" / "model.py")
-    params = {
-        "scheduler": scheduler,
-        PARAM_BUNDLE_IDENTITY: meta["bundle_identity"],
-        PARAM_IMAGE_SIZE: str(meta["image_size"]),
-        PARAM_HAS_IMAGE_ENCODER: str("image_encoder" in meta["components"]).lower(),
-        "components": components,
-        "intra_op_threads": str(threads),
-        "device": device or ("cpu" if runtime in ("python-ort", "openvino") else "cuda"),
-    }
-    resolved = "fp32" if runtime == "openvino" and dtype == "auto" else dtype
-    params[PARAM_ENGINE] = engine_identity(runtime, params["device"], resolved, scheduler, onnx_dir, plans)
-    if runtime == "openvino":
-        params["dtype"] = "fp32" if dtype == "auto" else dtype
-    if runtime == "pytorch":
-        params["bundle"] = str(Path(bundle).resolve())
-        params["dtype"] = dtype
-    gpu = params["device"] != "cpu"
+    gpu = device != "cpu"
     config = pipeline_config(params, max_batch, queue_delay_us, gpu=gpu, preferred=preferred if gpu else ())
     (out / PIPELINE_MODEL / "config.pbtxt").write_text(config)
     return out

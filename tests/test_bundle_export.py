@@ -140,7 +140,7 @@ def test_large_graphs_keep_their_weights_beside_them(tiny_bundle, tiny_onnx, tmp
 
     gpu_repo = write_repository(out, tmp_path / "ort_gpu", runtime="onnxruntime")
     assert sorted(p.name for p in (gpu_repo / "unet" / "1").iterdir()) == ["model.onnx", "unet.onnx.data"]
-    inprocess = write_repository(out, tmp_path / "inproc", components="inprocess")
+    inprocess = write_repository(out, tmp_path / "inproc", placement="inprocess")
     files = inprocess / "pipeline" / "1" / "model_files"
     assert all((files / f"{n}.onnx.data").is_file() for n in names)
     cpu_repo = write_repository(out, tmp_path / "bls")

@@ -31,7 +31,8 @@ def test_repository_per_runtime(tiny_onnx, tiny_bundle, tmp_path):
     pipe = parse_config(onnx_rt / "pipeline" / "config.pbtxt")
     assert list(pipe.dynamic_batching.preferred_batch_size) == [4, 8, 16]
     assert pipe.parameters["engine"].string_value == "onnxruntime-cuda fp32, unipc"
-    assert pipe.parameters["device"].string_value == "cuda" and pipe.parameters["components"].string_value == "bls"
+    assert pipe.parameters["device"].string_value == "cuda" and pipe.parameters["placement"].string_value == "bls"
+    assert pipe.parameters["runtime"].string_value == "onnxruntime" and "components" not in pipe.parameters
 
     plans = fake_plans(tiny_onnx, tmp_path / "engines")
     trt = write_repository(tiny_onnx, tmp_path / "trt", runtime="tensorrt", engines=plans)
@@ -56,10 +57,11 @@ def test_repository_per_runtime(tiny_onnx, tiny_bundle, tmp_path):
     assert smaller.max_batch_size == 8 and list(smaller.dynamic_batching.preferred_batch_size) == [4, 8]
     with pytest.raises(UserError, match=r"--max-batch 32 is larger than the TensorRT plans' profile allows \(16"):
         write_repository(tiny_onnx, tmp_path / "trt32", runtime="tensorrt", engines=plans, max_batch=32)
-    inproc = write_repository(tiny_onnx, tmp_path / "trt_in", runtime="tensorrt", engines=plans, components="inprocess")
+    inproc = write_repository(tiny_onnx, tmp_path / "trt_in", runtime="tensorrt", engines=plans, placement="inprocess")
     assert sorted(p.name for p in inproc.iterdir()) == ["pipeline"]
     pipe = parse_config(inproc / "pipeline" / "config.pbtxt")
-    assert pipe.parameters["components"].string_value == "tensorrt" and pipe.max_batch_size == 16
+    assert pipe.parameters["runtime"].string_value == "tensorrt" and pipe.max_batch_size == 16
+    assert pipe.parameters["placement"].string_value == "inprocess"
     assert pipe.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
     held = inproc / "pipeline" / "1" / "model_files" / "engines"
     assert sorted(p.name for p in held.iterdir()) == sorted(
@@ -74,9 +76,7 @@ def test_repository_per_runtime(tiny_onnx, tiny_bundle, tmp_path):
     torch_repo = write_repository(tiny_onnx, tmp_path / "pt", runtime="pytorch", bundle=tiny_bundle)
     assert sorted(p.name for p in torch_repo.iterdir()) == ["pipeline"]
     params = parse_config(torch_repo / "pipeline" / "config.pbtxt").parameters
-    assert (
-        params["components"].string_value == "pytorch" and Path(params["bundle"].string_value) == tiny_bundle.resolve()
-    )
+    assert params["runtime"].string_value == "pytorch" and Path(params["bundle"].string_value) == tiny_bundle.resolve()
     assert params["engine"].string_value == "pytorch-cuda fp16, unipc"
     with pytest.raises(UserError, match="needs --bundle"):
         write_repository(tiny_onnx, tmp_path / "pt2", runtime="pytorch")

@@ -151,7 +151,7 @@ def test_tensorrt_engines_serve_the_pipeline(tiny_onnx, tmp_path):
     unguided = {"PROMPT": request["PROMPT"][:1], "SEED": request["SEED"][:1], "STEPS": request["STEPS"][:1],
                 "GUIDANCE_SCALE": np.ones((1, 1), np.float32)}  # fmt: skip
     inproc_repo = write_repository(
-        tiny_onnx, tmp_path / "inproc", runtime="tensorrt", engines=tmp_path / "engines", components="inprocess"
+        tiny_onnx, tmp_path / "inproc", runtime="tensorrt", engines=tmp_path / "engines", placement="inprocess"
     )
     with LocalServer(inproc_repo) as server:  # the plans inside the pipeline instance, on its GPU
         inproc_images = PipelineClient(server.url).infer(request)

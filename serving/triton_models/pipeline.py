@@ -1,10 +1,11 @@
 """Triton Python-backend model `pipeline` (copied to <repo>/pipeline/1/model.py by `rf-export repo`).
 
-Thin by design: parse requests, call the sampler (realfake.serving), answer. The components are either other
-models in the repository reached by BLS (`components: bls`, the default), or ONNX Runtime sessions in this
-process (`components: inprocess`: it saves two inter-process copies per UNet step), TensorRT plans on this
-instance's GPU (`components: tensorrt`), OpenVINO models in this process (`components: openvino`: fp32, bf16 or
-an int8 UNet), or the bundle's PyTorch modules.
+Thin by design: parse requests, call the sampler (realfake.serving), answer. What computes the components comes
+from the config's parameters (realfake.serving.pipeline_params, placement and runtime): other models in the
+repository reached by BLS (`placement: bls`), or in this process (`placement: inprocess`, which saves two
+inter-process copies per UNet step) ONNX Runtime sessions (python-ort), TensorRT plans on this instance's GPU
+(tensorrt), OpenVINO models (openvino: fp32, bf16 or an int8 UNet), or the bundle's PyTorch modules (pytorch).
+An unknown or unserved value fails the model's initialisation with one line saying which.
 """
 
 import json
@@ -17,6 +18,7 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 from realfake.core.protocol import PIPELINE_INPUTS
 from realfake.serving.batching import run_batch
 from realfake.serving.components import COMPONENT_IO, ComponentCalls, OrtComponents, instance_device
+from realfake.serving.pipeline_params import PipelineParams
 from realfake.serving.sampler import Sampler
 
 
@@ -53,30 +55,28 @@ class BlsComponents(ComponentCalls):
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = PipelineParams.from_parameters(config.get("parameters", {}))
         model_dir = Path(args["model_repository"]) / args["model_version"] / "model_files"
-        mode = params.get("components", "bls")
-        device = instance_device(
-            params.get("device", "cpu"), args.get("model_instance_kind"), args.get("model_instance_device_id")
-        )
-        threads = int(params.get("intra_op_threads", "0")) or None  # in-process runtimes share the cores
-        if mode == "pytorch":
+        device = instance_device(params.device, args.get("model_instance_kind"), args.get("model_instance_device_id"))
+        threads = params.intra_op_threads or None  # in-process runtimes share the cores
+        kind = params.components_kind()
+        if kind == "torch":
             from realfake.serving.torch_components import TorchComponents
 
-            components = TorchComponents(params["bundle"], device, dtype=params.get("dtype", "auto"))
-        elif mode == "openvino":
+            components = TorchComponents(params.bundle, device, dtype=params.dtype or "auto")
+        elif kind == "openvino":
             from realfake.serving.openvino_components import OvComponents
 
-            components = OvComponents(model_dir, params.get("dtype", "fp32"), threads)
-        elif mode == "tensorrt":
+            components = OvComponents(model_dir, params.dtype or "fp32", threads)
+        elif kind == "tensorrt":
             from realfake.serving.tensorrt_components import TrtComponents
 
             components = TrtComponents.from_folder(model_dir / "engines", device)
-        elif mode == "inprocess":
+        elif kind == "ort":
             components = OrtComponents(model_dir, threads, device)
         else:
             components = BlsComponents({name: name for name in COMPONENT_IO}, torch.device(device))
-        self.sampler = Sampler(components, model_dir, scheduler=params.get("scheduler", "unipc"))
+        self.sampler = Sampler(components, model_dir, scheduler=params.scheduler)
         self.max_batch = int(config.get("max_batch_size", 64)) or 64
 
     def execute(self, requests):

@@ -1,0 +1,158 @@
+"""The `pipeline` model's parameters in config.pbtxt, said once: `rf-export repo` writes them
+(`PipelineParams.to_parameters`), the pipeline model reads them back (`PipelineParams.from_parameters`), and the
+client reads the model-card ones (their key names are in realfake.core.protocol).
+
+Two choices decide what the pipeline model builds:
+  placement  where the five graphs run: `bls` (each its own model in the repository, called by BLS) or
+             `inprocess` (inside the pipeline model's process);
+  runtime    what runs them: `python-ort` (ONNX Runtime in Python, CPU or CUDA), `onnxruntime` (Triton's native
+             onnxruntime_onnx models, GPU), `tensorrt` (plans from `rf-export engines`), `openvino` (CPU), `pytorch`
+             (the bundle's own modules).
+Not every pair is served (SERVED); `components_kind` names what each served pair builds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from realfake.core.defaults import DEFAULT_SCHEDULER
+from realfake.core.errors import UserError
+from realfake.core.protocol import PARAM_BUNDLE_IDENTITY, PARAM_ENGINE, PARAM_HAS_IMAGE_ENCODER, PARAM_IMAGE_SIZE
+
+PLACEMENTS = ("bls", "inprocess")
+RUNTIMES = ("python-ort", "openvino", "onnxruntime", "tensorrt", "pytorch")
+# the placements each runtime is served with
+SERVED = {
+    "python-ort": ("bls", "inprocess"),
+    "onnxruntime": ("bls",),  # native GPU component models only
+    "tensorrt": ("bls", "inprocess"),  # inprocess: the plans inside each pipeline instance, on its own GPU
+    "openvino": ("inprocess",),  # always inside the pipeline model
+    "pytorch": ("inprocess",),  # the bundle's modules, always inside the pipeline model
+}
+
+# the keys of config.pbtxt that are not the model card's
+PARAM_PLACEMENT = "placement"
+PARAM_RUNTIME = "runtime"
+PARAM_DEVICE = "device"
+PARAM_DTYPE = "dtype"
+PARAM_INTRA_OP_THREADS = "intra_op_threads"
+PARAM_SCHEDULER = "scheduler"
+PARAM_BUNDLE = "bundle"
+
+
+def check_runtime(runtime: str) -> None:
+    if runtime not in RUNTIMES:
+        raise UserError(f"unknown runtime {runtime!r}; this build supports: {', '.join(RUNTIMES)}")
+
+
+def check_placement(placement: str) -> None:
+    if placement not in PLACEMENTS:
+        raise UserError(f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
+
+
+def _not_served(runtime: str, placement: str) -> str:
+    return f"runtime {runtime} is served with placement {' or '.join(SERVED[runtime])}, not {placement!r}"
+
+
+def served_placement(runtime: str, placement: str) -> str:
+    """The placement a repository for `runtime` gets when the user asks for `placement`: the runtimes that only
+    run inside the pipeline model (openvino, pytorch) get `inprocess` whatever was asked; a placement the runtime
+    is not served with otherwise is refused."""
+    check_runtime(runtime)
+    check_placement(placement)
+    if placement in SERVED[runtime]:
+        return placement
+    if SERVED[runtime] == ("inprocess",):
+        return "inprocess"
+    raise UserError(_not_served(runtime, placement))
+
+
+@dataclass(frozen=True)
+class PipelineParams:
+    """Everything the `pipeline` model's config.pbtxt says about it, checked on construction."""
+
+    placement: str  # PLACEMENTS
+    runtime: str  # RUNTIMES
+    device: str  # cpu, cuda (each GPU instance then takes its own GPU) or cuda:N
+    intra_op_threads: int  # CPU threads of the in-process runtimes; 0: the runtime's default
+    # the model card the client reads
+    bundle_identity: str
+    image_size: int
+    has_image_encoder: bool
+    engine: str  # what computes the images (export.triton_repo.engine_identity)
+    scheduler: str = DEFAULT_SCHEDULER
+    dtype: str | None = None  # openvino: fp32, bf16, int8; pytorch: auto, fp32, fp16, bf16; unused otherwise
+    bundle: str | None = None  # pytorch: the bundle's directory
+
+    def __post_init__(self) -> None:
+        check_runtime(self.runtime)
+        check_placement(self.placement)
+        if self.placement not in SERVED[self.runtime]:
+            raise UserError(_not_served(self.runtime, self.placement))
+        if self.runtime == "pytorch" and not self.bundle:
+            raise UserError(f"runtime pytorch needs the {PARAM_BUNDLE!r} parameter: the bundle's directory")
+        if self.intra_op_threads < 0:
+            raise UserError(f"{PARAM_INTRA_OP_THREADS} must be >= 0, got {self.intra_op_threads}")
+
+    def components_kind(self) -> str:
+        """What the pipeline model builds its components from: `bls` (BLS calls to the component models), `ort`
+        (ONNX Runtime sessions in process), `tensorrt` (the plans in process), `openvino` or `torch`."""
+        if self.placement == "bls":
+            return "bls"
+        return {"python-ort": "ort", "tensorrt": "tensorrt", "openvino": "openvino", "pytorch": "torch"}[self.runtime]
+
+    def to_parameters(self) -> dict[str, str]:
+        """The `parameters` of config.pbtxt, key -> string value (the optional ones only when set)."""
+        values = {
+            PARAM_PLACEMENT: self.placement,
+            PARAM_RUNTIME: self.runtime,
+            PARAM_DEVICE: self.device,
+            PARAM_INTRA_OP_THREADS: str(self.intra_op_threads),
+            PARAM_SCHEDULER: self.scheduler,
+            PARAM_BUNDLE_IDENTITY: self.bundle_identity,
+            PARAM_IMAGE_SIZE: str(self.image_size),
+            PARAM_HAS_IMAGE_ENCODER: "true" if self.has_image_encoder else "false",
+            PARAM_ENGINE: self.engine,
+            PARAM_DTYPE: self.dtype,
+            PARAM_BUNDLE: self.bundle,
+        }
+        return {k: v for k, v in values.items() if v is not None}
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, str | Mapping[str, str]]) -> PipelineParams:
+        """Read back the parameters: plain strings (as `to_parameters` gives them) or Triton's model config form,
+        key -> {"string_value": ...} (`json.loads(args["model_config"])["parameters"]` in the pipeline model).
+        A missing key or an unknown value raises UserError with one line naming it."""
+        raw = {k: v.get("string_value", "") if isinstance(v, Mapping) else v for k, v in parameters.items()}
+
+        def need(key: str) -> str:
+            if key not in raw:
+                raise UserError(
+                    f"the pipeline model's parameters lack {key!r}: write the repository with rf-export repo"
+                )
+            return raw[key]
+
+        def integer(key: str) -> int:
+            value = need(key)
+            try:
+                return int(value)
+            except ValueError:
+                raise UserError(f"parameter {key!r} must be an integer, not {value!r}") from None
+
+        flag = need(PARAM_HAS_IMAGE_ENCODER)
+        if flag not in ("true", "false"):
+            raise UserError(f"parameter {PARAM_HAS_IMAGE_ENCODER!r} must be true or false, not {flag!r}")
+        return cls(
+            placement=need(PARAM_PLACEMENT),
+            runtime=need(PARAM_RUNTIME),
+            device=need(PARAM_DEVICE),
+            intra_op_threads=integer(PARAM_INTRA_OP_THREADS),
+            bundle_identity=need(PARAM_BUNDLE_IDENTITY),
+            image_size=integer(PARAM_IMAGE_SIZE),
+            has_image_encoder=flag == "true",
+            engine=need(PARAM_ENGINE),
+            scheduler=need(PARAM_SCHEDULER),
+            dtype=raw.get(PARAM_DTYPE),
+            bundle=raw.get(PARAM_BUNDLE),
+        )
