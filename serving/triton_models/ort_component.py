@@ -10,13 +10,14 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from realfake.serving.components import make_session
+from realfake.serving.pipeline_params import PARAM_INTRA_OP_THREADS
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        threads = int(params.get("intra_op_threads", "0")) or None
+        threads = int(params.get(PARAM_INTRA_OP_THREADS, "0")) or None
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         self.session = make_session(path, threads)
         self.inputs = [i["name"] for i in config["input"]]
