@@ -23,6 +23,27 @@ def rf(*args: str, env: dict | None = None, timeout: float = 600, **kw) -> subpr
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, **kw)
 
 
+def cli_args(*defaults: dict, **options) -> list[str]:
+    """An argv from keyword options: `per_class=12` -> `--per-class 12`; True -> a bare flag; False or None ->
+    left out; a list or tuple -> the option repeated. Dicts given first are defaults the keywords override."""
+    merged = {k: v for d in (*defaults, options) for k, v in d.items()}
+    argv: list[str] = []
+    for key, value in merged.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is not None and value is not False:
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                argv += [flag, str(v)]
+    return argv
+
+
+def generate_args(out, *urls: str, **options) -> list[str]:
+    """`rf-client generate` arguments: cifar10 classes unless overridden, the options, --out, one --url per url
+    (none: the client starts the embedded default server)."""
+    return ["generate", *cli_args({"classes": "cifar10"}, options, out=out, url=list(urls))]
+
+
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests need CUDA; elsewhere they are skipped with the reason (never silently)."""
     import torch

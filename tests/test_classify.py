@@ -19,23 +19,12 @@ from realfake.core.files import write_atomic
 from realfake.core.images import encode_png
 from realfake.training.idx import DEBIAN_DIR, balanced_subset, load_split, write_imagefolder
 
-from conftest import rf
+from conftest import cli_args, rf
 
 pytestmark = pytest.mark.slow
 CLASSES = load_classes("fashion-mnist")
 TRAIN_PER_CLASS, VAL_PER_CLASS = 60, 30
-COMMON = [
-    "--classes",
-    "fashion-mnist",
-    "--model",
-    "resnet-small",
-    "--epochs",
-    "3",
-    "--batch-size",
-    "32",
-    "--lr",
-    "0.05",
-]
+COMMON = dict(classes="fashion-mnist", model="resnet-small", epochs=3, batch_size=32, lr=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -82,17 +71,19 @@ def _metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def _classify_real(fmnist, run, *options):
+def _classify(*defaults, **options):
+    """rf-train classify with these options (dicts first: defaults the keywords override, as in cli_args)."""
+    return rf("rf-train", "classify", *cli_args(*defaults, **options))
+
+
+def _classify_real(fmnist, run, *defaults, **options):
     """rf-train classify on the real Fashion-MNIST subset, validated on the held-out one."""
-    r = rf(
-        "rf-train", "classify", *options, "--real", str(fmnist / "train"), "--val", str(fmnist / "val"),
-        "--out", str(run),
-    )  # fmt: skip
+    r = _classify(*defaults, **options, real=fmnist / "train", val=fmnist / "val", out=run)
     assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_real_training_beats_chance_clearly(fmnist, tmp_path):
-    _classify_real(fmnist, tmp_path / "run", *COMMON)
+    _classify_real(fmnist, tmp_path / "run", COMMON)
     result = _result(tmp_path / "run")
     assert result["top1"] > 0.45, result  # chance is 0.10
     assert result["top5"] >= result["top1"] and result["val"]["images"] == 10 * VAL_PER_CLASS
@@ -103,16 +94,15 @@ def test_real_training_beats_chance_clearly(fmnist, tmp_path):
 
 
 def test_eval_every_validates_only_those_epochs_and_the_last(fmnist, tmp_path):
-    args = ["--classes", "fashion-mnist", "--model", "resnet-small", "--epochs", "3", "--eval-every", "2"]
-    _classify_real(fmnist, tmp_path / "run", *args)
+    _classify_real(fmnist, tmp_path / "run", classes="fashion-mnist", model="resnet-small", epochs=3, eval_every=2)
     epochs = _metrics(tmp_path / "run")
     validated = [e["epoch"] for e in epochs if not math.isnan(e["val_top1"])]
     assert validated == [2, 3]
 
 
 def test_ddp_two_processes_matches_one(fmnist, tmp_path):
-    args = [*COMMON, "--real", str(fmnist / "train"), "--val", str(fmnist / "val")]
-    single = rf("rf-train", "classify", *args, "--out", str(tmp_path / "one"))
+    args = cli_args(COMMON, real=fmnist / "train", val=fmnist / "val")
+    single = rf("rf-train", "classify", *args, *cli_args(out=tmp_path / "one"))
     assert single.returncode == 0, single.stderr[-2000:]
     ddp = subprocess.run(
         [
@@ -126,8 +116,7 @@ def test_ddp_two_processes_matches_one(fmnist, tmp_path):
             "realfake.training.cli",
             "classify",
             *args,
-            "--out",
-            str(tmp_path / "two"),
+            *cli_args(out=tmp_path / "two"),
         ],
         capture_output=True,
         text=True,
@@ -143,22 +132,14 @@ def test_ddp_two_processes_matches_one(fmnist, tmp_path):
 
 
 def test_synthetic_plus_fraction_of_real_is_counted(fmnist, fake_synthetic, tmp_path):
-    r = rf(
-        "rf-train",
-        "classify",
-        *COMMON,
-        "--epochs",
-        "2",
-        "--synthetic",
-        str(fake_synthetic),
-        "--real",
-        str(fmnist / "train"),
-        "--real-fraction",
-        "0.25",
-        "--val",
-        str(fmnist / "val"),
-        "--out",
-        str(tmp_path / "mix"),
+    r = _classify(
+        COMMON,
+        epochs=2,
+        synthetic=fake_synthetic,
+        real=fmnist / "train",
+        real_fraction=0.25,
+        val=fmnist / "val",
+        out=tmp_path / "mix",
     )
     assert r.returncode == 0, r.stderr[-2000:]
     train = _result(tmp_path / "mix")["train"]
@@ -169,34 +150,12 @@ def test_synthetic_plus_fraction_of_real_is_counted(fmnist, fake_synthetic, tmp_
 
 def test_synthetic_only_from_ids_and_from_webdataset(fmnist, fake_synthetic, tmp_path):
     """Folder names of the synthetic set are scrambled: only manifest class ids can make this learn."""
-    r = rf(
-        "rf-train",
-        "classify",
-        *COMMON,
-        "--synthetic",
-        str(fake_synthetic),
-        "--val",
-        str(fmnist / "val"),
-        "--out",
-        str(tmp_path / "syn"),
-    )
+    r = _classify(COMMON, synthetic=fake_synthetic, val=fmnist / "val", out=tmp_path / "syn")
     assert r.returncode == 0, r.stderr[-2000:]
     assert _result(tmp_path / "syn")["top1"] > 0.4
     shards = tmp_path / "wds"
     pack_webdataset(fake_synthetic, shards, shard_size=150)
-    r = rf(
-        "rf-train",
-        "classify",
-        *COMMON,
-        "--epochs",
-        "1",
-        "--synthetic",
-        str(shards),
-        "--val",
-        str(fmnist / "val"),
-        "--out",
-        str(tmp_path / "wdsrun"),
-    )
+    r = _classify(COMMON, epochs=1, synthetic=shards, val=fmnist / "val", out=tmp_path / "wdsrun")
     assert r.returncode == 0, r.stderr[-2000:]
     assert _result(tmp_path / "wdsrun")["train"]["synthetic_images"] == 600
 
@@ -205,48 +164,16 @@ def test_bad_input(fmnist, tmp_path):
     val = tmp_path / "val"
     shutil.copytree(fmnist / "val", val)
     shutil.rmtree(val / "bag")
-    r = rf(
-        "rf-train",
-        "classify",
-        *COMMON,
-        "--real",
-        str(fmnist / "train"),
-        "--val",
-        str(val),
-        "--out",
-        str(tmp_path / "o"),
-    )
+    r = _classify(COMMON, real=fmnist / "train", val=val, out=tmp_path / "o")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "error: class mismatch between training and validation sets: only in training: bag; only in validation: none"
     ]
     empty = tmp_path / "empty"
     empty.mkdir()
-    r = rf(
-        "rf-train",
-        "classify",
-        *COMMON,
-        "--real",
-        str(empty),
-        "--val",
-        str(fmnist / "val"),
-        "--out",
-        str(tmp_path / "o"),
-    )
+    r = _classify(COMMON, real=empty, val=fmnist / "val", out=tmp_path / "o")
     assert r.returncode == 2 and "holds no images" in r.stderr
-    r = rf(
-        "rf-train",
-        "classify",
-        *COMMON,
-        "--model",
-        "vgg11",
-        "--real",
-        str(fmnist / "train"),
-        "--val",
-        str(fmnist / "val"),
-        "--out",
-        str(tmp_path / "o"),
-    )
+    r = _classify(COMMON, model="vgg11", real=fmnist / "train", val=fmnist / "val", out=tmp_path / "o")
     assert r.returncode == 2 and "unknown model 'vgg11'" in r.stderr
 
 

@@ -11,11 +11,11 @@ from PIL import Image
 
 from realfake.client.server import LocalServer, free_port
 
-from conftest import VENV_BIN, rf
+from conftest import VENV_BIN, cli_args, generate_args, rf
 
 pytestmark = pytest.mark.slow
 
-JOB = ["--classes", "cifar10", "--per-class", "12", "--steps", "20", "--seed", "3", "--batch", "2", "--quiet"]
+JOB = dict(per_class=12, steps=20, seed=3, batch=2, quiet=True)  # with generate_args: cifar10, 120 images
 
 
 def _pngs(out):
@@ -33,17 +33,15 @@ def _verify_ok(out):
 def reference(triton, tmp_path_factory):
     """The job made once without incidents: what every interrupted run must end up equal to."""
     out = tmp_path_factory.mktemp("reference")
-    r = rf("rf-client", "generate", *JOB, "--out", str(out), "--url", triton.url)
+    r = rf("rf-client", *generate_args(out, triton.url, **JOB))
     assert r.returncode == 0, r.stderr
     files = _pngs(out)
     assert len(files) == 120
     return files
 
 
-def _start_client(out, *urls, extra=()):
-    args = [str(VENV_BIN / "rf-client"), "generate", *JOB, "--out", str(out), *extra]
-    for u in urls:
-        args += ["--url", u]
+def _start_client(out, *urls, **extra):
+    args = [str(VENV_BIN / "rf-client"), *generate_args(out, *urls, **JOB, **extra)]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -63,7 +61,7 @@ def test_server_killed_mid_job_restarts_and_job_completes(tiny_repo, reference, 
     out = tmp_path / "out"
     server = LocalServer(tiny_repo, http_port=http, grpc_port=grpc).start()
     try:
-        proc = _start_client(out, server.url, extra=["--server-wait", "90"])
+        proc = _start_client(out, server.url, server_wait=90)
         _wait_for_images(out, 30, proc)
         server.kill()  # SIGKILL, mid-job
         server = LocalServer(tiny_repo, http_port=http, grpc_port=grpc).start()
@@ -86,7 +84,7 @@ def test_client_killed_then_resumed(triton, reference, tmp_path):
     proc.wait()
     partial = len(list(out.glob("*/*.png")))
     assert 0 < partial < 120
-    r = rf("rf-client", "generate", *JOB, "--out", str(out), "--url", triton.url)
+    r = rf("rf-client", *generate_args(out, triton.url, **JOB))
     assert r.returncode == 0, r.stderr
     assert "already done" in r.stdout
     assert _pngs(out) == reference
@@ -113,7 +111,7 @@ def test_two_servers_one_dies(triton, tiny_repo, reference, tmp_path):
 
 def test_shards_together_equal_the_whole_job(triton, reference, tmp_path):
     out = tmp_path / "out"
-    procs = [_start_client(out, triton.url, extra=["--shard", f"{k}/2"]) for k in range(2)]
+    procs = [_start_client(out, triton.url, shard=f"{k}/2") for k in range(2)]
     for p in procs:
         _, stderr = p.communicate(timeout=300)
         assert p.returncode == 0, stderr
@@ -146,25 +144,7 @@ def test_real_conditioned_mode(triton, tiny_onnx, tmp_path):
     captions.write_text(json.dumps({"image": "cat_1", "caption": "a cat on a red sofa"}) + "\n")
     (real / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "out"
-    r = rf(
-        "rf-client",
-        "generate",
-        "--classes",
-        "cifar10",
-        "--real",
-        str(real),
-        "--versions",
-        "2",
-        "--captions",
-        str(captions),
-        "--steps",
-        "8",
-        "--out",
-        str(out),
-        "--url",
-        triton.url,
-        "--quiet",
-    )
+    r = rf("rf-client", *generate_args(out, triton.url, real=real, versions=2, captions=captions, steps=8, quiet=True))
     assert r.returncode == 0, r.stderr
     assert "2 images skipped" in r.stderr  # the broken file, both its versions
     rows = {json.loads(line)["path"]: json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()}
@@ -191,14 +171,14 @@ def test_real_conditioned_mode(triton, tiny_onnx, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--per-class", "0"], "--per-class must be >= 1"),
-        (["--per-class", "-3"], "--per-class must be >= 1"),
-        (["--per-class", "2", "--shard", "2/2"], "--shard 2/2: need 0 <= I < N"),
-        (["--per-class", "2", "--strength", "1.5"], "--strength must be in (0, 1]"),
+        (dict(per_class=0), "--per-class must be >= 1"),
+        (dict(per_class=-3), "--per-class must be >= 1"),
+        (dict(per_class=2, shard="2/2"), "--shard 2/2: need 0 <= I < N"),
+        (dict(per_class=2, strength=1.5), "--strength must be in (0, 1]"),
     ],
 )
 def test_bad_arguments(args, message, tmp_path, triton):
-    r = rf("rf-client", "generate", "--classes", "cifar10", "--out", str(tmp_path / "o"), "--url", triton.url, *args)
+    r = rf("rf-client", *generate_args(tmp_path / "o", triton.url, **args))
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}")
 
@@ -206,81 +186,31 @@ def test_bad_arguments(args, message, tmp_path, triton):
 def test_bad_real_and_caption_inputs(tmp_path, triton):
     empty = tmp_path / "real"
     (empty / "cat").mkdir(parents=True)
-    r = rf(
-        "rf-client",
-        "generate",
-        "--classes",
-        "cifar10",
-        "--real",
-        str(empty),
-        "--out",
-        str(tmp_path / "o"),
-        "--url",
-        triton.url,
-    )
+    r = rf("rf-client", *generate_args(tmp_path / "o", triton.url, real=empty))
     assert r.returncode == 2 and "holds no images" in r.stderr
     real = _real_folder(tmp_path / "real2", classes=("cat",), per=1)
     caps = tmp_path / "c.jsonl"
     caps.write_text('{"image": "cat_0", "caption": "ok"}\n{"image": "cat_0" "caption": "x"}\n')
-    r = rf(
-        "rf-client",
-        "generate",
-        "--classes",
-        "cifar10",
-        "--real",
-        str(real),
-        "--captions",
-        str(caps),
-        "--out",
-        str(tmp_path / "o"),
-        "--url",
-        triton.url,
-    )
+    r = rf("rf-client", *generate_args(tmp_path / "o", triton.url, real=real, captions=caps))
     assert r.returncode == 2 and "line 2 is malformed" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_resume_with_changed_settings_is_refused_then_forced(tmp_path, triton):
     out = tmp_path / "o"
-    base = [
-        "rf-client",
-        "generate",
-        "--classes",
-        "cifar10",
-        "--per-class",
-        "1",
-        "--steps",
-        "3",
-        "--out",
-        str(out),
-        "--url",
-        triton.url,
-        "--quiet",
-    ]
-    assert rf(*base).returncode == 0
+    job = dict(per_class=1, steps=3, quiet=True)
+    assert rf("rf-client", *generate_args(out, triton.url, **job)).returncode == 0
     before = _pngs(out)
-    r = rf(*base, "--guidance", "3.0")
+    r = rf("rf-client", *generate_args(out, triton.url, **job), "--guidance", "3.0")
+    # the old spelling --guidance on purpose: this checks the alias still reaches --guidance-scale
     assert r.returncode == 2 and "other settings (guidance_scale)" in r.stderr
     assert _pngs(out) == before  # nothing finished was touched
-    assert rf(*base, "--guidance", "3.0", "--force").returncode == 0
+    assert rf("rf-client", *generate_args(out, triton.url, **job, guidance_scale=3.0, force=True)).returncode == 0
 
 
 def test_bench_writes_table_json_csv(triton, tmp_path):
     stem = tmp_path / "bench"
     r = rf(
-        "rf-client",
-        "bench",
-        "--url",
-        triton.url,
-        "--concurrency",
-        "1,2",
-        "--batch",
-        "1,2",
-        "--requests",
-        "3",
-        "--steps",
-        "4",
-        "--out",
-        str(stem),
+        "rf-client", "bench", *cli_args(url=triton.url, concurrency="1,2", batch="1,2", requests=3, steps=4, out=stem)
     )
     assert r.returncode == 0, r.stderr
     data = json.loads(stem.with_suffix(".json").read_text())
@@ -303,14 +233,14 @@ def test_servers_on_other_engines_are_refused_unless_mixed(triton, tiny_onnx, tm
     from realfake.export.triton_repo import write_repository
 
     other_repo = write_repository(tiny_onnx, tmp_path / "ddim_repo", scheduler="ddim")
-    small = ["--classes", "cifar10", "--per-class", "2", "--steps", "4", "--batch", "2", "--quiet"]
+    small = dict(per_class=2, steps=4, batch=2, quiet=True)
     with LocalServer(other_repo) as other:
         mine, theirs = PipelineClient(triton.url).card(), PipelineClient(other.url).card()
         assert mine.identity == theirs.identity
         assert (mine.engine, theirs.engine) == ("onnxruntime-cpu fp32, unipc", "onnxruntime-cpu fp32, ddim")
 
         out = tmp_path / "both"
-        r = rf("rf-client", "generate", *small, "--out", str(out), "--url", triton.url, "--url", other.url)
+        r = rf("rf-client", *generate_args(out, triton.url, other.url, **small))
         assert r.returncode == 2 and r.stderr.strip().splitlines() == [
             "error: the servers run the model on different engines (onnxruntime-cpu fp32, ddim; onnxruntime-cpu "
             "fp32, unipc): images would depend on the server that made them; use servers of one kind, or "
@@ -318,8 +248,7 @@ def test_servers_on_other_engines_are_refused_unless_mixed(triton, tiny_onnx, tm
         ]
         assert not out.exists() or not list(out.glob("*/*.png"))
 
-        r = rf("rf-client", "generate", *small, "--out", str(out), "--url", triton.url, "--url", other.url,
-               "--mixed-engines")  # fmt: skip
+        r = rf("rf-client", *generate_args(out, triton.url, other.url, **small, mixed_engines=True))
         assert r.returncode == 0, r.stderr
         rows = ds.read_manifest_rows(out / "manifest.jsonl")
         assert len(rows) == 20 and {r["engine"] for r in rows} <= {mine.engine, theirs.engine}
@@ -327,9 +256,9 @@ def test_servers_on_other_engines_are_refused_unless_mixed(triton, tiny_onnx, tm
         assert json.loads((out / "job.json").read_text())["engine"] == "mixed"
 
         single = tmp_path / "single"
-        assert rf("rf-client", "generate", *small, "--out", str(single), "--url", triton.url).returncode == 0
+        assert rf("rf-client", *generate_args(single, triton.url, **small)).returncode == 0
         assert json.loads((single / "job.json").read_text())["engine"] == mine.engine
-        r = rf("rf-client", "generate", *small, "--out", str(single), "--url", other.url)
+        r = rf("rf-client", *generate_args(single, other.url, **small))
         assert r.returncode == 2 and "other settings (engine)" in r.stderr
 
         # a server that passes the start-up check but serves another engine when a worker connects (it was

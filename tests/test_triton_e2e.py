@@ -13,7 +13,7 @@ from realfake.client.server import LocalServer, free_port
 from realfake.client.triton import PipelineClient
 from realfake.core.errors import UserError
 
-from conftest import rf
+from conftest import cli_args, generate_args, rf
 
 pytestmark = pytest.mark.slow
 
@@ -24,9 +24,9 @@ def _dataset_files(out):
 
 def test_generate_embedded_default_then_same_bytes_on_another_server(rf_home, triton, tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
-    args = ["--classes", "cifar10", "--per-class", "8", "--steps", "6", "--seed", "7", "--quiet"]
+    job = dict(per_class=8, steps=6, seed=7, quiet=True)
     # no --url: the client starts and stops the embedded default server itself
-    r1 = rf("rf-client", "generate", *args, "--out", str(first), env={"RF_HOME": str(rf_home)})
+    r1 = rf("rf-client", *generate_args(first, **job), env={"RF_HOME": str(rf_home)})
     assert r1.returncode == 0, r1.stderr
     assert "images/sec" in r1.stdout
     files = _dataset_files(first)
@@ -42,11 +42,11 @@ def test_generate_embedded_default_then_same_bytes_on_another_server(rf_home, tr
         assert r["steps"] == 6 and r["guidance_scale"] == 2.0 and r["model"] and r["seed"] >= 0
     assert len({r["seed"] for r in rows}) == 80
     # the same job against an already-running server: byte-identical files
-    r2 = rf("rf-client", "generate", *args, "--out", str(second), "--url", triton.url)
+    r2 = rf("rf-client", *generate_args(second, triton.url, **job))
     assert r2.returncode == 0, r2.stderr
     assert _dataset_files(second) == files
     # re-running on a finished output makes nothing new
-    r3 = rf("rf-client", "generate", *args, "--out", str(second), "--url", triton.url)
+    r3 = rf("rf-client", *generate_args(second, triton.url, **job))
     assert r3.returncode == 0 and "0 images" in r3.stdout and "80 already done" in r3.stdout
     summary = json.loads((first / "summary.json").read_text())
     assert summary["images"] == 80 and summary["failed"] == 0 and summary["images_per_sec"] > 0
@@ -97,18 +97,7 @@ def test_bad_request_is_an_error_not_a_crash(triton):
 
 def test_unreachable_server(tmp_path):
     port = free_port()
-    r = rf(
-        "rf-client",
-        "generate",
-        "--classes",
-        "cifar10",
-        "--per-class",
-        "1",
-        "--out",
-        str(tmp_path / "o"),
-        "--url",
-        f"127.0.0.1:{port}",
-    )
+    r = rf("rf-client", *generate_args(tmp_path / "o", f"127.0.0.1:{port}", per_class=1))
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: server 127.0.0.1:{port} is unreachable")
@@ -119,18 +108,7 @@ def test_model_not_ready(tiny_repo, tmp_path):
     shutil.copytree(tiny_repo, repo, symlinks=True)
     shutil.rmtree(repo / "pipeline")
     with LocalServer(repo) as server:
-        r = rf(
-            "rf-client",
-            "generate",
-            "--classes",
-            "cifar10",
-            "--per-class",
-            "1",
-            "--out",
-            str(tmp_path / "o"),
-            "--url",
-            server.url,
-        )
+        r = rf("rf-client", *generate_args(tmp_path / "o", server.url, per_class=1))
     assert r.returncode == 2
     assert "model 'pipeline' is not ready" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
@@ -153,23 +131,12 @@ def test_port_in_use(tiny_repo):
         port = s.getsockname()[1]
         with pytest.raises(UserError, match=f"port {port} on 127.0.0.1 is in use"):
             LocalServer(tiny_repo, http_port=port)
-        r = rf("rf-serve", "--repo", str(tiny_repo), "--http-port", str(port), "--grpc-port", str(free_port()))
+        r = rf("rf-serve", *cli_args(repo=tiny_repo, http_port=port, grpc_port=free_port()))
     assert r.returncode == 2 and f"port {port} on 127.0.0.1 is in use" in r.stderr
 
 
 def test_unwritable_output(tmp_path, triton):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    r = rf(
-        "rf-client",
-        "generate",
-        "--classes",
-        "cifar10",
-        "--per-class",
-        "1",
-        "--out",
-        str(blocker / "sub"),
-        "--url",
-        triton.url,
-    )
+    r = rf("rf-client", *generate_args(blocker / "sub", triton.url, per_class=1))
     assert r.returncode == 2 and "is not writable" in r.stderr
