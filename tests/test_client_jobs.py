@@ -225,7 +225,7 @@ def test_bench_writes_table_json_csv(triton, tmp_path):
 def test_servers_on_other_engines_are_refused_unless_mixed(triton, tiny_onnx, tmp_path):
     """Same weights, other engine (here another scheduler): refused up front, refused when it joins mid-job,
     refused on resume; accepted with --mixed-engines, each manifest row naming the engine that made it."""
-    from realfake.client.generate import Runner
+    from realfake.client.runner import Runner
     from realfake.client.triton import PipelineClient
     from realfake.core import dataset as ds
     from realfake.core.classes import load_classes
