@@ -1,11 +1,15 @@
 """Turn a list of pipeline requests (as numpy arrays) into sampler calls, and results back into responses.
 
 Triton's dynamic batcher hands the `pipeline` model several requests at once; images whose settings agree
-are sampled in one batch, whatever request they came from. Kept free of Triton so it is unit-tested directly.
+are sampled in one batch, whatever request they came from. A batch that runs out of memory is halved and each
+half run again, down to one image, so the same images come back (each image's noise comes from its own seed) and
+only an image that does not fit alone fails. Kept free of Triton so it is unit-tested directly.
 """
 
 from __future__ import annotations
 
+import gc
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -81,6 +85,82 @@ def parse_request(index: int, arrays: dict, image_size: int) -> list[tuple[Setti
     return out
 
 
+# lower-cased fragments of the messages runtimes raise when memory runs out (PyTorch CUDA, ONNX Runtime CUDA and
+# TensorRT providers, TensorRT, Triton BLS errors carrying either)
+OOM_MESSAGES = ("out of memory", "cuda_error_out_of_memory", "failed to allocate memory", "std::bad_alloc")
+
+
+@dataclass
+class OomStats:
+    """Per process: how often a batch was halved after running out of memory, and images that did not fit alone."""
+
+    splits: int = 0
+    failed_images: int = 0
+
+
+OOM_STATS = OomStats()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` (or an exception it was raised from) says memory ran out: MemoryError, PyTorch's
+    torch.cuda.OutOfMemoryError, or a runtime error whose message says so."""
+    torch = sys.modules.get("torch")  # checked only when torch is already loaded: no import here
+    cuda_oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, MemoryError) or (cuda_oom is not None and isinstance(exc, cuda_oom)):
+            return True
+        text = str(exc).lower()
+        if any(fragment in text for fragment in OOM_MESSAGES):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def free_memory() -> None:
+    """Give back what a failed batch left behind: unreachable objects, and PyTorch's cached CUDA blocks."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    cuda = getattr(torch, "cuda", None)
+    if cuda is not None and cuda.is_available() and cuda.is_initialized():
+        cuda.empty_cache()
+
+
+def _sample(sampler: Sampler, chunk: list[Item], settings: Settings, has_init: bool, images: dict, results: list):
+    """Sample `chunk`, halving it on out-of-memory; each failure goes to the requests of the images it hit."""
+    try:
+        out = sampler.generate(
+            [it.prompt for it in chunk],
+            [it.negative_prompt for it in chunk],
+            [it.seed for it in chunk],
+            settings,
+            init_images=np.stack([it.init_image for it in chunk]) if has_init else None,
+        )
+    except Exception as exc:  # noqa: BLE001 - reported to the requests of this chunk, server lives on
+        error: Exception | None = exc
+        if is_out_of_memory(exc):
+            if len(chunk) == 1:
+                OOM_STATS.failed_images += 1
+                error = MemoryError(f"out of memory sampling a single image: {type(exc).__name__}: {exc}")
+                error.__cause__ = exc
+            else:
+                error = None  # split below, once this frame no longer holds the failed call's traceback
+        if error is not None:
+            for it in chunk:
+                results[it.request] = error
+            return
+    else:
+        for it, img in zip(chunk, out, strict=True):
+            images[(it.request, it.row)] = img
+        return
+    free_memory()
+    OOM_STATS.splits += 1
+    half = (len(chunk) + 1) // 2
+    _sample(sampler, chunk[:half], settings, has_init, images, results)
+    _sample(sampler, chunk[half:], settings, has_init, images, results)
+
+
 def run_batch(sampler: Sampler, requests: list[dict], max_batch: int = 64) -> list[np.ndarray | Exception]:
     """Per request: its images uint8 [rows,H,W,3], or the exception that explains why it failed."""
     results: list[np.ndarray | Exception | None] = [None] * len(requests)
@@ -98,21 +178,7 @@ def run_batch(sampler: Sampler, requests: list[dict], max_batch: int = 64) -> li
     images: dict[tuple[int, int], np.ndarray] = {}
     for (settings, has_init), items in groups.items():
         for start in range(0, len(items), max_batch):
-            chunk = items[start : start + max_batch]
-            try:
-                out = sampler.generate(
-                    [it.prompt for it in chunk],
-                    [it.negative_prompt for it in chunk],
-                    [it.seed for it in chunk],
-                    settings,
-                    init_images=np.stack([it.init_image for it in chunk]) if has_init else None,
-                )
-            except Exception as exc:  # noqa: BLE001 - reported to the requests of this chunk, server lives on
-                for it in chunk:
-                    results[it.request] = exc
-                continue
-            for it, img in zip(chunk, out, strict=True):
-                images[(it.request, it.row)] = img
+            _sample(sampler, items[start : start + max_batch], settings, has_init, images, results)
     for i, rows in rows_of.items():
         if results[i] is None:
             results[i] = np.stack([images[(i, r)] for r in range(rows)])

@@ -1,0 +1,176 @@
+"""A batch that runs out of memory is halved down to single images, and gives the images an unsplit run gives.
+
+The real sampler on the tiny ONNX export, behind components that refuse batches above a limit the way a full
+GPU (or host) does; no Triton.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from realfake.serving.batching import OOM_STATS, is_out_of_memory, run_batch
+from realfake.serving.components import OrtComponents
+from realfake.serving.sampler import Sampler
+
+CUDA_OOM = "CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 79.15 GiB total capacity)"
+
+
+class Refusing:
+    """OrtComponents whose `name` component raises `error()` when its batch dimension is above `limit`."""
+
+    def __init__(self, inner: OrtComponents, name: str, limit: int, error):
+        self.inner, self.name, self.limit, self.error = inner, name, limit, error
+        self.device = inner.device
+        self.calls: list[int] = []  # batch sizes the refusing component was called with
+
+    def __getattr__(self, attr):
+        component = getattr(self.inner, attr)
+        if attr != self.name:
+            return component
+
+        def call(first, *rest):
+            self.calls.append(int(first.shape[0]))
+            if first.shape[0] > self.limit:
+                raise self.error()
+            return component(first, *rest)
+
+        return call
+
+
+@pytest.fixture(scope="module")
+def ort(tiny_onnx):
+    return OrtComponents(tiny_onnx)
+
+
+def _requests():
+    """Three requests, six images with the same settings, so they form one group (one batch when nothing fails)."""
+
+    def request(prompts, seeds):
+        n = len(prompts)
+        return {
+            "PROMPT": np.array([[p.encode()] for p in prompts], dtype=object),
+            "NEGATIVE_PROMPT": np.array([[b"blurry"]] * n, dtype=object),
+            "SEED": np.array(seeds, np.int64).reshape(n, 1),
+            "STEPS": np.full((n, 1), 3, np.int32),
+            "GUIDANCE_SCALE": np.full((n, 1), 2.0, np.float32),
+        }
+
+    return [
+        request(["photo of a dog", "photo of a cat"], [0, 1]),
+        request(["photo of tench", "photo of goldfish", "a fish in a bowl"], [7, 1234567890123, 42]),
+        request(["photo of a truck"], [5]),
+    ]
+
+
+def _run(tiny_onnx, components):
+    """run_batch on a fresh sampler over `components`: results, sampler calls (batch sizes), splits made."""
+    sampler = Sampler(components, tiny_onnx)
+    calls = []
+    generate = sampler.generate
+
+    def counting(prompts, *a, **k):
+        calls.append(len(prompts))
+        return generate(prompts, *a, **k)
+
+    sampler.generate = counting
+    before = OOM_STATS.splits
+    results = run_batch(sampler, _requests())
+    return results, calls, OOM_STATS.splits - before
+
+
+@pytest.fixture(scope="module")
+def unsplit(tiny_onnx, ort):
+    results, calls, splits = _run(tiny_onnx, ort)
+    assert calls == [6] and splits == 0
+    assert [r.shape for r in results] == [(2, 32, 32, 3), (3, 32, 32, 3), (1, 32, 32, 3)]
+    return results
+
+
+@pytest.mark.parametrize(
+    "name, limit, error",
+    [
+        # the UNet sees both guidance halves: 4 rows are 2 images
+        ("unet", 4, lambda: RuntimeError(CUDA_OOM)),
+        ("vae_decoder", 2, MemoryError),
+        ("unet", 4, lambda: RuntimeError("[ONNXRuntimeError] : 6 : Failed to allocate memory for buffer")),
+        ("vae_decoder", 2, lambda: torch.cuda.OutOfMemoryError(CUDA_OOM)),
+    ],
+)
+def test_out_of_memory_splits_until_it_fits_and_gives_the_same_images(tiny_onnx, ort, unsplit, name, limit, error):
+    refusing = Refusing(ort, name, limit, error)
+    results, calls, splits = _run(tiny_onnx, refusing)
+    # 6 fails -> 3 fails -> 2 + 1 fit; the other 3 likewise
+    assert calls == [6, 3, 2, 1, 3, 2, 1]
+    assert splits == 3
+    assert not any(isinstance(r, Exception) for r in results), results
+    for ours, ref in zip(results, unsplit, strict=True):
+        assert ours.shape == ref.shape
+        assert np.array_equal(ours, ref)  # bit for bit: each image's noise comes from its own seed
+    assert max(refusing.calls) > limit  # the component did refuse
+
+
+def test_images_that_do_not_fit_alone_fail_with_an_error_saying_so(tiny_onnx, ort):
+    refusing = Refusing(ort, "vae_decoder", 0, MemoryError)  # refuses even one image
+    failed_before = OOM_STATS.failed_images
+    results, calls, splits = _run(tiny_onnx, refusing)
+    assert OOM_STATS.failed_images - failed_before == 6
+    assert calls == [6, 3, 2, 1, 1, 1, 3, 2, 1, 1, 1]  # halved down to each of the 6 images
+    assert splits == 5 and refusing.calls == calls
+    assert all(isinstance(r, MemoryError) and "out of memory" in str(r) for r in results), results
+
+
+def test_only_the_requests_of_an_image_that_does_not_fit_alone_fail(tiny_onnx, ort, unsplit):
+    """The decoder runs out of memory whenever the call holds one image (seed 7, in request 1)."""
+    sampler = Sampler(ort, tiny_onnx)
+    generate = sampler.generate
+
+    def generate_without_seed_7(prompts, negatives, seeds, *a, **k):
+        if 7 in seeds:
+            raise RuntimeError("CUDA failure 2: CUDA_ERROR_OUT_OF_MEMORY ; GPU=0")
+        return generate(prompts, negatives, seeds, *a, **k)
+
+    sampler.generate = generate_without_seed_7
+    results = run_batch(sampler, _requests())
+    assert isinstance(results[1], MemoryError) and "CUDA_ERROR_OUT_OF_MEMORY" in str(results[1])
+    assert np.array_equal(results[0], unsplit[0]) and np.array_equal(results[2], unsplit[2])
+
+
+def test_other_errors_are_not_split(tiny_onnx, ort):
+    refusing = Refusing(ort, "unet", 0, lambda: RuntimeError("Got invalid dimensions for input: sample"))
+    results, calls, splits = _run(tiny_onnx, refusing)
+    assert calls == [6] and refusing.calls == [12] and splits == 0
+    assert all(isinstance(r, RuntimeError) and "invalid dimensions" in str(r) for r in results)
+    assert results[0] is results[1] is results[2]
+
+
+def _raised_from(inner: Exception) -> Exception:
+    try:
+        try:
+            raise inner
+        except Exception as exc:
+            raise RuntimeError("pipeline component call failed") from exc
+    except RuntimeError as outer:
+        return outer
+
+
+@pytest.mark.parametrize(
+    "exc, oom",
+    [
+        (MemoryError(), True),
+        (torch.cuda.OutOfMemoryError("x"), True),
+        (RuntimeError(CUDA_OOM), True),
+        (RuntimeError("CUDA error: out of memory"), True),
+        (RuntimeError("CUDA failure 2: CUDA_ERROR_OUT_OF_MEMORY ; GPU=0"), True),
+        (
+            RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer"),
+            True,
+        ),
+        (RuntimeError("std::bad_alloc"), True),
+        (_raised_from(MemoryError()), True),
+        (ValueError("STEPS must be in 1..1000, got 0"), False),
+        (RuntimeError("Got invalid dimensions for input: sample"), False),
+        (_raised_from(KeyError("unet")), False),
+    ],
+)
+def test_is_out_of_memory(exc, oom):
+    assert is_out_of_memory(exc) is oom
