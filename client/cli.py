@@ -27,13 +27,13 @@ def classes(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     debug: Debug = False,
 ) -> None:
-    """List the classes of a class set: index, id (the dataset folder name) and readable name."""
+    """List the classes of a class set: index, id (the dataset folder name), prompt name and source lemma."""
     rows = load_classes(set_name)
     if as_json:
         typer.echo(json.dumps([r.__dict__ for r in rows], indent=1))
         return
     for r in rows:
-        typer.echo(f"{r.index}\t{r.id}\t{r.name}")
+        typer.echo(f"{r.index}\t{r.id}\t{r.name}\t{r.lemma}")
 
 
 @app.command()

@@ -1,5 +1,9 @@
 """Class sets: the labels a dataset is made of, each with a stable id (its folder name) and a readable name.
 
+ImageNet's readable names are distinct prompt names (the `prompt_name` column of data/imagenet.tsv): the first
+WordNet lemma where it is unique and unambiguous, a clearer synonym or a short disambiguation where it is shared
+("crane" the bird and the machine) or misleading ("kite" the bird of prey). The WordNet lemma stays in `lemma`.
+
 Built in: `imagenet` (ILSVRC-2012, 1000 classes in the standard index order, WordNet ids), `cifar10`,
 `cifar100`, `fashion-mnist`. Or a file of one's own: text (one name a line), JSON or CSV with id,name.
 """
@@ -45,7 +49,12 @@ BUILTIN = ("imagenet", "cifar10", "cifar100", "fashion-mnist")
 class ClassInfo:
     index: int  # position in the set: the label a classifier learns
     id: str  # stable, filesystem-safe identifier: the dataset folder name
-    name: str  # readable name used in prompts
+    name: str  # readable name used in prompts (and the manifest's class_name)
+    lemma: str = ""  # the source name: ImageNet's first WordNet lemma; elsewhere the name itself
+
+    def __post_init__(self) -> None:
+        if not self.lemma:
+            object.__setattr__(self, "lemma", self.name)
 
 
 def slug(name: str) -> str:
@@ -62,8 +71,10 @@ def _from_names(names: list[str]) -> list[ClassInfo]:
 
 def _imagenet() -> list[ClassInfo]:
     text = resources.files("realfake.core").joinpath("data/imagenet.tsv").read_text(encoding="utf-8")
-    rows = [line.split("\t") for line in text.splitlines()[1:] if line.strip()]
-    return [ClassInfo(i, wnid, name) for i, (wnid, name, _) in enumerate(rows)]
+    lines = [line for line in text.splitlines() if line.strip()]
+    col = {c: n for n, c in enumerate(lines[0].split("\t"))}
+    rows = [line.split("\t") for line in lines[1:]]
+    return [ClassInfo(i, r[col["wnid"]], r[col["prompt_name"]], r[col["name"]]) for i, r in enumerate(rows)]
 
 
 def load_classes(spec: str) -> list[ClassInfo]:

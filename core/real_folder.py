@@ -12,17 +12,29 @@ from realfake.core.images import IMAGE_SUFFIXES
 
 
 def scan_real(root: Path, classes: list[ClassInfo]) -> dict[str, list[str]]:
-    """Class id -> sorted image paths relative to `root`. Class folders are matched by class id or name."""
+    """Class id -> sorted image paths relative to `root`. Class folders are matched by class id, or by a name
+    (the prompt name or the lemma, case-insensitively) that exactly one class of the set carries; a folder whose
+    name more than one class carries ("crane": the bird and the machine) is refused, naming the candidates."""
     if not root.is_dir():
         raise UserError(f"--real {root} is not a directory (expected an ImageFolder: one folder per class)")
-    by_key = {c.id: c for c in classes} | {c.name: c for c in classes}
+    by_id = {c.id: c for c in classes}
+    by_name: dict[str, list[ClassInfo]] = {}
+    for c in classes:
+        for key in {c.name.casefold(), c.lemma.casefold()}:
+            by_name.setdefault(key, []).append(c)
     found: dict[str, list[str]] = {}
     unknown = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        cls = by_key.get(folder.name)
+        cls = by_id.get(folder.name)
         if cls is None:
-            unknown.append(folder.name)
-            continue
+            candidates = by_name.get(folder.name.casefold(), [])
+            if len(candidates) > 1:
+                named = " or ".join(f"{c.id} ({c.name})" for c in candidates)
+                raise UserError(f"--real {root}: folder {folder.name!r} could be {named}: name folders by class id")
+            if not candidates:
+                unknown.append(folder.name)
+                continue
+            cls = candidates[0]
         files = sorted(
             p.relative_to(root).as_posix()
             for p in folder.rglob("*")
