@@ -61,8 +61,21 @@ def generate(
     ] = GenerateConfig.guidance_token,
     url: Annotated[
         list[str] | None,
-        typer.Option(help="Triton server HOST:PORT (HTTP); repeat for many. None: start a local server."),
+        typer.Option(help="Triton server HOST:PORT (HTTP port); repeat for a fleet. Or --local."),
     ] = None,
+    local: Annotated[
+        str | None,
+        typer.Option(
+            help="Serve the model here instead of --url: a Triton model repository, a diffusers bundle (exported "
+            "once, cached), or `tiny` (random weights, for trying things out)."
+        ),
+    ] = None,
+    image_format: Annotated[
+        str, typer.Option("--format", help="Image files: png (lossless), jpeg or webp.")
+    ] = GenerateConfig.image_format,
+    quality: Annotated[
+        int, typer.Option(help="JPEG/WebP quality 1-100 (95: what ImageNet users expect); PNG ignores it.")
+    ] = GenerateConfig.quality,
     seed: Annotated[
         int, typer.Option(help="Job seed: image seeds derive from (seed, class, index).")
     ] = GenerateConfig.seed,
@@ -95,7 +108,7 @@ def generate(
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     debug: Debug = False,
 ) -> None:
-    """Generate a labelled synthetic dataset: OUT/<class_id>/<index>.png plus OUT/manifest.jsonl.
+    """Generate a labelled synthetic dataset: OUT/<class_id>/<index>.<png|jpg|webp> plus OUT/manifest.jsonl.
 
     Re-running the same command resumes: finished images are kept (checked by hash), the rest are made.
     """
@@ -116,6 +129,9 @@ def generate(
         steps=steps,
         guidance_scale=guidance_scale,
         urls=url or [],
+        local=local,
+        image_format=image_format,
+        quality=quality,
         batch=batch,
         concurrency=concurrency,
         shard=shard,

@@ -1,19 +1,23 @@
-"""The embedded default: a tiny model repository in the local cache, served by a local Triton server when a
-command is given no server.
+"""Models served on this machine when a command uses no running server: `tiny` (a random-weight tiny model for
+trying things out, built on first use), a Triton model repository, or a diffusers bundle (exported to a cached
+repository first). Each runs on a local Triton server for as long as the command needs it.
 
-Building it needs the server extra (torch, diffusers, onnx); the client only runs `rf-export tiny` as a
+Building and exporting need the server extra (torch, diffusers, onnx); the client only runs `rf-export` as a
 child process, so it never imports them itself.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from realfake.core.errors import UserError
+
+TINY = "tiny"
 
 
 def home() -> Path:
@@ -24,31 +28,70 @@ def default_repo() -> Path:
     return home() / "tiny" / "repo"
 
 
+def _export(args: list[str], what: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "realfake.export.cli", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise UserError(f"could not build {what}: {tail[0]}")
+
+
 def ensure_default_repo(log=print) -> Path:
-    """The default repository, built on first use (a tiny random-weight bundle -> ONNX -> repository)."""
+    """The tiny model's repository, built on first use (a tiny random-weight bundle -> ONNX -> repository)."""
     repo = default_repo()
     if (repo / "pipeline" / "config.pbtxt").is_file():
         return repo
-    log(f"building the embedded default model (tiny bundle -> ONNX -> Triton repository) in {repo.parent}")
-    cmd = [sys.executable, "-m", "realfake.export.cli", "tiny", "--out", str(repo.parent)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise UserError(f"could not build the embedded default model: {tail[0]}")
+    log(f"building the tiny model (random weights: tiny bundle -> ONNX -> Triton repository) in {repo.parent}")
+    _export(["tiny", "--out", str(repo.parent)], "the tiny model")
+    return repo
+
+
+def _bundle_key(bundle: Path) -> str:
+    """Names a bundle's export in the cache by its path and the size and mtime of every file (a `stat` each, no
+    reads): a bundle finetuned again in place gets a new export, never the stale one."""
+    digest = hashlib.sha256(str(bundle.resolve()).encode())
+    for f in sorted(p for p in bundle.rglob("*") if p.is_file()):
+        st = f.stat()
+        digest.update(f"{f.relative_to(bundle)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def local_repository(local: str, log=print) -> Path:
+    """The repository to serve for `--local`: `tiny`, a Triton model repository (has pipeline/config.pbtxt), or a
+    diffusers bundle (has model_index.json), exported once to ONNX and a repository under the cache."""
+    if local == TINY:
+        return ensure_default_repo(log)
+    path = Path(local)
+    if (path / "pipeline" / "config.pbtxt").is_file():
+        return path
+    if not (path / "model_index.json").is_file():
+        raise UserError(
+            f"--local {local}: not a Triton model repository (no pipeline/config.pbtxt), not a diffusers bundle "
+            "(no model_index.json), and not `tiny`"
+        )
+    root = home() / "local" / _bundle_key(path)
+    repo = root / "repo"
+    if (repo / "pipeline" / "config.pbtxt").is_file():
+        log(f"serving the export of {path} made earlier: {repo}")
+        return repo
+    log(f"exporting {path} to ONNX and a Triton repository in {root} (once per version of the bundle)")
+    _export(["onnx", str(path), str(root / "onnx")], f"an ONNX export of {path}")
+    _export(["repo", str(root / "onnx"), "--out", str(repo)], f"a Triton repository for {path}")
     return repo
 
 
 @contextlib.contextmanager
-def serving_urls(urls: list[str], log=print):
-    """The given servers (normalised HOST:PORT), or with none the embedded default: a local Triton on the tiny
-    model for as long as the block runs."""
+def serving_urls(urls: list[str], log=print, local: str | None = TINY):
+    """The given servers (normalised HOST:PORT), or with none the `local` model on a Triton server started here
+    for as long as the block runs."""
     from realfake.client.server import LocalServer
     from realfake.client.triton import normalise_url
 
     if urls:
         yield [normalise_url(u) for u in urls]
         return
-    repo = ensure_default_repo(log)
+    if not local:
+        raise UserError("no server: pass --url HOST:PORT, or --local")
+    repo = local_repository(local, log)
     log(f"starting a local Triton server on {repo}")
     with LocalServer(repo) as server:
         log(f"server ready at {server.url} (log: {server.log_path})")

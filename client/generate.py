@@ -14,13 +14,14 @@ work on the servers and write the summary. Re-running the same configuration res
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from realfake.client.runner import Runner, Summary, write_summary
-from realfake.client.triton import ModelCard, PipelineClient
+from realfake.client.triton import ModelCard, PipelineClient, normalise_url
 from realfake.core import dataset as ds
 from realfake.core.classes import ClassInfo, load_classes
 from realfake.core.defaults import (
@@ -32,7 +33,7 @@ from realfake.core.defaults import (
 )
 from realfake.core.errors import UserError
 from realfake.core.files import file_sha256, write_atomic
-from realfake.core.images import load_real_image
+from realfake.core.images import DEFAULT_FORMAT, DEFAULT_QUALITY, FORMATS, check_decodes, load_real_image
 from realfake.core.real_folder import caption_for, load_captions, scan_real
 
 GUIDANCE_TOKEN_MODES = ("auto", "on", "off")
@@ -58,7 +59,10 @@ class GenerateConfig:
     negative_prompt: str = DEFAULT_NEGATIVE
     steps: int = DEFAULT_STEPS
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE
-    urls: list[str] = field(default_factory=list)  # Triton HTTP HOST:PORT; none: start the embedded default
+    image_format: str = DEFAULT_FORMAT  # png, jpeg or webp
+    quality: int = DEFAULT_QUALITY  # jpeg/webp quality, 1-100 (png ignores it)
+    urls: list[str] = field(default_factory=list)  # Triton HTTP HOST:PORT of running servers
+    local: str | None = None  # or a model served here: "tiny", a model repository or a diffusers bundle
     batch: int = 4
     concurrency: int = 2
     shard: str | None = None  # "I/N": only this process's share
@@ -79,7 +83,23 @@ class GenerateConfig:
             raise UserError(f"--strength must be in (0, 1], got {self.strength}")
         if self.guidance_token not in GUIDANCE_TOKEN_MODES:
             raise UserError(f"--guidance-token must be auto, on or off, got {self.guidance_token!r}")
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise UserError(f"--guidance-scale must be a finite number >= 0, got {self.guidance_scale}")
+        if self.image_format not in FORMATS:
+            raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {self.image_format!r}")
+        if not 1 <= self.quality <= 100:
+            raise UserError(f"--quality must be in 1..100, got {self.quality}")
         ds.parse_shard(self.shard)
+        if not self.urls and not self.local:
+            raise UserError(
+                "say which model makes the images: --url HOST:PORT of a running Triton server (repeat it for a "
+                "fleet), or --local DIR to serve a model repository or diffusers bundle here, or --local tiny for "
+                "the random-weight tiny model (for trying things out; its images are noise)"
+            )
+        if self.urls and self.local:
+            raise UserError("--url and --local exclude each other: use running servers, or one served here")
+        for url in self.urls:
+            normalise_url(url)
 
 
 @dataclass
@@ -99,7 +119,22 @@ def read_inputs(cfg: GenerateConfig) -> Inputs:
         real = {k: v[: cfg.per_class] for k, v in real.items()}
     if captions and real:
         _check_captions(captions, real, cfg.captions)
+    if real:
+        _check_some_real_image_decodes(cfg.real, real)
     return Inputs(class_list, real, captions)
+
+
+def _check_some_real_image_decodes(root: Path, real: dict[str, list[str]]) -> None:
+    """A job whose real images all fail to decode could make nothing: refuse it before any request. Stops at
+    the first image that decodes, so a healthy folder costs one decode."""
+    reasons = []
+    for rels in real.values():
+        for rel in rels:
+            reason = check_decodes(root / rel)
+            if reason is None:
+                return
+            reasons.append(f"{rel}: {reason}")
+    raise UserError(f"--real {root}: none of its {len(reasons)} images decodes (e.g. {reasons[0]})")
 
 
 def negotiate(urls: list[str], mixed_engines: bool = False, log: Callable[[str], None] = print) -> ModelCard:
@@ -153,6 +188,8 @@ def build_job(
         captions_digest=file_sha256(cfg.captions) if cfg.captions else None,
         model=card.identity,
         engine="mixed" if cfg.mixed_engines else card.engine,
+        image_format=cfg.image_format,
+        quality=cfg.quality if cfg.image_format != "png" else None,
     )
     if conditioned:
         return spec, _real_items(inputs, spec)
@@ -204,7 +241,8 @@ def store_job(out: Path, spec: ds.JobSpec, force: bool) -> None:
             old = ds.JobSpec(**stored)
         except (json.JSONDecodeError, TypeError) as exc:
             raise UserError(f"{path} is unreadable ({exc}); move it away to start a new job") from None
-        changed = [k for k in old.differences(spec) if k in stored]  # what an older version did not record: new
+        # what an older version did not record is new, except the format: older jobs were all PNG
+        changed = [k for k in old.differences(spec) if k in stored or k in ("image_format", "quality")]
         if changed and not force:
             raise UserError(
                 f"{out} holds a job with other settings ({', '.join(changed)}): use another --out, "
@@ -230,7 +268,7 @@ def run_job(
     done = ds.compact_manifest(out, name)
     for other in ds.manifest_files(out):
         if other.name != name:
-            done.update({(r["class_id"], int(r["index"])): r for r in ds.read_manifest_rows(other)})
+            done |= ds.manifest_keys(other)
     pending = [it for it in mine if it.key not in done]
     skipped = len(mine) - len(pending)
     if skipped:
@@ -255,6 +293,7 @@ def run_job(
         server_wait=cfg.server_wait,
         load_real=load_real,
         on_progress=(lambda d, f, rates: progress(d, f, len(pending), rates)) if progress else None,
+        row_extra={"local_model": cfg.local},
     )
     try:
         summary = runner.run()
@@ -262,17 +301,21 @@ def run_job(
         writer.close()
     summary.skipped = skipped
     summary_name = "summary.json" if shard[1] == 1 else f"summary.shard-{shard[0]}-of-{shard[1]}.json"
-    summary.path = write_summary(out, summary_name, summary, {"out": str(out), "index_width": ds.index_width(spec)})
+    extra = {"out": str(out), "index_width": ds.index_width(spec), "local_model": cfg.local}
+    summary.path = write_summary(out, summary_name, summary, extra)
     return summary
 
 
 def generate_dataset(
     cfg: GenerateConfig, log: Callable[[str], None] = print, progress: ProgressCallback | None = None
 ) -> Summary:
-    """Make (or finish) the dataset `cfg` describes: OUT/<class_id>/<index>.png, OUT/manifest.jsonl (one row per
-    image), OUT/job.json and OUT/summary.json. Without `cfg.urls` a local Triton on the embedded default model
-    is started for the job. Returns the summary; images that failed every attempt are counted in
-    `summary.failed` (a re-run retries them). Bad options, inputs or servers raise UserError."""
+    """Make (or finish) the dataset `cfg` describes: OUT/<class_id>/<index>.<png|jpg|webp>, OUT/manifest.jsonl
+    (one row per image), OUT/job.json and OUT/summary.json. The images come from the servers at `cfg.urls`, or
+    from a local Triton serving `cfg.local` (the tiny model, a repository, or a bundle) for the job.
+
+    Returns the summary; images that failed every attempt are counted in `summary.failed` (a re-run retries
+    them). Bad options, inputs or servers, and any error writing an image or the manifest, raise UserError
+    (nothing finished is lost: the same call then resumes)."""
     from realfake.client.default_model import serving_urls
 
     # 1. the options
@@ -280,7 +323,7 @@ def generate_dataset(
     # 2. classes, real images, captions
     inputs = read_inputs(cfg)
     check_writable(cfg.out)
-    with serving_urls(cfg.urls, log) as urls:
+    with serving_urls(cfg.urls, log, local=cfg.local) as urls:
         # 3. the servers: one model, one engine
         card = negotiate(urls, cfg.mixed_engines, log)
         # 4. the job, compared with the one stored in OUT

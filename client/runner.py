@@ -1,11 +1,13 @@
 """Run a dataset job against one or many Triton servers: bounded in-flight work per server, retries on
-another server, dead servers dropped and re-probed, files written atomically, the manifest appended and
-fsync'd, progress and a summary. Nothing finished is ever lost or made twice.
+another server, dead servers dropped and re-probed, images encoded and written off the request threads
+(client/writer.py), the manifest appended and fsync'd, progress and a summary. Nothing finished is ever lost or
+made twice; a write error stops the job at once, with the manifest listing exactly the images on disk.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import functools
 import json
 import queue
 import threading
@@ -18,10 +20,11 @@ import numpy as np
 
 from realfake.client.server import server_ready
 from realfake.client.triton import PipelineClient
-from realfake.core.dataset import JobSpec, ManifestWriter, WorkItem, image_relpath, index_width
+from realfake.client.writer import ImageWriter
+from realfake.core.dataset import JobSpec, ManifestWriter, WorkItem, compact_manifest, image_relpath, index_width
 from realfake.core.errors import UserError
 from realfake.core.files import write_atomic
-from realfake.core.images import encode_png
+from realfake.core.images import DEFAULT_QUALITY, FORMATS
 
 
 @dataclass
@@ -102,9 +105,15 @@ class Runner:
         server_wait: float = 120.0,
         load_real: Callable[[WorkItem], np.ndarray] | None = None,
         on_progress: Callable[[int, int, dict], None] | None = None,
+        writer: ImageWriter | None = None,
+        row_extra: dict | None = None,
     ):
         self.out, self.spec, self.manifest = out, spec, manifest
         self.width = index_width(spec)
+        self.suffix = FORMATS[spec.image_format]
+        self.writer = writer or ImageWriter(out, spec.image_format, spec.quality or DEFAULT_QUALITY)
+        self.row_extra = row_extra or {}  # fields every manifest row of this run carries
+        self.unsynced: list[str] = []  # images whose manifest rows are not fsync'd yet
         self.batches = [Batch(items[i : i + batch]) for i in range(0, len(items), batch)]
         self.total = len(items)
         self.servers = [ServerState(u) for u in urls]
@@ -121,6 +130,14 @@ class Runner:
     # -- workers --------------------------------------------------------------------------------------------
 
     def _worker(self, server: ServerState) -> None:
+        """A request thread; if it dies of anything unexpected the job hears of it (it is never waited on)."""
+        try:
+            self._serve(server)
+        except BaseException as exc:  # noqa: BLE001 - reported to the job loop, which stops with it
+            if not self.stop.is_set():
+                self.results.put(("crashed", Batch([]), f"{threading.current_thread().name}: {_one_line(exc)}"))
+
+    def _serve(self, server: ServerState) -> None:
         client: PipelineClient | None = None
         while not self.stop.is_set() and not server.refused:
             if not server.healthy:
@@ -163,17 +180,22 @@ class Runner:
                 if alive:  # the server answered but the request failed: back off before the next one
                     self.stop.wait(min(0.5 * 2**batch.attempts, 8.0))
                 continue
-            rows = []
-            for item, image in zip(items, images, strict=True):
-                png = encode_png(image)
-                rel = image_relpath(item, self.width)
-                write_atomic(self.out / rel, png)
-                rows.append(self._row(item, rel, png, server))
             with server.lock:
-                server.images += len(rows)
                 server.requests += 1
                 server.busy_seconds += elapsed
-            self.results.put(("done", Batch(items), rows))
+            # encoding and writing run on the writer's pool: this thread goes back to its server at once
+            rels = [image_relpath(item, self.width, self.suffix) for item in items]
+            self.writer.write_batch(rels, images, functools.partial(self._written, items, rels, server))
+
+    def _written(self, items: list[WorkItem], rels: list[str], server: ServerState, facts, error) -> None:
+        """The writer finished a batch: its manifest rows go to the job loop, or the write error that stops it."""
+        if error is not None:
+            self.results.put(("fatal", Batch(items), error))
+            return
+        rows = [self._row(item, rel, f, server) for item, rel, f in zip(items, rels, facts, strict=True)]
+        with server.lock:
+            server.images += len(rows)
+        self.results.put(("done", Batch(items), rows))
 
     def _refusal(self, card) -> str | None:
         """Why a server's model card does not fit this job (another model, or another engine), or None."""
@@ -196,7 +218,7 @@ class Runner:
                 skipped.append((item, f"real image {item.real_image} does not decode ({_one_line(exc)})"))
         return items, (np.stack(images) if images else None), skipped
 
-    def _row(self, item: WorkItem, rel: str, png: bytes, server: ServerState) -> dict:
+    def _row(self, item: WorkItem, rel: str, facts: dict, server: ServerState) -> dict:
         s = self.spec
         return {
             "path": rel,
@@ -216,7 +238,10 @@ class Runner:
             "model": s.model,
             "engine": server.engine,
             "server": server.url,
-            "sha256": hashlib.sha256(png).hexdigest(),
+            "sha256": facts["sha256"],
+            "size": facts["size"],
+            "mtime_ns": facts["mtime_ns"],
+            **self.row_extra,
         }
 
     # -- the job --------------------------------------------------------------------------------------------
@@ -243,13 +268,20 @@ class Runner:
                     kind = None
                 if kind == "done":
                     for row in payload:  # type: ignore[union-attr]
-                        self.manifest.append(row)
+                        self._append(row)
                     done += len(batch.items)
+                elif kind == "fatal":  # a write error: every later image would fail the same way
+                    raise UserError(
+                        f"{payload}; {done} images finished and kept: fix that (space, permission, mount), "
+                        "then re-run the same command to resume"
+                    )
+                elif kind == "crashed":
+                    raise RuntimeError(f"a request thread died: {payload}")
                 elif kind == "skipped":
                     skipped += len(batch.items)
                     failures += [
                         {
-                            "path": image_relpath(i, self.width),
+                            "path": image_relpath(i, self.width, self.suffix),
                             "real_image": i.real_image,
                             "error": reason,
                             "kind": "skipped",
@@ -270,7 +302,8 @@ class Runner:
                     if batch.attempts >= self.max_attempts:
                         failed += len(batch.items)
                         failures += [
-                            {"path": image_relpath(i, self.width), "error": batch.last_error} for i in batch.items
+                            {"path": image_relpath(i, self.width, self.suffix), "error": batch.last_error}
+                            for i in batch.items
                         ]
                     else:
                         self.retries += 1
@@ -287,13 +320,60 @@ class Runner:
                 if self.on_progress:
                     self.on_progress(done, failed + skipped, self._rates(time.perf_counter() - start))
         finally:
-            self.stop.set()
-            self.manifest.sync()
-            for t in threads:
-                t.join(timeout=5)
+            self._wind_down(threads)
         wall = time.perf_counter() - start
         servers = [s.summary(wall) for s in self.servers]
         return Summary(done, 0, failed, self.retries, wall, servers, failures, skipped_real=skipped)
+
+    def _append(self, row: dict) -> None:
+        """One manifest row; the manifest failing to take it stops the job like an image write error."""
+        try:
+            self.manifest.append(row)
+        except OSError as exc:
+            raise UserError(
+                f"cannot write the manifest {self.manifest.path}: {exc.strerror or exc}; fix that, then re-run the "
+                "same command to resume"
+            ) from None
+        self.unsynced.append(row["path"])
+        if self.manifest.pending == 0:  # it was just fsync'd
+            self.unsynced.clear()
+
+    def _wind_down(self, threads: list[threading.Thread]) -> None:
+        """Stop the request threads, let the images in flight land, and record them: on any path out of `run`,
+        the manifest then lists exactly the images on disk (what `rf-client verify` checks)."""
+        self.stop.set()
+        self.writer.close()
+        lost: list[str] = []  # rows the manifest may not hold: their images go, so nothing is unlisted
+        while True:
+            try:
+                kind, _, payload = self.results.get_nowait()
+            except queue.Empty:
+                break
+            if kind != "done":
+                continue
+            for row in payload:
+                if not lost:
+                    try:
+                        self.manifest.append(row)
+                        self.unsynced.append(row["path"])
+                        continue
+                    except OSError:
+                        pass
+                lost.append(row["path"])
+        try:
+            self.manifest.sync()
+            self.unsynced.clear()
+        except OSError:
+            lost += self.unsynced
+        if lost:
+            for rel in lost:
+                (self.out / rel).unlink(missing_ok=True)
+            with contextlib.suppress(OSError, UserError):  # with room again, drop rows whose image is gone
+                self.manifest.close()
+                compact_manifest(self.out, self.manifest.path.name)
+        deadline = time.monotonic() + 5.0
+        for t in threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _rates(self, wall: float) -> dict:
         return {s.url: (s.images, s.images / wall if wall > 0 else 0.0, s.healthy) for s in self.servers}

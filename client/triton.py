@@ -34,9 +34,11 @@ def normalise_url(url: str) -> str:
     for prefix in ("http://", "https://"):
         if url.startswith(prefix):
             url = url[len(prefix) :]
-    if ":" not in url:
-        raise UserError(f"--url {url!r} must be HOST:PORT (Triton's HTTP port, 8000 by default)")
-    return url.rstrip("/")
+    url = url.rstrip("/")
+    host, _, port = url.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UserError(f"--url {url!r} must be HOST:PORT with a port in 1..65535 (Triton's HTTP port is 8000)")
+    return url
 
 
 class PipelineClient:

@@ -12,7 +12,7 @@ from pathlib import Path
 from realfake.core.dataset import manifest_files, read_manifest_rows
 from realfake.core.errors import UserError
 from realfake.core.files import file_sha256, write_atomic
-from realfake.core.images import check_decodes
+from realfake.core.images import FORMATS, check_decodes
 
 
 @dataclass
@@ -75,14 +75,16 @@ def verify(out: Path, decode: bool = True) -> Report:
             report.undecodable.append(rel)
         else:
             report.class_counts[row["class_id"]] += 1
-    on_disk = {p.relative_to(out).as_posix() for p in out.glob("*/*.png")}
+    suffixes = set(FORMATS.values())
+    on_disk = {p.relative_to(out).as_posix() for p in out.glob("*/*") if p.suffix in suffixes}
     report.images = len(on_disk)
     report.unlisted = sorted(on_disk - seen)
     return report
 
 
 def pack_webdataset(out: Path, target: Path, shard_size: int = 1000) -> list[Path]:
-    """Write the verified dataset as tar shards: <key>.png, <key>.cls (class index), <key>.json (manifest row)."""
+    """Write the verified dataset as tar shards: <key>.<png|jpg|webp>, <key>.cls (class index), <key>.json (the
+    manifest row)."""
     report = verify(out, decode=False)
     if not report.ok:
         raise UserError(f"{out} is not whole (run `rf-client verify {out}`); refusing to pack it")
@@ -97,7 +99,7 @@ def pack_webdataset(out: Path, target: Path, shard_size: int = 1000) -> list[Pat
             for row in rows[start : start + shard_size]:
                 key = row["path"].rsplit(".", 1)[0].replace("/", "__")
                 members = {
-                    "png": (out / row["path"]).read_bytes(),
+                    row["path"].rsplit(".", 1)[1]: (out / row["path"]).read_bytes(),
                     "cls": str(row["class_index"]).encode(),
                     "json": json.dumps(row, sort_keys=True).encode(),
                 }

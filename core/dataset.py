@@ -10,14 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from realfake.core.classes import ClassInfo
 from realfake.core.defaults import DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE, DEFAULT_STEPS, DEFAULT_TEMPLATE
 from realfake.core.errors import UserError
-from realfake.core.files import file_sha256, write_atomic
+from realfake.core.files import file_sha256
+from realfake.core.images import DEFAULT_FORMAT
 
 JOB_FILE = "job.json"
 # Settings that may change between runs of one job without changing what it makes.
@@ -70,6 +73,8 @@ class JobSpec:
     captions_digest: str | None = None
     model: str | None = None
     engine: str | None = None  # the servers' engine (see PARAM_ENGINE), or "mixed" with --mixed-engines
+    image_format: str = DEFAULT_FORMAT  # png, jpeg or webp (realfake.core.images.FORMATS)
+    quality: int | None = None  # jpeg/webp quality; None for png
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -84,8 +89,8 @@ def index_width(spec: JobSpec) -> int:
     return max(5, len(str(spec.per_class * spec.versions - 1)))
 
 
-def image_relpath(item: WorkItem, width: int) -> str:
-    return f"{item.cls.id}/{item.index:0{width}d}.png"
+def image_relpath(item: WorkItem, width: int, suffix: str = ".png") -> str:
+    return f"{item.cls.id}/{item.index:0{width}d}{suffix}"
 
 
 def shard_of(item: WorkItem, shards: int) -> int:
@@ -115,20 +120,32 @@ def manifest_files(out: Path) -> list[Path]:
     return sorted(out.glob("manifest*.jsonl"))
 
 
+def iter_manifest(path: Path) -> Iterator[tuple[dict, str]]:
+    """(row, line) of a manifest, streamed; a torn last line (crash mid-write) is dropped, any other bad line is
+    an error."""
+    torn = None
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if torn is not None:  # a bad line with rows after it: not a crash mid-write
+                raise UserError(f"{path} line {torn} is not valid JSON: the manifest was edited or corrupted")
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                torn = n
+                continue
+            yield row, line if line.endswith("\n") else line + "\n"
+
+
 def read_manifest_rows(path: Path) -> list[dict]:
     """Rows of a manifest; a torn last line (crash mid-write) is dropped, any other bad line is an error."""
-    rows = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if n == len(lines):
-                break
-            raise UserError(f"{path} line {n} is not valid JSON: the manifest was edited or corrupted") from None
-    return rows
+    return [row for row, _ in iter_manifest(path)]
+
+
+def manifest_keys(path: Path) -> set[tuple[str, int]]:
+    """The (class id, index) keys a manifest lists, without keeping its rows."""
+    return {(row["class_id"], int(row["index"])) for row, _ in iter_manifest(path)}
 
 
 def remove_stale_temporaries(out: Path, shard: tuple[int, int]) -> None:
@@ -167,19 +184,42 @@ class ManifestWriter:
             self.file.close()
 
 
-def compact_manifest(out: Path, name: str, width_ok=lambda row: True) -> dict[tuple[str, int], dict]:
-    """Read this shard's manifest, keep rows whose image exists with the recorded hash, rewrite it atomically.
+def image_is_recorded(image: Path, row: dict) -> bool:
+    """Whether the image on disk is the one a row records. Rows carry the file's size and mtime (ns), which a
+    `stat` confirms without reading the image: the client fsyncs each image before its row exists. Rows from
+    older manifests without them are checked by hash."""
+    try:
+        st = image.stat()
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    if "size" in row and "mtime_ns" in row:
+        return st.st_size == row["size"] and st.st_mtime_ns == row["mtime_ns"]
+    return file_sha256(image) == row.get("sha256")
 
-    Returns the finished items by key. Rows for missing or damaged images are dropped, so they are remade.
-    """
+
+def compact_manifest(out: Path, name: str) -> set[tuple[str, int]]:
+    """Keep the rows of this shard's manifest whose image is on disk as recorded, rewrite the manifest
+    atomically, and return the finished keys (class id, index). Rows for missing or changed images are dropped,
+    so those images are remade; a key listed twice is kept once. Streams the manifest: memory holds the keys, not
+    the rows, and no image is read (see `image_is_recorded`), so a 1.3 M-row resume takes seconds."""
     path = out / name
     if not path.exists():
-        return {}
-    done: dict[tuple[str, int], dict] = {}
-    for row in read_manifest_rows(path):
-        image = out / row["path"]
-        if image.is_file() and width_ok(row) and file_sha256(image) == row.get("sha256"):
-            done[(row["class_id"], int(row["index"]))] = row
-    data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in done.values())
-    write_atomic(path, data.encode("utf-8"))
+        return set()
+    done: set[tuple[str, int]] = set()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as kept:
+            for row, line in iter_manifest(path):
+                key = (row["class_id"], int(row["index"]))
+                if key not in done and image_is_recorded(out / row["path"], row):
+                    done.add(key)
+                    kept.write(line)
+            kept.flush()
+            os.fsync(kept.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return done

@@ -54,8 +54,28 @@ def clip_preprocess(images: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(np.stack(out), dtype=np.float32)
 
 
+# dataset image formats: name -> file suffix. PNG is lossless; JPEG at quality 95 is what ImageNet users expect.
+FORMATS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+DEFAULT_FORMAT = "png"
+DEFAULT_QUALITY = 95  # JPEG and WebP quality (1-100); PNG ignores it
+
+
+def encode_image(image: np.ndarray, fmt: str = DEFAULT_FORMAT, quality: int = DEFAULT_QUALITY) -> bytes:
+    """uint8 HxWx3 -> file bytes in `fmt`. Deterministic for every format (no timestamps or metadata, fixed
+    encoder settings), so re-running a job gives byte-identical files."""
+    buf = io.BytesIO()
+    pil = Image.fromarray(image)
+    if fmt == "png":
+        pil.save(buf, format="PNG", compress_level=6)
+    elif fmt == "jpeg":
+        pil.save(buf, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2, optimize=False)
+    elif fmt == "webp":
+        pil.save(buf, format="WEBP", quality=quality, method=4)
+    else:
+        raise ValueError(f"unknown image format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return buf.getvalue()
+
+
 def encode_png(image: np.ndarray) -> bytes:
     """uint8 HxWx3 -> PNG bytes; deterministic (no timestamps), so re-runs give identical files."""
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
+    return encode_image(image, "png")

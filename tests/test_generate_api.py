@@ -47,6 +47,13 @@ def test_api_and_cli_make_the_same_dataset_and_the_api_resumes(triton, tmp_path)
         ({"per_class": 1, "guidance_token": "maybe"}, "--guidance-token must be auto, on or off"),
         ({"per_class": 1, "shard": "3/2"}, "--shard 3/2"),
         ({"per_class": 1, "classes": "no-such-set"}, "unknown class set 'no-such-set'"),
+        ({"per_class": 1, "guidance_scale": float("nan")}, "--guidance-scale must be a finite number >= 0, got nan"),
+        ({"per_class": 1, "urls": ["127.0.0.1:99999"]}, "port in 1..65535"),
+        ({"per_class": 1, "urls": []}, "--url HOST:PORT of a running Triton server"),
+        ({"per_class": 1, "local": "tiny"}, "--url and --local exclude each other"),
+        ({"per_class": 1, "urls": [], "local": "/no/such/model"}, "not a Triton model repository"),
+        ({"per_class": 1, "image_format": "gif"}, "--format must be one of png, jpeg, webp"),
+        ({"per_class": 1, "image_format": "jpeg", "quality": 0}, "--quality must be in 1..100"),
     ],
 )
 def test_bad_configurations_are_refused_before_any_server(tmp_path, changes, message):
@@ -55,3 +62,20 @@ def test_bad_configurations_are_refused_before_any_server(tmp_path, changes, mes
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         generate_dataset(cfg)
     assert not (tmp_path / "out" / "job.json").exists()
+
+
+def test_real_images_that_all_fail_to_decode_are_refused(tmp_path):
+    real = tmp_path / "real"
+    for cls in ("airplane", "cat"):
+        (real / cls).mkdir(parents=True)
+        (real / cls / "0.png").write_bytes(b"not a png")
+    cfg = GenerateConfig(classes="cifar10", out=tmp_path / "out", real=real, urls=["127.0.0.1:9"])
+    with pytest.raises(UserError, match=r"none of its 2 images decodes \(e.g. airplane/0.png: "):
+        generate_dataset(cfg)
+
+
+def test_cli_bad_inputs_are_one_line_before_any_request(tmp_path):
+    for extra in (["--url", "localhost:99999"], ["--url", "127.0.0.1:9", "--guidance", "nan"]):
+        r = rf("rf-client", "generate", "--classes", "cifar10", "--per-class", "1", "--out", str(tmp_path), *extra)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr

@@ -25,8 +25,12 @@ def _dataset_files(out):
 def test_generate_embedded_default_then_same_bytes_on_another_server(rf_home, triton, tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
     job = dict(per_class=8, steps=6, seed=7, quiet=True)
-    # no --url: the client starts and stops the embedded default server itself
-    r1 = rf("rf-client", *generate_args(first, **job), env={"RF_HOME": str(rf_home)})
+    # neither --url nor --local: one line naming both, nothing made
+    r0 = rf("rf-client", *generate_args(first, **job), env={"RF_HOME": str(rf_home)})
+    assert r0.returncode == 2 and len(r0.stderr.strip().splitlines()) == 1, r0.stderr
+    assert "--url HOST:PORT" in r0.stderr and "--local tiny" in r0.stderr and not (first / "job.json").exists()
+    # --local tiny: the client starts and stops a server on the tiny model itself
+    r1 = rf("rf-client", *generate_args(first, local="tiny", **job), env={"RF_HOME": str(rf_home)})
     assert r1.returncode == 0, r1.stderr
     assert "images/sec" in r1.stdout
     files = _dataset_files(first)
@@ -41,6 +45,7 @@ def test_generate_embedded_default_then_same_bytes_on_another_server(rf_home, tr
         assert r["prompt"] == f"photo of {r['class_name']}, best quality"
         assert r["steps"] == 6 and r["guidance_scale"] == 2.0 and r["model"] and r["seed"] >= 0
     assert len({r["seed"] for r in rows}) == 80
+    assert {r["local_model"] for r in rows} == {"tiny"}  # the manifest says the images came from the toy
     # the same job against an already-running server: byte-identical files
     r2 = rf("rf-client", *generate_args(second, triton.url, **job))
     assert r2.returncode == 0, r2.stderr
@@ -50,6 +55,8 @@ def test_generate_embedded_default_then_same_bytes_on_another_server(rf_home, tr
     assert r3.returncode == 0 and "0 images" in r3.stdout and "80 already done" in r3.stdout
     summary = json.loads((first / "summary.json").read_text())
     assert summary["images"] == 80 and summary["failed"] == 0 and summary["images_per_sec"] > 0
+    assert summary["local_model"] == "tiny"
+    assert json.loads((second / "summary.json").read_text())["local_model"] is None
 
 
 def test_pipeline_through_triton_matches_diffusers(triton, tiny_bundle):
