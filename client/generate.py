@@ -13,6 +13,7 @@ work on the servers and write the summary. Re-running the same configuration res
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -297,8 +298,11 @@ def run_job(
     )
     try:
         summary = runner.run()
-    finally:
-        writer.close()
+    except BaseException:
+        with contextlib.suppress(OSError):  # a full disk fails this too: the error that stopped the job is the news
+            writer.close()
+        raise
+    writer.close()
     summary.skipped = skipped
     summary_name = "summary.json" if shard[1] == 1 else f"summary.shard-{shard[0]}-of-{shard[1]}.json"
     extra = {"out": str(out), "index_width": ds.index_width(spec), "local_model": cfg.local}

@@ -113,7 +113,8 @@ class Runner:
         self.suffix = FORMATS[spec.image_format]
         self.writer = writer or ImageWriter(out, spec.image_format, spec.quality or DEFAULT_QUALITY)
         self.row_extra = row_extra or {}  # fields every manifest row of this run carries
-        self.unsynced: list[str] = []  # images whose manifest rows are not fsync'd yet
+        self.unsynced: list[str] = []
+        self.lost: list[str] = []  # images whose manifest rows are not fsync'd yet
         self.batches = [Batch(items[i : i + batch]) for i in range(0, len(items), batch)]
         self.total = len(items)
         self.servers = [ServerState(u) for u in urls]
@@ -163,7 +164,7 @@ class Runner:
                     refusal = self._refusal(card)
                     if refusal:
                         server.refused, server.healthy = refusal, False
-                        self.results.put(("refused", batch, f"{server.url}: {refusal}"))
+                        self.results.put(("refused", Batch(items, batch.attempts), f"{server.url}: {refusal}"))
                         return
                     server.engine = card.engine
                 t0 = time.perf_counter()
@@ -185,17 +186,24 @@ class Runner:
                 server.busy_seconds += elapsed
             # encoding and writing run on the writer's pool: this thread goes back to its server at once
             rels = [image_relpath(item, self.width, self.suffix) for item in items]
-            self.writer.write_batch(rels, images, functools.partial(self._written, items, rels, server))
+            done = functools.partial(self._written, items, rels, server, server.engine)
+            self.writer.write_batch(rels, images, done)
 
-    def _written(self, items: list[WorkItem], rels: list[str], server: ServerState, facts, error) -> None:
-        """The writer finished a batch: its manifest rows go to the job loop, or the write error that stops it."""
-        if error is not None:
-            self.results.put(("fatal", Batch(items), error))
-            return
-        rows = [self._row(item, rel, f, server) for item, rel, f in zip(items, rels, facts, strict=True)]
-        with server.lock:
-            server.images += len(rows)
-        self.results.put(("done", Batch(items), rows))
+    def _written(self, items: list[WorkItem], rels: list[str], server: ServerState, engine, facts, error) -> None:
+        """The writer finished a batch: its manifest rows go to the job loop, or the write error that stops it.
+        Runs on a writer thread, so anything unexpected is reported rather than lost with the batch."""
+        try:
+            if error is not None:
+                self.results.put(("fatal", Batch(items), error))
+                return
+            rows = [
+                self._row(item, rel, f, server.url, engine) for item, rel, f in zip(items, rels, facts, strict=True)
+            ]
+            with server.lock:
+                server.images += len(rows)
+            self.results.put(("done", Batch(items), rows))
+        except BaseException as exc:  # noqa: BLE001 - the job loop stops with it
+            self.results.put(("crashed", Batch(items), f"writing a batch: {_one_line(exc)}"))
 
     def _refusal(self, card) -> str | None:
         """Why a server's model card does not fit this job (another model, or another engine), or None."""
@@ -218,7 +226,7 @@ class Runner:
                 skipped.append((item, f"real image {item.real_image} does not decode ({_one_line(exc)})"))
         return items, (np.stack(images) if images else None), skipped
 
-    def _row(self, item: WorkItem, rel: str, facts: dict, server: ServerState) -> dict:
+    def _row(self, item: WorkItem, rel: str, facts: dict, url: str, engine: str | None) -> dict:
         s = self.spec
         return {
             "path": rel,
@@ -236,8 +244,8 @@ class Runner:
             "real_image": item.real_image,
             "caption": item.caption or None,
             "model": s.model,
-            "engine": server.engine,
-            "server": server.url,
+            "engine": engine,  # as it was when the server made the image
+            "server": url,
             "sha256": facts["sha256"],
             "size": facts["size"],
             "mtime_ns": facts["mtime_ns"],
@@ -267,8 +275,7 @@ class Runner:
                 except queue.Empty:
                     kind = None
                 if kind == "done":
-                    for row in payload:  # type: ignore[union-attr]
-                        self._append(row)
+                    self._record(payload)
                     done += len(batch.items)
                 elif kind == "fatal":  # a write error: every later image would fail the same way
                     raise UserError(
@@ -325,25 +332,34 @@ class Runner:
         servers = [s.summary(wall) for s in self.servers]
         return Summary(done, 0, failed, self.retries, wall, servers, failures, skipped_real=skipped)
 
-    def _append(self, row: dict) -> None:
-        """One manifest row; the manifest failing to take it stops the job like an image write error."""
-        try:
-            self.manifest.append(row)
-        except OSError as exc:
-            raise UserError(
-                f"cannot write the manifest {self.manifest.path}: {exc.strerror or exc}; fix that, then re-run the "
-                "same command to resume"
-            ) from None
-        self.unsynced.append(row["path"])
-        if self.manifest.pending == 0:  # it was just fsync'd
-            self.unsynced.clear()
+    def _record(self, rows: list[dict]) -> None:
+        """A batch's manifest rows. The manifest failing to take them stops the job like an image write error; the
+        rows it may not hold are remembered so their images go too (see `_wind_down`)."""
+        for k, row in enumerate(rows):
+            try:
+                self.manifest.append(row)
+            except OSError as exc:
+                self.lost += [r["path"] for r in rows[k:]]
+                raise UserError(
+                    f"cannot write the manifest {self.manifest.path}: {exc.strerror or exc}; fix that, then re-run "
+                    "the same command to resume"
+                ) from None
+            except BaseException:
+                self.lost += [r["path"] for r in rows[k:]]
+                raise
+            self.unsynced.append(row["path"])
+            if self.manifest.pending == 0:  # it was just fsync'd
+                self.unsynced.clear()
 
     def _wind_down(self, threads: list[threading.Thread]) -> None:
         """Stop the request threads, let the images in flight land, and record them: on any path out of `run`,
         the manifest then lists exactly the images on disk (what `rf-client verify` checks)."""
         self.stop.set()
-        self.writer.close()
-        lost: list[str] = []  # rows the manifest may not hold: their images go, so nothing is unlisted
+        deadline = time.monotonic() + 5.0  # a thread stuck in a request is left behind (daemon), never waited on
+        for t in threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        self.writer.close()  # a thread left behind can queue no more images after this
+        lost = self.lost  # rows the manifest may not hold: their images go, so nothing is unlisted
         while True:
             try:
                 kind, _, payload = self.results.get_nowait()
@@ -371,9 +387,6 @@ class Runner:
             with contextlib.suppress(OSError, UserError):  # with room again, drop rows whose image is gone
                 self.manifest.close()
                 compact_manifest(self.out, self.manifest.path.name)
-        deadline = time.monotonic() + 5.0
-        for t in threads:
-            t.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _rates(self, wall: float) -> dict:
         return {s.url: (s.images, s.images / wall if wall > 0 else 0.0, s.healthy) for s in self.servers}

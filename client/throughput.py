@@ -104,3 +104,70 @@ def write_results(rows: list[BenchRow], out: Path, meta: dict) -> tuple[Path, Pa
     writer.writerows(asdict(r) for r in rows)
     write_atomic(csv_path, buf.getvalue().encode())
     return json_path, csv_path
+
+
+def textured_images(count: int, size: int = 512, seed: int = 0) -> np.ndarray:
+    """Photo-like uint8 test images (smooth colour fields, edges and grain), so encoders work as hard as on real
+    generated images: a flat image would make PNG look 10x cheaper than it is."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = np.empty((count, size, size, 3), np.uint8)
+    for k in range(count):
+        coarse = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+        smooth = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC), np.float32)
+        grain = rng.normal(0.0, 10.0, (size, size, 3))
+        out[k] = np.clip(smooth + grain, 0, 255).astype(np.uint8)
+    return out
+
+
+@dataclass
+class CeilingRow:
+    image_format: str
+    quality: int | None
+    workers: int
+    images: int
+    images_per_sec: float
+    mean_bytes: int
+
+
+def client_ceiling(
+    folder: Path, fmt: str, quality: int, workers: int, images: np.ndarray, seconds: float = 3.0
+) -> CeilingRow:
+    """What one client process sustains with no model in the loop: each image is copied out of a response-like
+    buffer, then encoded, hashed, written (fsync'd) and listed in a manifest by the same code a job uses. Runs
+    batches of `images` for at least `seconds`."""
+    from realfake.client.writer import ImageWriter
+    from realfake.core.dataset import ManifestWriter
+    from realfake.core.images import FORMATS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = ImageWriter(folder, fmt, quality, workers=workers)
+    manifest = ManifestWriter(folder / "manifest.jsonl")
+    raw = images.tobytes()  # the HTTP response body a server sends
+    done, sizes, lock = [0], [0], threading.Lock()
+
+    def finished(facts, error):
+        if error is not None:
+            raise error
+        with lock:
+            for f in facts:
+                manifest.append(f)
+                sizes[0] += f["size"]
+            done[0] += len(facts)
+
+    start, submitted, rnd = time.perf_counter(), 0, 0
+    while time.perf_counter() - start < seconds or submitted == 0:
+        decoded = np.frombuffer(raw, np.uint8).reshape(images.shape).copy()
+        rels = [f"c/{rnd:04d}_{k:03d}{FORMATS[fmt]}" for k in range(len(decoded))]
+        writer.write_batch(rels, decoded, finished)
+        submitted += len(decoded)
+        rnd += 1
+    writer.close()
+    manifest.close()
+    wall = time.perf_counter() - start
+    if writer.failed:
+        raise writer.failed
+    return CeilingRow(
+        fmt, quality if fmt != "png" else None, workers, done[0], round(done[0] / wall, 1), sizes[0] // max(done[0], 1)
+    )

@@ -57,6 +57,7 @@ class ImageWriter:
         # each pending image holds its decoded array (0.75 MB at 512 px): a few per worker keeps them all busy
         self.slots = threading.Semaphore(max_pending or 8 * self.workers)
         self.failed: WriteError | None = None
+        self.closed = False
         self.lock = threading.Lock()
 
     def write_batch(self, rels: Sequence[str], images: np.ndarray, on_done: BatchDone) -> None:
@@ -72,16 +73,31 @@ class ImageWriter:
                 state["facts"][k] = facts
                 state["left"] -= 1
                 last = state["left"] == 0
-            if last:
-                on_done(None, state["error"]) if state["error"] else on_done(state["facts"], None)
+            if not last:
+                return
+            if state["error"] is None:
+                on_done(state["facts"], None)
+                return
+            # a batch is recorded whole or not at all: the images of a failed batch that did land go
+            for written, rel in zip(state["facts"], rels, strict=True):
+                if written is not None:
+                    (self.out / rel).unlink(missing_ok=True)
+            on_done(None, state["error"])
 
         for k, (rel, image) in enumerate(zip(rels, images, strict=True)):
             self.slots.acquire()
-            if self.failed is not None:  # the disk already failed: queue nothing more
+            refusal = self.failed or (
+                WriteError(self.out / rel, RuntimeError("the job is stopping")) if self.closed else None
+            )
+            if refusal is not None:  # the disk already failed, or the job stopped: queue nothing more
                 self.slots.release()
-                finished(k, None, self.failed)
+                finished(k, None, refusal)
                 continue
-            self.pool.submit(self._write_one, k, rel, image, finished)
+            try:
+                self.pool.submit(self._write_one, k, rel, image, finished)
+            except RuntimeError as exc:  # shut down between the check and the submit
+                self.slots.release()
+                finished(k, None, WriteError(self.out / rel, exc))
 
     def _write_one(self, k: int, rel: str, image: np.ndarray, finished) -> None:
         path = self.out / rel
@@ -98,4 +114,6 @@ class ImageWriter:
         finished(k, facts, None)
 
     def close(self) -> None:
+        """Wait for the images queued so far; later batches are refused (their callback gets an error)."""
+        self.closed = True
         self.pool.shutdown(wait=True)

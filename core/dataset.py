@@ -7,6 +7,7 @@ so any number of processes can split a job and resume it without overlap.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -179,23 +180,32 @@ class ManifestWriter:
         self.pending, self.last_sync = 0, time.monotonic()
 
     def close(self) -> None:
-        if not self.file.closed:
+        """Sync and close; the file is closed even when the sync fails (the error is raised)."""
+        if self.file.closed:
+            return
+        try:
             self.sync()
-            self.file.close()
+        finally:
+            with contextlib.suppress(OSError):  # what the failed sync could not write is lost either way
+                self.file.close()
 
 
 def image_is_recorded(image: Path, row: dict) -> bool:
     """Whether the image on disk is the one a row records. Rows carry the file's size and mtime (ns), which a
     `stat` confirms without reading the image: the client fsyncs each image before its row exists. Rows from
-    older manifests without them are checked by hash."""
+    older manifests, and files copied without their mtimes, are checked by hash; another size is never the same
+    image."""
     try:
         st = image.stat()
     except OSError:
         return False
     if not stat.S_ISREG(st.st_mode):
         return False
-    if "size" in row and "mtime_ns" in row:
-        return st.st_size == row["size"] and st.st_mtime_ns == row["mtime_ns"]
+    if "size" in row and st.st_size != row["size"]:
+        return False
+    if st.st_mtime_ns == row.get("mtime_ns"):
+        return True
+    # no mtime recorded (an older manifest), or the file was copied without it: the content decides
     return file_sha256(image) == row.get("sha256")
 
 
