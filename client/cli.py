@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,7 @@ from realfake.core.defaults import (
     DEFAULT_STEPS,
 )
 from realfake.core.errors import UserError
+from realfake.core.images import FORMATS
 
 app = make_app("Build labelled synthetic image datasets (Real-Fake) against one or many Triton servers.")
 
@@ -243,9 +245,18 @@ def bench(
         float, typer.Option("--guidance-scale", "--guidance", help="Classifier-free guidance scale.")
     ] = DEFAULT_GUIDANCE_SCALE,
     out: Annotated[Path, typer.Option(help="Results path stem: writes STEM.json and STEM.csv.")] = Path("bench"),
+    image_format: Annotated[
+        str, typer.Option("--format", help="Image format of the client ceiling measured after the table.")
+    ] = GenerateConfig.image_format,
+    quality: Annotated[int, typer.Option(help="JPEG/WebP quality of the client ceiling.")] = GenerateConfig.quality,
+    client_seconds: Annotated[
+        float,
+        typer.Option(help="Seconds measuring what this client process can write with no model (0: skip it)."),
+    ] = 2.0,
     debug: Debug = False,
 ) -> None:
-    """Measure images/sec and latency p50/p95/p99 per (concurrency, batch) against a server."""
+    """Measure images/sec and latency p50/p95/p99 per (concurrency, batch) against a server, then the client's
+    own ceiling (encode, hash, write, manifest; no model), so you see whether the fleet or the client limits."""
     from rich.console import Console
     from rich.table import Table
 
@@ -290,8 +301,30 @@ def bench(
         "guidance_scale": guidance_scale,
         "requests": requests,
     }
+    if client_seconds > 0:
+        ceiling = _client_ceiling(out, image_format, quality, card.image_size, client_seconds)
+        best = max(r.images_per_sec for r in rows)
+        typer.echo(
+            f"client ceiling ({image_format}, {ceiling.workers} writer threads, {card.image_size} px, no model): "
+            f"{ceiling.images_per_sec:.1f} images/sec; the best setting above used {best / ceiling.images_per_sec:.1%}"
+            " of it"
+        )
+        meta["client_ceiling"] = asdict(ceiling)
     json_path, csv_path = write_results(rows, out, meta)
     typer.echo(f"results: {json_path} {csv_path}")
+
+
+def _client_ceiling(out: Path, image_format: str, quality: int, size: int, seconds: float):
+    """What this process writes per second with no model, measured beside the results (the same disk)."""
+    import tempfile
+
+    from realfake.client.throughput import client_ceiling, textured_images
+
+    if image_format not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {image_format!r}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".rf-client-ceiling-", dir=out.parent) as tmp:
+        return client_ceiling(Path(tmp), image_format, quality, None, textured_images(8, size), seconds)
 
 
 @app.command()

@@ -132,7 +132,7 @@ class CeilingRow:
 
 
 def client_ceiling(
-    folder: Path, fmt: str, quality: int, workers: int, images: np.ndarray, seconds: float = 3.0
+    folder: Path, fmt: str, quality: int, workers: int | None, images: np.ndarray, seconds: float = 3.0
 ) -> CeilingRow:
     """What one client process sustains with no model in the loop: each image is copied out of a response-like
     buffer, then encoded, hashed, written (fsync'd) and listed in a manifest by the same code a job uses. Runs
@@ -169,5 +169,10 @@ def client_ceiling(
     if writer.failed:
         raise writer.failed
     return CeilingRow(
-        fmt, quality if fmt != "png" else None, workers, done[0], round(done[0] / wall, 1), sizes[0] // max(done[0], 1)
+        fmt,
+        quality if fmt != "png" else None,
+        writer.workers,
+        done[0],
+        round(done[0] / wall, 1),
+        sizes[0] // max(done[0], 1),
     )

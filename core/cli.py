@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 from typing import Annotated
@@ -29,8 +30,24 @@ def int_list(text: str, option: str) -> list[int]:
     return values
 
 
+_signals: list[int] = []
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM (Kubernetes, Slurm, systemd, docker stop) unwinds like Ctrl-C, so finished work is recorded. The
+    signal is remembered, since the CLI framework may re-raise a plain KeyboardInterrupt."""
+    _signals.append(signum)
+    raise KeyboardInterrupt
+
+
+def _interrupted() -> None:
+    print("interrupted: finished work is kept; run the same command again to resume", file=sys.stderr)
+    sys.exit(128 + (_signals[-1] if _signals else signal.SIGINT))
+
+
 def run_cli(app: Callable[[], object]) -> None:
     debug = "--debug" in sys.argv
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except UserError as exc:
@@ -39,8 +56,11 @@ def run_cli(app: Callable[[], object]) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: finished work is kept; run the same command again to resume", file=sys.stderr)
-        sys.exit(130)
+        _interrupted()
+    except SystemExit as exc:
+        if exc.code == 130:  # Typer turns KeyboardInterrupt into exit code 130
+            _interrupted()
+        raise
     except Exception as exc:  # noqa: BLE001 - the last line of defence of a CLI
         if debug:
             raise

@@ -220,6 +220,8 @@ def test_bench_writes_table_json_csv(triton, tmp_path):
         assert row["latency_p50_ms"] <= row["latency_p95_ms"] <= row["latency_p99_ms"]
     assert stem.with_suffix(".csv").read_text().splitlines()[0].startswith("concurrency,batch,")
     assert "p95 ms" in r.stdout
+    assert "client ceiling (png" in r.stdout and data["client_ceiling"]["images_per_sec"] > 0
+    assert not list(tmp_path.glob(".rf-client-ceiling-*"))  # its scratch files are gone
 
 
 def test_servers_on_other_engines_are_refused_unless_mixed(triton, tiny_onnx, tmp_path):
