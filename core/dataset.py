@@ -20,7 +20,7 @@ from pathlib import Path
 from realfake.core.classes import ClassInfo
 from realfake.core.defaults import DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE, DEFAULT_STEPS, DEFAULT_TEMPLATE
 from realfake.core.errors import UserError
-from realfake.core.files import file_sha256
+from realfake.core.files import atomic_file, file_sha256
 from realfake.core.images import DEFAULT_FORMAT
 
 JOB_FILE = "job.json"
@@ -218,18 +218,10 @@ def compact_manifest(out: Path, name: str) -> set[tuple[str, int]]:
     if not path.exists():
         return set()
     done: set[tuple[str, int]] = set()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as kept:
-            for row, line in iter_manifest(path):
-                key = (row["class_id"], int(row["index"]))
-                if key not in done and image_is_recorded(out / row["path"], row):
-                    done.add(key)
-                    kept.write(line)
-            kept.flush()
-            os.fsync(kept.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "w", durable=True, encoding="utf-8") as kept:
+        for row, line in iter_manifest(path):
+            key = (row["class_id"], int(row["index"]))
+            if key not in done and image_is_recorded(out / row["path"], row):
+                done.add(key)
+                kept.write(line)
     return done

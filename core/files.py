@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 
-def write_atomic(path: Path, data: bytes, durable: bool = False) -> None:
-    """Write via a temporary file and rename, so a crash never leaves a partial file under the final name.
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "wb", durable: bool = False, **open_args) -> Iterator[IO]:
+    """A file whose content appears under `path` only when the block ends without an error: written to a
+    temporary name beside it, then renamed, so a crash never leaves a partial file under the final name.
 
     `durable`: fsync the data before the rename, so the file is whole on disk before anything (a manifest row)
-    records it. A failed write removes its temporary file and raises."""
+    records it. On an error the temporary file is removed and the error raised."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        with open(tmp, mode, **open_args) as f:
+            yield f
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
@@ -25,6 +30,12 @@ def write_atomic(path: Path, data: bytes, durable: bool = False) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, data: bytes, durable: bool = False) -> None:
+    """`data` under `path`, atomically (see `atomic_file`)."""
+    with atomic_file(path, "wb", durable) as f:
+        f.write(data)
 
 
 def file_sha256(path: Path) -> str:

@@ -26,19 +26,23 @@ def _rows(out) -> int:
     return sum(1 for _ in open(path)) if path.exists() else 0
 
 
-def _run_until(out, url, rows, kill) -> subprocess.Popen:
-    """Start the client and end it with `kill` once the manifest holds `rows` rows."""
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "rf-client"), *generate_args(out, url, **JOB)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def _start(out, url) -> subprocess.Popen:
+    args = [str(VENV_BIN / "rf-client"), *generate_args(out, url, **JOB)]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_rows(out, rows, proc) -> None:
     deadline = time.monotonic() + 300
     while _rows(out) < rows:
         assert proc.poll() is None, f"client ended early: {proc.communicate()}"
         assert time.monotonic() < deadline, f"fewer than {rows} rows after 300 s"
         time.sleep(0.05)
+
+
+def _run_until(out, url, rows, kill) -> subprocess.Popen:
+    """Start the client and end it with `kill` once the manifest holds `rows` rows."""
+    proc = _start(out, url)
+    _wait_for_rows(out, rows, proc)
     kill(proc)
     proc.wait(timeout=60)
     return proc
@@ -67,16 +71,8 @@ def test_imagenet_job_survives_client_and_server_kills(triton, tiny_repo, tmp_pa
         partial = json.loads(rf("rf-client", "verify", str(out), "--no-decode", "--json").stdout)
         assert partial["rows"] >= second
         assert partial["missing"] == partial["hash_mismatch"] == partial["duplicate_rows"] == []
-        proc = subprocess.Popen(
-            [str(VENV_BIN / "rf-client"), *generate_args(out, url, **JOB)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        deadline = time.monotonic() + 300
-        while _rows(out) < third:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.05)
+        proc = _start(out, url)
+        _wait_for_rows(out, third, proc)
         server.kill()  # the server dies mid-job and comes back on the same port
         server = LocalServer(tiny_repo, http_port=port, grpc_port=server.grpc_port).start()
         stdout, stderr = proc.communicate(timeout=600)
