@@ -137,3 +137,16 @@ def parse_config(path: Path):
     from tritonclient.grpc import model_config_pb2
 
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def count_sampler_calls(sampler) -> list[int]:
+    """Record the batch size of every `sampler.generate` call from now on (`del sampler.generate` undoes it)."""
+    calls: list[int] = []
+    generate = sampler.generate
+
+    def counting(prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return generate(prompts, *args, **kwargs)
+
+    sampler.generate = counting
+    return calls

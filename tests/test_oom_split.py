@@ -12,6 +12,8 @@ from realfake.serving.batching import OOM_STATS, is_out_of_memory, run_batch
 from realfake.serving.components import OrtComponents
 from realfake.serving.sampler import Sampler
 
+from conftest import count_sampler_calls
+
 CUDA_OOM = "CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 79.15 GiB total capacity)"
 
 
@@ -65,14 +67,7 @@ def _requests():
 def _run(tiny_onnx, components):
     """run_batch on a fresh sampler over `components`: results, sampler calls (batch sizes), splits made."""
     sampler = Sampler(components, tiny_onnx)
-    calls = []
-    generate = sampler.generate
-
-    def counting(prompts, *a, **k):
-        calls.append(len(prompts))
-        return generate(prompts, *a, **k)
-
-    sampler.generate = counting
+    calls = count_sampler_calls(sampler)
     before = OOM_STATS.splits
     results = run_batch(sampler, _requests())
     return results, calls, OOM_STATS.splits - before

@@ -9,6 +9,8 @@ from realfake.serving.batching import parse_request, run_batch
 from realfake.serving.components import OrtComponents
 from realfake.serving.sampler import Sampler, Settings
 
+from conftest import count_sampler_calls
+
 # ONNX Runtime and PyTorch kernels differ in float rounding; after uint8 quantisation a pixel may move by one.
 MAX_PIXEL_DIFF = 2
 
@@ -148,14 +150,7 @@ def test_bad_requests_are_rejected(extra, message):
 
 
 def test_run_batch_merges_requests_and_isolates_errors(sampler):
-    calls = []
-    generate = sampler.generate
-
-    def counting(prompts, *a, **k):
-        calls.append(len(prompts))
-        return generate(prompts, *a, **k)
-
-    sampler.generate = counting
+    calls = count_sampler_calls(sampler)
     try:
         results = run_batch(sampler, [_request(2), _request(3, STEPS=np.zeros((3, 1), np.int32)), _request(1)])
     finally:
