@@ -185,19 +185,23 @@ class LocalServer:
         return ""
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.process is None or self.process.poll() is not None:
+        """Stop Triton and every process of its group (the Python-backend stubs too, which outlive a Triton that
+        died or was killed hard, holding memory and, on a GPU, GPU memory)."""
+        if self.process is None:
             return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process.poll() is None:
+            _signal_group(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _signal_group(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        _signal_group(self.process.pid, signal.SIGKILL)  # whatever of the group is left: orphaned stubs
 
     def kill(self) -> None:
         """SIGKILL the server and its stubs (failure-injection tests)."""
         if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            _signal_group(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
     def __enter__(self) -> LocalServer:
@@ -214,3 +218,11 @@ def server_ready(url: str, timeout: float = 2.0) -> bool:
             return resp.status == 200
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
         return False
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    """Signal a process group that may already be gone."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass

@@ -34,8 +34,9 @@ _signals: list[int] = []
 
 
 def _terminate(signum, frame) -> None:
-    """SIGTERM (Kubernetes, Slurm, systemd, docker stop) unwinds like Ctrl-C, so finished work is recorded. The
-    signal is remembered, since the CLI framework may re-raise a plain KeyboardInterrupt."""
+    """SIGTERM (Kubernetes, Slurm, systemd, docker stop) and SIGHUP (a closed terminal) unwind like Ctrl-C, so
+    finished work is recorded and child servers are stopped. The signal is remembered, since the CLI framework may
+    re-raise a plain KeyboardInterrupt."""
     _signals.append(signum)
     raise KeyboardInterrupt
 
@@ -47,7 +48,8 @@ def _interrupted() -> None:
 
 def run_cli(app: Callable[[], object]) -> None:
     debug = "--debug" in sys.argv
-    signal.signal(signal.SIGTERM, _terminate)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
     try:
         app()
     except UserError as exc:

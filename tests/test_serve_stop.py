@@ -1,0 +1,79 @@
+"""Stopping means stopped: `rf-serve` stopped by SIGTERM (how Kubernetes, Slurm, Docker and systemd stop it), or
+left behind by a tritonserver killed hard, leaves no process of that server alive and its ports free."""
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from realfake.client.server import free_port, port_is_free, server_ready
+
+from conftest import VENV_BIN
+
+pytestmark = pytest.mark.slow
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # the parent pid
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _group(pgid: int) -> list[int]:
+    """Live processes of a process group (zombies excluded: they hold no memory or port)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def _start_serve(tiny_repo):
+    http, grpc = free_port(), free_port()
+    cmd = [str(VENV_BIN / "rf-serve"), "--repo", str(tiny_repo), "--http-port", str(http), "--grpc-port", str(grpc)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    line = proc.stdout.readline()  # rf-serve itself has seen Triton ready (not only the port answering)
+    assert line.startswith("Triton ready"), (line, proc.communicate())
+    assert server_ready(f"127.0.0.1:{http}")
+    (triton,) = [pid for pid in _children(proc.pid) if "tritonserver" in Path(f"/proc/{pid}/cmdline").read_text()]
+    assert len(_group(triton)) > 1  # tritonserver and its Python-backend stubs
+    return proc, triton, (http, grpc)
+
+
+def _all_gone(triton: int, ports) -> None:
+    deadline = time.monotonic() + 15
+    while _group(triton) or not all(port_is_free(p) for p in ports):
+        assert time.monotonic() < deadline, (
+            f"left alive: {_group(triton)}, ports free: {[port_is_free(p) for p in ports]}"
+        )
+        time.sleep(0.2)
+
+
+def test_sigterm_stops_triton_and_its_stubs(tiny_repo):
+    proc, triton, ports = _start_serve(tiny_repo)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    _all_gone(triton, ports)
+
+
+def test_triton_killed_hard_is_cleaned_up_and_reported(tiny_repo):
+    proc, triton, ports = _start_serve(tiny_repo)
+    os.kill(triton, signal.SIGKILL)  # only Triton: its stubs would live on as orphans
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert stderr.strip().splitlines()[-1].startswith("error: Triton exited with code -9; log: ")
+    _all_gone(triton, ports)
