@@ -16,29 +16,23 @@ from conftest import VENV_BIN
 pytestmark = pytest.mark.slow
 
 
-def _children(pid: int) -> list[int]:
-    found = []
+def _processes():
+    """(pid, state, parent pid, process group) of every process, from /proc."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == pid:  # the parent pid
-            found.append(int(stat.parent.name))
-    return found
+        yield int(stat.parent.name), fields[0], int(fields[1]), int(fields[2])
+
+
+def _children(pid: int) -> list[int]:
+    return [child for child, _, parent, _ in _processes() if parent == pid]
 
 
 def _group(pgid: int) -> list[int]:
     """Live processes of a process group (zombies excluded: they hold no memory or port)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
+    return [pid for pid, state, _, group in _processes() if group == pgid and state != "Z"]
 
 
 def _start_serve(tiny_repo):
