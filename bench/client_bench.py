@@ -20,7 +20,7 @@ from pathlib import Path
 
 from realfake.client.throughput import client_ceiling, textured_images
 from realfake.client.writer import default_workers
-from realfake.core.images import DEFAULT_QUALITY
+from realfake.core.defaults import DEFAULT_QUALITY
 
 
 def main() -> None:

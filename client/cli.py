@@ -112,7 +112,8 @@ def generate(
 ) -> None:
     """Generate a labelled synthetic dataset: OUT/<class_id>/<index>.<png|jpg|webp> plus OUT/manifest.jsonl.
 
-    Re-running the same command resumes: finished images are kept (checked by hash), the rest are made.
+    Re-running the same command resumes: finished images are kept (trusted by size and mtime, hashed when the
+    mtime differs), the rest are made.
     """
     from realfake.client.generate import generate_dataset
 

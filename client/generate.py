@@ -26,15 +26,17 @@ from realfake.client.triton import ModelCard, PipelineClient, normalise_url
 from realfake.core import dataset as ds
 from realfake.core.classes import ClassInfo, load_classes
 from realfake.core.defaults import (
+    DEFAULT_FORMAT,
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_NEGATIVE,
+    DEFAULT_QUALITY,
     DEFAULT_STEPS,
     DEFAULT_STRENGTH,
     DEFAULT_TEMPLATE,
 )
 from realfake.core.errors import UserError
 from realfake.core.files import file_sha256, write_atomic
-from realfake.core.images import DEFAULT_FORMAT, DEFAULT_QUALITY, FORMATS, check_decodes, load_real_image
+from realfake.core.images import FORMATS, check_decodes, load_real_image
 from realfake.core.real_folder import caption_for, load_captions, scan_real
 
 GUIDANCE_TOKEN_MODES = ("auto", "on", "off")

@@ -22,9 +22,10 @@ from realfake.client.server import server_ready
 from realfake.client.triton import PipelineClient
 from realfake.client.writer import ImageWriter
 from realfake.core.dataset import JobSpec, ManifestWriter, WorkItem, compact_manifest, image_relpath, index_width
+from realfake.core.defaults import DEFAULT_QUALITY
 from realfake.core.errors import UserError
 from realfake.core.files import write_atomic
-from realfake.core.images import DEFAULT_QUALITY, FORMATS
+from realfake.core.images import FORMATS
 
 
 @dataclass

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from realfake.core.defaults import DEFAULT_FORMAT, DEFAULT_QUALITY
 from realfake.core.files import write_atomic
-from realfake.core.images import DEFAULT_FORMAT, DEFAULT_QUALITY, encode_image
+from realfake.core.images import encode_image
 
 
 class WriteError(Exception):
@@ -86,9 +87,9 @@ class ImageWriter:
 
         for k, (rel, image) in enumerate(zip(rels, images, strict=True)):
             self.slots.acquire()
-            refusal = self.failed or (
-                WriteError(self.out / rel, RuntimeError("the job is stopping")) if self.closed else None
-            )
+            refusal = self.failed
+            if refusal is None and self.closed:
+                refusal = WriteError(self.out / rel, RuntimeError("the job is stopping"))
             if refusal is not None:  # the disk already failed, or the job stopped: queue nothing more
                 self.slots.release()
                 finished(k, None, refusal)

@@ -18,10 +18,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from realfake.core.classes import ClassInfo
-from realfake.core.defaults import DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE, DEFAULT_STEPS, DEFAULT_TEMPLATE
+from realfake.core.defaults import (
+    DEFAULT_FORMAT,
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_NEGATIVE,
+    DEFAULT_STEPS,
+    DEFAULT_TEMPLATE,
+)
 from realfake.core.errors import UserError
 from realfake.core.files import atomic_file, file_sha256
-from realfake.core.images import DEFAULT_FORMAT
 
 JOB_FILE = "job.json"
 # Settings that may change between runs of one job without changing what it makes.

@@ -11,3 +11,5 @@ TEXT_ONLY_STRENGTH = 1.0  # without a real image every step runs, from noise
 DEFAULT_SCHEDULER = "unipc"
 DEFAULT_TEMPLATE = "photo of {class}, {caption}, best quality"
 DEFAULT_NEGATIVE = "distorted, unrealistic, blurry, out of frame, cropped, deformed"
+DEFAULT_FORMAT = "png"  # dataset image files: lossless; JPEG at quality 95 is what ImageNet users expect
+DEFAULT_QUALITY = 95  # JPEG and WebP quality (1-100); PNG ignores it

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from realfake.core.defaults import DEFAULT_FORMAT, DEFAULT_QUALITY
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 # CLIP image preprocessing constants (OpenAI CLIP), for the guidance-token image embedding.
@@ -54,10 +56,8 @@ def clip_preprocess(images: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(np.stack(out), dtype=np.float32)
 
 
-# dataset image formats: name -> file suffix. PNG is lossless; JPEG at quality 95 is what ImageNet users expect.
+# dataset image formats: name -> file suffix
 FORMATS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
-DEFAULT_FORMAT = "png"
-DEFAULT_QUALITY = 95  # JPEG and WebP quality (1-100); PNG ignores it
 
 
 def encode_image(image: np.ndarray, fmt: str = DEFAULT_FORMAT, quality: int = DEFAULT_QUALITY) -> bytes:
@@ -74,8 +74,3 @@ def encode_image(image: np.ndarray, fmt: str = DEFAULT_FORMAT, quality: int = DE
     else:
         raise ValueError(f"unknown image format {fmt!r}; choose one of {', '.join(FORMATS)}")
     return buf.getvalue()
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """uint8 HxWx3 -> PNG bytes; deterministic (no timestamps), so re-runs give identical files."""
-    return encode_image(image, "png")

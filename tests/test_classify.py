@@ -16,7 +16,7 @@ from realfake.client.verify import pack_webdataset
 from realfake.core.classes import load_classes
 from realfake.core.dataset import ManifestWriter
 from realfake.core.files import write_atomic
-from realfake.core.images import encode_png
+from realfake.core.images import encode_image
 from realfake.training.idx import DEBIAN_DIR, balanced_subset, load_split, write_imagefolder
 
 from conftest import cli_args, rf
@@ -47,7 +47,7 @@ def fake_synthetic(fmnist, tmp_path_factory):
     writer = ManifestWriter(out / "manifest.jsonl")
     for n, i in enumerate(balanced_subset(labels, 60, seed=7)):
         cls = CLASSES[int(labels[i])]
-        png = encode_png(np.repeat(images[i][:, :, None], 3, axis=2))
+        png = encode_image(np.repeat(images[i][:, :, None], 3, axis=2), "png")
         rel = f"z{9 - cls.index}/{n:05d}.png"
         write_atomic(out / rel, png)
         writer.append(

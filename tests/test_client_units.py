@@ -12,7 +12,7 @@ from realfake.core.classes import ClassInfo, load_classes
 from realfake.core.defaults import DEFAULT_TEMPLATE
 from realfake.core.errors import UserError
 from realfake.core.files import write_atomic
-from realfake.core.images import encode_png, load_real_image
+from realfake.core.images import encode_image, load_real_image
 from realfake.core.real_folder import caption_for, load_captions, scan_real
 
 
@@ -114,7 +114,7 @@ def test_manifest_torn_last_line_is_dropped_other_damage_is_an_error(tmp_path):
 def _fake_dataset(out, n=4):
     writer = ds.ManifestWriter(out / "manifest.jsonl")
     for i in range(n):
-        png = encode_png(np.full((8, 8, 3), i * 40, np.uint8))
+        png = encode_image(np.full((8, 8, 3), i * 40, np.uint8), "png")
         rel = f"c/{i:05d}.png"
         write_atomic(out / rel, png)
         writer.append(
@@ -143,7 +143,7 @@ def test_verify_finds_every_kind_of_hole(tmp_path):
     assert verify(tmp_path).ok
     (tmp_path / "c/00000.png").unlink()
     (tmp_path / "c/00001.png").write_bytes(b"junk")
-    write_atomic(tmp_path / "c/00009.png", encode_png(np.zeros((4, 4, 3), np.uint8)))
+    write_atomic(tmp_path / "c/00009.png", encode_image(np.zeros((4, 4, 3), np.uint8), "png"))
     with open(tmp_path / "manifest.jsonl", "a") as f:
         f.write((tmp_path / "manifest.jsonl").read_text().splitlines()[3] + "\n")
     report = verify(tmp_path)
