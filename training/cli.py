@@ -10,6 +10,7 @@ import typer
 
 from realfake.core.cli import Debug, make_app, run_cli
 from realfake.core.errors import UserError
+from realfake.training.caption import CaptionConfig
 from realfake.training.demo import RUNTIMES, DemoConfig
 
 app = make_app("Real-Fake training: distribution-matched LoRA finetuning, and classifiers on synthetic data.")
@@ -118,6 +119,41 @@ def classify(
         eval_every=eval_every,
     )
     run_classify(cfg, log=lambda m: typer.echo(m, err=True))
+
+
+@app.command()
+def caption(
+    data: Annotated[Path, typer.Option(help="Real ImageFolder: one folder per class.")],
+    model: Annotated[Path, typer.Option(help="Local image-to-text model directory (BLIP-2, BLIP, ...).")],
+    out: Annotated[Path, typer.Option(help='Captions JSONL {"image": <relative path>, "caption": ...}.')],
+    classes: Annotated[
+        str | None, typer.Option(help="Class set the folders must match (default: any folder is a class).")
+    ] = None,
+    prompt: Annotated[str, typer.Option(help='Text the caption continues, e.g. "a photo of".')] = CaptionConfig.prompt,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest caption, in tokens.")] = CaptionConfig.max_new_tokens,
+    num_beams: Annotated[int, typer.Option(help="Beam search width (1: greedy).")] = CaptionConfig.num_beams,
+    batch_size: Annotated[int, typer.Option(help="Images per generate call.")] = CaptionConfig.batch_size,
+    precision: Annotated[
+        str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), fp16, bf16 or fp32.")
+    ] = CaptionConfig.precision,
+    debug: Debug = False,
+) -> None:
+    """Caption every real image for the Real-Fake prompts; re-running continues where the file stops."""
+    from realfake.training.caption import run_caption
+
+    warnings.filterwarnings("ignore")
+    cfg = CaptionConfig(
+        data=data,
+        model=model,
+        out=out,
+        classes=classes,
+        prompt=prompt,
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        batch_size=batch_size,
+        precision=precision,
+    )
+    run_caption(cfg, log=lambda m: typer.echo(m, err=True))
 
 
 @app.command()
