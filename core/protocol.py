@@ -26,6 +26,8 @@ PIPELINE_OUTPUTS: dict[str, tuple[str, list[int]]] = {"IMAGE": ("UINT8", [-1, -1
 PARAM_BUNDLE_IDENTITY = "bundle_identity"
 PARAM_IMAGE_SIZE = "image_size"
 PARAM_HAS_IMAGE_ENCODER = "has_image_encoder"
+# "true" when the model was finetuned with the guidance token: without an image encoder it is served without it
+PARAM_TRAINED_WITH_GUIDANCE_TOKEN = "trained_with_guidance_token"
 # What computes the images from those weights (runtime, precision, its artifacts, scheduler): two servers with
 # the same bundle but other engines draw slightly (or, with another scheduler, entirely) different images.
 PARAM_ENGINE = "engine"

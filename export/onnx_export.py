@@ -155,6 +155,11 @@ def export_onnx(
     import torch
 
     info, modules = load_torch_modules(bundle)
+    if info.trained_with_guidance_token and not info.has_image_encoder:
+        log(
+            f"warning: {info.path} was finetuned with the guidance token but has no image_encoder/: the export "
+            "cannot compute it, and clients asking for it automatically will be refused"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     img_size = _image_encoder_size(modules)
@@ -192,6 +197,7 @@ def export_onnx(
         "vae_scaling_factor": float(modules["vae_decoder"].vae.config.scaling_factor),
         "text_hidden_size": info.text_hidden_size,
         "image_encoder_size": img_size if "image_encoder" in modules else None,
+        "trained_with_guidance_token": info.trained_with_guidance_token,
         "components": sorted(modules),
         "opset": OPSET,
     }

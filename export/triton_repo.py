@@ -259,6 +259,7 @@ def write_repository(
         bundle_identity=meta["bundle_identity"],
         image_size=int(meta["image_size"]),
         has_image_encoder="image_encoder" in meta["components"],
+        trained_with_guidance_token=bool(meta.get("trained_with_guidance_token", False)),
         engine=engine_identity(runtime, device, resolved, scheduler, onnx_dir, plans),
         scheduler=scheduler,
         dtype=resolved if runtime in ("openvino", "pytorch") else None,

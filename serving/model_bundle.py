@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from realfake.core.errors import UserError
@@ -19,6 +19,9 @@ REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
 
 
 OPTIONAL_COMPONENTS = ("image_encoder",)
+
+# what `rf-train finetune` records about how it trained the bundle it writes
+TRAINING_RECORD = "realfake.json"
 
 
 TEXT_MAX_LENGTH = 77
@@ -32,6 +35,34 @@ class BundleInfo:
     latent_channels: int
     vae_scale_factor: int
     text_hidden_size: int
+    # finetuned with the guidance token (realfake.json): served without an image encoder it is not the model
+    # that was trained
+    trained_with_guidance_token: bool = False
+
+
+@dataclass(frozen=True)
+class TrainingRecord:
+    """`realfake.json` in a bundle `rf-train finetune` wrote: what serving must know about how it was trained."""
+
+    guidance_token: bool  # each image's CLIP image embedding replaced the last conditional text token
+    image_encoder_size: int | None  # the CLIP input side those embeddings were computed at
+    merge_scale: float  # the LoRA scale fused into the UNet
+    lora_rank: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def read(cls, bundle: Path) -> TrainingRecord | None:
+        """The bundle's record, None when it has none; a malformed one is a UserError."""
+        path = bundle / TRAINING_RECORD
+        if not path.is_file():
+            return None
+        try:
+            raw = json.loads(path.read_text())
+            return cls(**{f.name: raw[f.name] for f in fields(cls)})
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"bundle {bundle}: {TRAINING_RECORD} is malformed ({exc!r})") from None
 
 
 def check_bundle(path: str | Path) -> BundleInfo:
@@ -60,6 +91,7 @@ def check_bundle(path: str | Path) -> BundleInfo:
                 f"bundle {root}: image_encoder projection_dim {proj} != text hidden size {text['hidden_size']}"
                 " (the guidance token replaces a text token, so the widths must match)"
             )
+    record = TrainingRecord.read(root)
     return BundleInfo(
         path=root,
         has_image_encoder=has_image_encoder,
@@ -67,6 +99,7 @@ def check_bundle(path: str | Path) -> BundleInfo:
         latent_channels=int(unet["in_channels"]),
         vae_scale_factor=vae_scale,
         text_hidden_size=int(text["hidden_size"]),
+        trained_with_guidance_token=bool(record and record.guidance_token),
     )
 
 

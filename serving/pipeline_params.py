@@ -18,7 +18,13 @@ from dataclasses import dataclass
 
 from realfake.core.defaults import DEFAULT_SCHEDULER
 from realfake.core.errors import UserError
-from realfake.core.protocol import PARAM_BUNDLE_IDENTITY, PARAM_ENGINE, PARAM_HAS_IMAGE_ENCODER, PARAM_IMAGE_SIZE
+from realfake.core.protocol import (
+    PARAM_BUNDLE_IDENTITY,
+    PARAM_ENGINE,
+    PARAM_HAS_IMAGE_ENCODER,
+    PARAM_IMAGE_SIZE,
+    PARAM_TRAINED_WITH_GUIDANCE_TOKEN,
+)
 
 PLACEMENTS = ("bls", "inprocess")
 RUNTIMES = ("python-ort", "openvino", "onnxruntime", "tensorrt", "pytorch")
@@ -81,6 +87,7 @@ class PipelineParams:
     image_size: int
     has_image_encoder: bool
     engine: str  # what computes the images (export.triton_repo.engine_identity)
+    trained_with_guidance_token: bool = False  # the bundle's realfake.json says so
     scheduler: str = DEFAULT_SCHEDULER
     dtype: str | None = None  # openvino: fp32, bf16, int8; pytorch: auto, fp32, fp16, bf16; unused otherwise
     bundle: str | None = None  # pytorch: the bundle's directory
@@ -112,7 +119,8 @@ class PipelineParams:
             PARAM_SCHEDULER: self.scheduler,
             PARAM_BUNDLE_IDENTITY: self.bundle_identity,
             PARAM_IMAGE_SIZE: str(self.image_size),
-            PARAM_HAS_IMAGE_ENCODER: "true" if self.has_image_encoder else "false",
+            PARAM_HAS_IMAGE_ENCODER: _flag(self.has_image_encoder),
+            PARAM_TRAINED_WITH_GUIDANCE_TOKEN: _flag(self.trained_with_guidance_token),
             PARAM_ENGINE: self.engine,
             PARAM_DTYPE: self.dtype,
             PARAM_BUNDLE: self.bundle,
@@ -140,9 +148,11 @@ class PipelineParams:
             except ValueError:
                 raise UserError(f"parameter {key!r} must be an integer, not {value!r}") from None
 
-        flag = need(PARAM_HAS_IMAGE_ENCODER)
-        if flag not in ("true", "false"):
-            raise UserError(f"parameter {PARAM_HAS_IMAGE_ENCODER!r} must be true or false, not {flag!r}")
+        def boolean(key: str, value: str) -> bool:
+            if value not in ("true", "false"):
+                raise UserError(f"parameter {key!r} must be true or false, not {value!r}")
+            return value == "true"
+
         return cls(
             placement=need(PARAM_PLACEMENT),
             runtime=need(PARAM_RUNTIME),
@@ -150,9 +160,17 @@ class PipelineParams:
             intra_op_threads=integer(PARAM_INTRA_OP_THREADS),
             bundle_identity=need(PARAM_BUNDLE_IDENTITY),
             image_size=integer(PARAM_IMAGE_SIZE),
-            has_image_encoder=flag == "true",
+            has_image_encoder=boolean(PARAM_HAS_IMAGE_ENCODER, need(PARAM_HAS_IMAGE_ENCODER)),
             engine=need(PARAM_ENGINE),
+            # repositories written before the record existed lack it: their bundles had none
+            trained_with_guidance_token=boolean(
+                PARAM_TRAINED_WITH_GUIDANCE_TOKEN, raw.get(PARAM_TRAINED_WITH_GUIDANCE_TOKEN, "false")
+            ),
             scheduler=need(PARAM_SCHEDULER),
             dtype=raw.get(PARAM_DTYPE),
             bundle=raw.get(PARAM_BUNDLE),
         )
+
+
+def _flag(value: bool) -> str:
+    return "true" if value else "false"

@@ -19,7 +19,7 @@ import torch
 from realfake.core.classes import load_classes
 from realfake.core.errors import UserError
 from realfake.core.files import write_atomic
-from realfake.serving.model_bundle import check_bundle
+from realfake.serving.model_bundle import TRAINING_RECORD, TrainingRecord, check_bundle
 from realfake.training.data import FinetuneDataset, RealSample, collect_samples, jsonable, load_rgb
 from realfake.training.objective import realfake_loss, snr
 
@@ -238,8 +238,12 @@ def save_lora(unet, directory: Path) -> Path:
     return directory / LORA_WEIGHTS
 
 
-def merge_bundle(bundle: Path, lora_dir: Path, out: Path, scale: float) -> Path:
-    """The base bundle with the LoRA fused into the UNet at `scale`, saved as a complete bundle."""
+def merge_bundle(bundle: Path, lora_dir: Path, out: Path, scale: float, record: TrainingRecord) -> Path:
+    """The base bundle with the LoRA fused into the UNet at `scale`, saved as a complete bundle with `record`
+    (realfake.json). The base bundle's image_encoder/ is kept whether or not its model_index.json lists it (SD-1.5
+    ships none and users add the folder): diffusers' pipeline loads only the parts the index names."""
+    import shutil
+
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(
@@ -249,14 +253,31 @@ def merge_bundle(bundle: Path, lora_dir: Path, out: Path, scale: float) -> Path:
     pipe.fuse_lora(lora_scale=scale)
     pipe.unload_lora_weights()
     tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    if check_bundle(bundle).has_image_encoder:
+        _keep_image_encoder(bundle, tmp)
+    write_atomic(tmp / TRAINING_RECORD, record.to_json().encode())
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     os.replace(tmp, out)
     check_bundle(out)
     return out
+
+
+def _keep_image_encoder(base: Path, merged: Path) -> None:
+    """Copy the base's image_encoder/ as is (finetuning does not change it) and list it in model_index.json."""
+    import shutil
+
+    if (merged / "image_encoder").exists():
+        shutil.rmtree(merged / "image_encoder")
+    shutil.copytree(base / "image_encoder", merged / "image_encoder")
+    config = json.loads((base / "image_encoder" / "config.json").read_text())
+    index_path = merged / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["image_encoder"] = ["transformers", (config.get("architectures") or ["CLIPVisionModelWithProjection"])[0]]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
@@ -358,7 +379,13 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet)
         lora_path = save_lora(final_unet, out / "lora")
-        merged = merge_bundle(bundle, out / "lora", out / "bundle", cfg.merge_scale)
+        record = TrainingRecord(
+            guidance_token=use_token,
+            image_encoder_size=int(models.image_encoder.config.image_size) if use_token else None,
+            merge_scale=cfg.merge_scale,
+            lora_rank=cfg.rank,
+        )
+        merged = merge_bundle(bundle, out / "lora", out / "bundle", cfg.merge_scale, record)
         result = {
             "steps": step,
             "images": len(samples),
