@@ -63,7 +63,10 @@ def generate(
     ] = GenerateConfig.guidance_token,
     url: Annotated[
         list[str] | None,
-        typer.Option(help="Triton server HOST:PORT (HTTP port); repeat for a fleet. Or --local."),
+        typer.Option(
+            help="Triton server HOST:PORT (HTTP port); repeat for a fleet. A DNS name stands for every address it "
+            "resolves to (e.g. a Kubernetes headless Service), resolved again while the job runs. Or --local."
+        ),
     ] = None,
     local: Annotated[
         str | None,
@@ -105,8 +108,18 @@ def generate(
         int, typer.Option(help="Tries per request before its images count as failed.")
     ] = GenerateConfig.max_attempts,
     server_wait: Annotated[
-        float, typer.Option(help="Seconds to wait for any server to come back.")
+        float, typer.Option(help="Seconds to wait for any server to come back (or for a --url name to resolve).")
     ] = GenerateConfig.server_wait,
+    rediscover_every: Annotated[
+        float, typer.Option(help="Seconds between resolving --url names again: servers join and leave the job.")
+    ] = GenerateConfig.rediscover_every,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            help="Check the options, read the classes and inputs, ask the servers (when given), print the plan "
+            "(images, shards, already finished, disk per format) and exit: nothing is written."
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     debug: Debug = False,
 ) -> None:
@@ -142,8 +155,15 @@ def generate(
         mixed_engines=mixed_engines,
         max_attempts=max_attempts,
         server_wait=server_wait,
+        rediscover_every=rediscover_every,
     )
     log = (lambda *_: None) if quiet else (lambda msg: typer.echo(msg, err=True))
+    if dry_run:
+        from realfake.client.plan import plan_dataset
+
+        for line in plan_dataset(cfg, log=log).lines():
+            typer.echo(line)
+        return
     bar = ProgressBar(disable=quiet)
     with bar.progress:
         summary = generate_dataset(cfg, log=log, progress=bar.update)

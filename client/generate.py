@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from realfake.client.discovery import Fleet
 from realfake.client.runner import Runner, Summary, write_summary
 from realfake.client.triton import ModelCard, PipelineClient, normalise_url
 from realfake.core import dataset as ds
@@ -74,8 +75,9 @@ class GenerateConfig:
     mixed_engines: bool = False
     max_attempts: int = 4
     server_wait: float = 120.0
+    rediscover_every: float = 10.0  # seconds between resolving --url names again (servers join and leave)
 
-    def check(self) -> None:
+    def check(self, need_servers: bool = True) -> None:
         """One UserError naming the first option that is out of range."""
         if self.per_class is None and self.real is None:
             raise UserError("--per-class is required in text-only mode (without --real)")
@@ -94,7 +96,9 @@ class GenerateConfig:
         if not 1 <= self.quality <= 100:
             raise UserError(f"--quality must be in 1..100, got {self.quality}")
         ds.parse_shard(self.shard)
-        if not self.urls and not self.local:
+        if self.rediscover_every <= 0:
+            raise UserError(f"--rediscover-every must be > 0 seconds, got {self.rediscover_every}")
+        if need_servers and not self.urls and not self.local:
             raise UserError(
                 "say which model makes the images: --url HOST:PORT of a running Triton server (repeat it for a "
                 "fleet), or --local DIR to serve a model repository or diffusers bundle here, or --local tiny for "
@@ -283,8 +287,10 @@ def run_job(
     image_size: int,
     log: Callable[[str], None] = print,
     progress: ProgressCallback | None = None,
+    discover: Callable[[], list[str]] | None = None,
 ) -> Summary:
-    """Make this shard's unfinished items on `urls`, append the manifest, write the summary (Summary.path)."""
+    """Make this shard's unfinished items on `urls`, append the manifest, write the summary (Summary.path).
+    With `discover` (the fleet's addresses now), servers that join or leave while the job runs are followed."""
     out, shard = cfg.out, ds.parse_shard(cfg.shard)
     mine = [it for it in items if shard[1] == 1 or ds.shard_of(it, shard[1]) == shard[0]]
     name = ds.manifest_name(shard)
@@ -318,6 +324,9 @@ def run_job(
         load_real=load_real,
         on_progress=(lambda d, f, rates: progress(d, f, len(pending), rates)) if progress else None,
         row_extra={"local_model": cfg.local},
+        discover=discover,
+        rediscover_every=cfg.rediscover_every,
+        log=log,
     )
     try:
         summary = runner.run()
@@ -350,11 +359,14 @@ def generate_dataset(
     # 2. classes, real images, captions
     inputs = read_inputs(cfg)
     check_writable(cfg.out)
-    with serving_urls(cfg.urls, log, local=cfg.local) as urls:
-        # 3. the servers: one model, one engine
+    with serving_urls(cfg.urls, log, local=cfg.local) as given:
+        # 3. the servers (a --url name stands for every address it resolves to): one model, one engine
+        fleet = Fleet(given)
+        urls = fleet.wait(cfg.server_wait, log) if fleet.dynamic else fleet.urls
         card = negotiate(urls, cfg.mixed_engines, log)
         # 4. the job, compared with the one stored in OUT
         spec, items = build_job(cfg, inputs, card, log)
         store_job(cfg.out, spec, cfg.force)
         # 5. the work
-        return run_job(cfg, spec, items, urls, card.image_size, log, progress)
+        discover = fleet.addresses if fleet.dynamic else None
+        return run_job(cfg, spec, items, urls, card.image_size, log, progress, discover)

@@ -45,6 +45,8 @@ class ServerState:
     busy_seconds: float = 0.0
     engine: str | None = None  # from the server's model card, read at every (re)connection; in manifest rows
     refused: str | None = None  # why this server is not used for this job (it serves something else)
+    gone: bool = False  # its --url name no longer resolves to it (it left the fleet); it may come back
+    threads: list[threading.Thread] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def summary(self, wall: float) -> dict:
@@ -56,6 +58,7 @@ class ServerState:
             "failures": self.failures,
             "images_per_sec": round(self.images / wall, 3) if wall > 0 else 0.0,
             "refused": self.refused,
+            "left_fleet": self.gone,
         }
 
 
@@ -108,6 +111,9 @@ class Runner:
         on_progress: Callable[[int, int, dict], None] | None = None,
         writer: ImageWriter | None = None,
         row_extra: dict | None = None,
+        discover: Callable[[], list[str]] | None = None,
+        rediscover_every: float = 10.0,
+        log: Callable[[str], None] | None = None,
     ):
         self.out, self.spec, self.manifest = out, spec, manifest
         self.width = index_width(spec)
@@ -128,6 +134,9 @@ class Runner:
         self.results: queue.Queue[tuple[str, Batch, object]] = queue.Queue()
         self.stop = threading.Event()
         self.retries = 0
+        self.discover = discover  # the fleet now (names resolved again), or None for a fixed list of servers
+        self.rediscover_every = rediscover_every
+        self.log = log or (lambda _msg: None)
 
     # -- workers --------------------------------------------------------------------------------------------
 
@@ -141,7 +150,7 @@ class Runner:
 
     def _serve(self, server: ServerState) -> None:
         client: PipelineClient | None = None
-        while not self.stop.is_set() and not server.refused:
+        while not self.stop.is_set() and not server.refused and not server.gone:
             if not server.healthy:
                 if server_ready(server.url, timeout=1.0):
                     server.healthy = True
@@ -255,17 +264,58 @@ class Runner:
 
     # -- the job --------------------------------------------------------------------------------------------
 
+    def _start_threads(self, server: ServerState, threads: list[threading.Thread]) -> None:
+        server.threads = [
+            threading.Thread(target=self._worker, args=(server,), daemon=True, name=f"rf-{server.url}-{k}")
+            for k in range(self.concurrency)
+        ]
+        for t in server.threads:
+            t.start()
+        threads += server.threads
+
+    def _discoverer(self) -> None:
+        """Resolve the fleet again every `rediscover_every` seconds and tell the job loop what it is now."""
+        try:
+            while not self.stop.wait(self.rediscover_every):
+                self.results.put(("fleet", Batch([]), self.discover()))
+        except BaseException as exc:  # noqa: BLE001 - reported to the job loop, which stops with it
+            if not self.stop.is_set():
+                self.results.put(("crashed", Batch([]), f"server discovery: {_one_line(exc)}"))
+
+    def _update_fleet(self, addresses: list[str], threads: list[threading.Thread]) -> None:
+        """Servers that joined get request threads; servers that left are dropped (their requests in flight end as
+        they end: a failure is retried on another server, as when a server dies)."""
+        known = {s.url: s for s in self.servers}
+        for url in addresses:
+            server = known.get(url)
+            if server is None:
+                server = ServerState(url)
+                self.servers.append(server)
+                self.log(f"server {url} joined the fleet")
+            elif not server.gone:
+                continue
+            else:
+                server.gone, server.healthy = False, True
+                self.log(f"server {url} is back in the fleet")
+            if not any(t.is_alive() for t in server.threads):
+                self._start_threads(server, threads)
+        wanted = set(addresses)
+        for server in self.servers:
+            if server.url not in wanted and not server.gone:
+                server.gone = True
+                self.log(f"server {server.url} left the fleet")
+
     def run(self) -> Summary:
         for b in self.batches:
             self.work.put(b)
-        threads = [
-            threading.Thread(target=self._worker, args=(srv,), daemon=True, name=f"rf-{srv.url}-{k}")
-            for srv in self.servers
-            for k in range(self.concurrency)
-        ]
+        threads: list[threading.Thread] = []
         start = time.perf_counter()
-        for t in threads:
-            t.start()
+        for srv in list(self.servers):
+            self._start_threads(srv, threads)
+        if self.discover is not None:
+            discoverer = threading.Thread(target=self._discoverer, daemon=True, name="rf-discovery")
+            discoverer.start()
+            threads.append(discoverer)
         done = failed = skipped = 0
         failures: list[dict] = []
         all_down_since: float | None = None
@@ -296,9 +346,12 @@ class Runner:
                         }
                         for i, reason in payload
                     ]
+                elif kind == "fleet":
+                    self._update_fleet(payload, threads)
                 elif kind == "refused":  # not the batch's fault: it goes back, uncounted
                     self.work.put(batch)
-                    if all(srv.refused for srv in self.servers):
+                    active = [srv for srv in self.servers if not srv.gone]
+                    if active and all(srv.refused for srv in active):
                         raise UserError(
                             "no server fits this job: "
                             + "; ".join(f"{srv.url} {srv.refused}" for srv in self.servers)
@@ -316,13 +369,13 @@ class Runner:
                     else:
                         self.retries += 1
                         self.work.put(batch)
-                if any(s.healthy for s in self.servers if not s.refused):
+                if any(s.healthy for s in self.servers if not s.refused and not s.gone):
                     all_down_since = None
                 elif all_down_since is None:
                     all_down_since = time.monotonic()
                 elif time.monotonic() - all_down_since > self.server_wait:
                     raise UserError(
-                        f"no server reachable for {self.server_wait:.0f}s ({', '.join(s.url for s in self.servers)});"
+                        f"no server reachable for {self.server_wait:.0f}s ({self._fleet_text()});"
                         f" {done} images finished and kept: re-run the same command to resume"
                     )
                 if self.on_progress:
@@ -388,6 +441,9 @@ class Runner:
             with contextlib.suppress(OSError, UserError):  # with room again, drop rows whose image is gone
                 self.manifest.close()
                 compact_manifest(self.out, self.manifest.path.name)
+
+    def _fleet_text(self) -> str:
+        return ", ".join(s.url + (" (left)" if s.gone else "") for s in self.servers) or "no server in the fleet"
 
     def _rates(self, wall: float) -> dict:
         return {s.url: (s.images, s.images / wall if wall > 0 else 0.0, s.healthy) for s in self.servers}

@@ -1,9 +1,11 @@
 """rf-client jobs against real Triton servers: crashes, dead servers, shards, real-image conditioning, bad input."""
 
 import json
+import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -281,3 +283,60 @@ def test_servers_on_other_engines_are_refused_unless_mixed(triton, tiny_onnx, tm
         )
         with pytest.raises(UserError, match="no server fits this job"):
             Runner(late, spec, items[:2], [other.url], ds.ManifestWriter(late / "m2.jsonl")).run()
+
+
+NSS_WRAPPER = "libnss_wrapper.so"
+
+
+def _nss_wrapper_env(hosts):
+    """Resolve names from `hosts` in a child process through glibc (nss_wrapper, Debian's libnss-wrapper)."""
+    import ctypes.util
+
+    if not any(Path(d, NSS_WRAPPER).exists() for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu")) and (
+        ctypes.util.find_library("nss_wrapper") is None
+    ):
+        pytest.skip("libnss-wrapper is not installed (apt-get install libnss-wrapper; make installs it)")
+    return {"LD_PRELOAD": NSS_WRAPPER, "NSS_WRAPPER_HOSTS": str(hosts)}
+
+
+def _write_hosts(hosts, name, *addresses):
+    """Replace the hosts file at once (nss_wrapper reloads it when its inode or mtime changes)."""
+    tmp = hosts.with_suffix(".new")
+    tmp.write_text("".join(f"{a} {name}\n" for a in addresses))
+    tmp.replace(hosts)
+
+
+def test_url_name_follows_the_fleet_as_servers_leave_and_join(tiny_repo, reference, tmp_path):
+    """`--url NAME:PORT` with NAME resolving to two loopback addresses (two real servers): mid-job one server is
+    killed and leaves the name, another joins it; the job uses the newcomer and ends equal to the reference."""
+    name, hosts = "fleet.rf.test", tmp_path / "hosts"
+    env = _nss_wrapper_env(hosts)
+    port = free_port("127.0.0.2")
+    stable, leaving, joining = (
+        LocalServer(tiny_repo, host=f"127.0.0.{k}", http_port=port, grpc_port=free_port()) for k in (2, 3, 4)
+    )
+    out = tmp_path / "out"
+    try:
+        for server in (stable, leaving, joining):
+            server.start()
+        _write_hosts(hosts, name, "127.0.0.2", "127.0.0.3")
+        args = [str(VENV_BIN / "rf-client"), *generate_args(out, f"{name}:{port}", **JOB, rediscover_every=0.5)]
+        proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env}
+        )
+        _wait_for_images(out, 20, proc)
+        leaving.kill()
+        time.sleep(1.1)  # a new mtime second, so the resolver sees the change
+        _write_hosts(hosts, name, "127.0.0.2", "127.0.0.4")
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+    finally:
+        for server in (stable, leaving, joining):
+            server.stop()
+    assert _pngs(out) == reference
+    summary = json.loads((out / "summary.json").read_text())
+    by_url = {s["url"]: s for s in summary["servers"]}
+    assert set(by_url) == {f"127.0.0.{k}:{port}" for k in (2, 3, 4)}, by_url
+    assert by_url[f"127.0.0.4:{port}"]["images"] > 0, by_url  # the newcomer was used
+    assert by_url[f"127.0.0.3:{port}"]["left_fleet"] and not by_url[f"127.0.0.2:{port}"]["left_fleet"]
+    assert sum(s["images"] for s in summary["servers"]) == 120

@@ -1,6 +1,7 @@
 """The client's dataset machinery without a server: class sets, prompts, seeds, shards, manifest, real images."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from realfake.core.errors import UserError
 from realfake.core.files import write_atomic
 from realfake.core.images import encode_image, load_real_image
 from realfake.core.real_folder import caption_for, load_captions, scan_real
+
+from conftest import generate_args, rf
 
 
 def test_imagenet_is_the_standard_1000():
@@ -204,3 +207,49 @@ def test_captions(tmp_path):
     path.write_text('{"image": "a", "caption": "b"}\n{"image": "a"}\n')
     with pytest.raises(UserError, match="line 2 is malformed"):
         load_captions(path)
+
+
+def test_url_names_and_addresses():
+    from realfake.client.discovery import Fleet, is_name, split_url
+
+    assert split_url("http://[::1]:8000/") == ("::1", 8000)
+    assert not is_name("127.0.0.1") and not is_name("::1") and not is_name("localhost")
+    assert is_name("realfake-headless.default.svc.cluster.local")
+    fixed = Fleet(["127.0.0.1:8000", "localhost:8001", "127.0.0.1:8000"])
+    assert not fixed.dynamic and fixed.addresses() == ["127.0.0.1:8000", "localhost:8001"]
+    missing = Fleet(["no-such-server.invalid:8000", "127.0.0.1:9"])
+    assert missing.dynamic and missing.addresses() == ["127.0.0.1:9"]  # a name with no address adds none
+    with pytest.raises(UserError, match="resolved to no address for 0s"):
+        Fleet(["no-such-server.invalid:8000"]).wait(0, log=lambda _m: None)
+
+
+def test_dry_run_plans_without_writing(tmp_path):
+    """`--dry-run` counts the job per shard, says what OUT already holds, estimates disk, and writes nothing."""
+    out = tmp_path / "out"
+    r = rf("rf-client", *generate_args(out, per_class=7, shard="1/3", format="jpeg", dry_run=True))
+    assert r.returncode == 0, r.stderr
+    assert not out.exists()
+    text = r.stdout
+    assert "images        70 (text-only)" in text
+    counts = re.search(r"shard         1/3: (\d+) images \(the 3 shards hold (\d+) to (\d+)", text)
+    assert counts and int(counts[2]) <= int(counts[1]) <= int(counts[3])
+    assert re.search(r"disk, jpeg q95 +~[\d.]+ KB/image: .* <- --format", text)
+
+    from realfake.client.generate import GenerateConfig
+    from realfake.client.plan import plan_dataset
+
+    cfg = GenerateConfig(classes="cifar10", out=out, per_class=7, shard="1/3")
+    plan = plan_dataset(cfg, log=lambda _m: None)
+    assert sum(plan.per_shard) == 70 and plan.mine == int(counts[1]) and plan.finished == 0
+    # an OUT that already lists some of this shard's images: they are counted, not planned again
+    c = load_classes("cifar10")[0]
+    mine = [i for i in range(7) if ds.shard_of(ds.WorkItem(c, i, 0, ""), 3) == 1]
+    out.mkdir()
+    (out / "manifest.shard-1-of-3.jsonl").write_text(
+        "".join(json.dumps({"class_id": c.id, "index": i}) + "\n" for i in mine)
+    )
+    assert plan_dataset(cfg, log=lambda _m: None).finished == len(mine) > 0
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.shard-1-of-3.jsonl"]  # still nothing written
+
+    bad = rf("rf-client", *generate_args(out, per_class=0, dry_run=True))
+    assert bad.returncode == 2 and "--per-class must be >= 1" in bad.stderr
