@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from realfake.core.errors import UserError
 from realfake.core.files import write_atomic
 from realfake.serving.model_bundle import TRAINING_RECORD, TrainingRecord, check_bundle
 from realfake.training.data import FinetuneDataset, RealSample, collect_samples, jsonable, load_rgb
+from realfake.training.embeddings import KEY_DTYPE, EmbeddingCache, ImageEmbeddings, file_key, fill_cache
 from realfake.training.objective import realfake_loss, snr
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -113,11 +115,6 @@ def lora_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
 # -- the guidance token ---------------------------------------------------------------------------------
 
 
-def _file_key(path: Path) -> str:
-    st = path.stat()
-    return hashlib.sha256(f"{path.name}/{st.st_size}/{st.st_mtime_ns}".encode()).hexdigest()[:24]
-
-
 def _model_key(bundle: Path) -> str:
     weights = sorted((bundle / "image_encoder").glob("*.safetensors")) + sorted(
         (bundle / "image_encoder").glob("*.bin")
@@ -130,33 +127,40 @@ def _model_key(bundle: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-@torch.no_grad()
 def image_embeddings(
-    models: Models, bundle: Path, root: Path, samples: list[RealSample], cache_dir: Path, log
-) -> torch.Tensor:
-    """CLIP image embeddings [N, D] of the real images, cached on disk per (file, image-encoder weights)."""
-    from safetensors.torch import load_file, save_file
-
+    models: Models, bundle: Path, root: Path, samples: list[RealSample], cache_dir: Path, log, accelerator=None
+) -> ImageEmbeddings:
+    """CLIP image embeddings [N, D] of the real images, computed on the image encoder's device in batches, each
+    image once across `accelerator`'s processes, and cached per (file, encoder weights) in resumable chunks
+    (realfake.training.embeddings)."""
     from realfake.core.images import clip_preprocess
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"image_embeds-{_model_key(bundle)}.safetensors"
-    cache = load_file(str(path)) if path.is_file() else {}
-    keys = [_file_key(root / s.relpath) for s in samples]
-    missing = [i for i, k in enumerate(keys) if k not in cache]
-    size = int(models.image_encoder.config.image_size)
-    for start in range(0, len(missing), 32):
-        chunk = missing[start : start + 32]
-        pixels = clip_preprocess(np.stack([_square(load_rgb(root / samples[i].relpath)) for i in chunk]), size)
-        embeds = models.image_encoder(pixel_values=torch.from_numpy(pixels)).image_embeds
-        for i, e in zip(chunk, embeds, strict=True):
-            cache[keys[i]] = e.contiguous().clone()
-    if missing:
-        tmp = path.with_suffix(".tmp")
-        save_file(cache, str(tmp))
-        os.replace(tmp, path)
-    log(f"guidance token: {len(missing)} image embeddings computed, {len(samples) - len(missing)} from cache")
-    return torch.stack([cache[k] for k in keys])
+    encoder = models.image_encoder
+    param = next(encoder.parameters())
+    size = int(encoder.config.image_size)
+
+    def pixels(i: int) -> np.ndarray:
+        return clip_preprocess(_square(load_rgb(root / samples[i].relpath))[None], size)[0]
+
+    keys = np.array([file_key(root, s.relpath) for s in samples], dtype=KEY_DTYPE)
+    cache = EmbeddingCache(cache_dir / f"image_embeds-{_model_key(bundle)}")
+    # decoding and resizing run on threads (Pillow releases the GIL) while the encoder runs
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool, torch.no_grad():
+
+        def encode(indices: np.ndarray) -> np.ndarray:
+            batch = torch.from_numpy(np.stack(list(pool.map(pixels, indices.tolist()))))
+            return encoder(pixel_values=batch.to(param.device, param.dtype)).image_embeds.float().cpu().numpy()
+
+        embeds, computed = fill_cache(
+            cache,
+            keys,
+            encode,
+            rank=accelerator.process_index if accelerator else 0,
+            world=accelerator.num_processes if accelerator else 1,
+            barrier=accelerator.wait_for_everyone if accelerator else lambda: None,
+        )
+    log(f"guidance token: {computed} image embeddings computed, {len(samples) - computed} from cache")
+    return embeds
 
 
 def _square(image: np.ndarray) -> np.ndarray:
@@ -305,14 +309,17 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
             + ("disabled" if info.has_image_encoder else "the bundle has no image_encoder")
             + "); training on text conditioning alone"
         )
-    embeds = image_embeddings(models, bundle, Path(cfg.data), samples, out / "cache", say) if use_token else None
+    device = accelerator.device
+    for module in (models.vae, models.text_encoder, models.image_encoder):  # the frozen parts
+        if module is not None:
+            module.to(device)
+    embeds = None
+    if use_token:
+        embeds = image_embeddings(models, bundle, Path(cfg.data), samples, out / "cache", say, accelerator)
     add_lora(models.unet, cfg.rank, cfg.lora_alpha)
     params = lora_parameters(models.unet)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     unet, optimizer = accelerator.prepare(models.unet, optimizer)
-    device = accelerator.device
-    for module in (models.vae, models.text_encoder):
-        module.to(device)
 
     step = 0
     checkpoints = _checkpoints(out)
