@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from realfake.client.generate import GenerateConfig
+from realfake.client.server_metrics import DEFAULT_METRICS_PORT
 from realfake.core.classes import BUILTIN, load_classes
 from realfake.core.cli import Debug, int_list, make_app, run_cli
 from realfake.core.defaults import (
@@ -274,29 +275,56 @@ def bench(
         float,
         typer.Option(help="Seconds measuring what this client process can write with no model (0: skip it)."),
     ] = 2.0,
+    metrics_url: Annotated[
+        str | None,
+        typer.Option(
+            help="The server's Triton metrics HOST:PORT, for where the time goes (queue, compute, each component); "
+            "default: the --url host on port 8002. `none` skips it."
+        ),
+    ] = None,
     debug: Debug = False,
 ) -> None:
-    """Measure images/sec and latency p50/p95/p99 per (concurrency, batch) against a server, then the client's
-    own ceiling (encode, hash, write, manifest; no model), so you see whether the fleet or the client limits."""
+    """Measure images/sec and latency p50/p95/p99 per (concurrency, batch) against a server, with where the time
+    goes on the server (from Triton's metrics: queue, pipeline compute, each component), then the client's own
+    ceiling (encode, hash, write, manifest; no model), so you see whether the fleet or the client limits."""
+    import contextlib
+
     from rich.console import Console
     from rich.table import Table
 
-    from realfake.client.default_model import serving_urls
+    from realfake.client.default_model import local_server
+    from realfake.client.server_metrics import default_metrics_url, scrape
     from realfake.client.throughput import measure, write_results
-    from realfake.client.triton import PipelineClient
+    from realfake.client.triton import PipelineClient, normalise_url
 
     levels, batches = int_list(concurrency, "--concurrency"), int_list(batch, "--batch")
     if requests < 1 or steps < 1:
         raise UserError("--requests and --steps must be >= 1")
     console = Console()
-    with serving_urls(url or [], lambda m: typer.echo(m, err=True)) as urls:
-        card = PipelineClient(urls[0]).card()
+    say = lambda m: typer.echo(m, err=True)  # noqa: E731
+    with contextlib.ExitStack() as stack:
+        if url:
+            target = normalise_url(url[0])
+            metrics = metrics_url or default_metrics_url(target)
+        else:
+            server = stack.enter_context(local_server(log=say))
+            target, metrics = server.url, metrics_url or server.metrics_url
+        card = PipelineClient(target).card()
+        if metrics.lower() == "none":
+            metrics = None
+        else:
+            try:
+                scrape(metrics)
+            except UserError as exc:
+                say(f"warning: {exc}; measuring without the server-side breakdown")
+                metrics = None
         rows = []
         for b in batches:
             for c in levels:
-                row = measure(urls[0], c, b, requests, steps, guidance_scale)
+                row = measure(target, c, b, requests, steps, guidance_scale, metrics_url=metrics)
                 rows.append(row)
                 console.print(f"concurrency {c} batch {b}: {row.images_per_sec:.2f} img/s, p50 {row.latency_p50_ms} ms")
+    urls = [target]
     table = Table(
         title=f"rf-client bench: {urls[0]}, model {card.identity}, engine {card.engine}, {steps} steps, "
         f"guidance scale {guidance_scale}"
@@ -314,6 +342,8 @@ def bench(
             str(r.errors),
         )
     console.print(table)
+    if metrics:
+        console.print(_time_table(rows, metrics))
     meta = {
         "url": urls[0],
         "model": card.identity,
@@ -335,6 +365,32 @@ def bench(
     typer.echo(f"results: {json_path} {csv_path}")
 
 
+def _time_table(rows, metrics: str):
+    """Where a request's time goes, per setting: the client's side, the server's queue, the pipeline's own
+    compute, and each component model, in milliseconds per request (from the server's metrics)."""
+    from rich.table import Table
+
+    components = sorted({name for r in rows for name in (r.components_ms or {})})
+    table = Table(title=f"where the time goes, ms per request (server metrics at {metrics})")
+    for col in ("concurrency", "batch", "latency", "client+network", "queue", "pipeline", *components, "server batch"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        if r.server_request_ms is None:
+            continue
+        own = r.server_compute_ms - sum((r.components_ms or {}).values())
+        table.add_row(
+            str(r.concurrency),
+            str(r.batch),
+            f"{r.latency_mean_ms:.1f}",
+            f"{r.client_overhead_ms:.1f}",
+            f"{r.server_queue_ms:.1f}",
+            f"{max(own, 0.0):.1f}",
+            *(f"{(r.components_ms or {}).get(name, 0.0):.1f}" for name in components),
+            f"{r.server_batch:.2f}",
+        )
+    return table
+
+
 def _client_ceiling(out: Path, image_format: str, quality: int, size: int, seconds: float):
     """What this process writes per second with no model, measured beside the results (the same disk)."""
     import tempfile
@@ -353,16 +409,21 @@ def serve(
     repo: Annotated[Path | None, typer.Option(help="Model repository (default: the embedded tiny model).")] = None,
     http_port: Annotated[int, typer.Option(help="HTTP port on 127.0.0.1.")] = 8000,
     grpc_port: Annotated[int, typer.Option(help="gRPC port on 127.0.0.1.")] = 8001,
+    metrics_port: Annotated[
+        int, typer.Option(help="Triton's Prometheus metrics port (what `rf-client bench` reads server time from).")
+    ] = DEFAULT_METRICS_PORT,
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
     debug: Debug = False,
 ) -> None:
-    """Start a local Triton server on a model repository and keep it running until Ctrl-C."""
+    """Start a local Triton server on a model repository and keep it running until Ctrl-C (or SIGTERM/SIGHUP)."""
     from realfake.client.default_model import ensure_default_repo
     from realfake.client.server import LocalServer
 
     repo = repo or ensure_default_repo(lambda m: typer.echo(m, err=True))
-    with LocalServer(repo, http_port=http_port, grpc_port=grpc_port, host=host) as server:
-        typer.echo(f"Triton ready: HTTP {server.host}:{server.http_port}, gRPC {server.host}:{server.grpc_port}")
+    with LocalServer(repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, host=host) as server:
+        typer.echo(
+            f"Triton ready: HTTP {server.url}, gRPC {server.host}:{server.grpc_port}, metrics {server.metrics_url}"
+        )
         typer.echo(f"log: {server.log_path}; Ctrl-C to stop")
         try:
             while server.process is not None and server.process.poll() is None:

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from realfake.core.errors import UserError
+from realfake.core.files import rf_home
 
 TINY = "tiny"
 
 
 def home() -> Path:
-    return Path(os.environ.get("RF_HOME") or Path.home() / ".cache" / "realfake")
+    return rf_home()
 
 
 def default_repo() -> Path:
@@ -83,16 +83,24 @@ def local_repository(local: str, log=print) -> Path:
 def serving_urls(urls: list[str], log=print, local: str | None = TINY):
     """The given servers (normalised HOST:PORT), or with none the `local` model on a Triton server started here
     for as long as the block runs."""
-    from realfake.client.server import LocalServer
     from realfake.client.triton import normalise_url
 
     if urls:
         yield [normalise_url(u) for u in urls]
         return
+    with local_server(local, log) as server:
+        yield [server.url]
+
+
+@contextlib.contextmanager
+def local_server(local: str | None = TINY, log=print):
+    """A Triton server started here on the `local` model (see `local_repository`), for as long as the block runs."""
+    from realfake.client.server import LocalServer
+
     if not local:
         raise UserError("no server: pass --url HOST:PORT, or --local")
     repo = local_repository(local, log)
     log(f"starting a local Triton server on {repo}")
     with LocalServer(repo) as server:
         log(f"server ready at {server.url} (log: {server.log_path})")
-        yield [server.url]
+        yield server

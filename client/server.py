@@ -82,6 +82,7 @@ class LocalServer:
         *,
         http_port: int | None = None,
         grpc_port: int | None = None,
+        metrics_port: int | None = None,
         host: str = LOOPBACK,
         log_path: str | Path | None = None,
         ready_timeout: float = 300.0,
@@ -89,12 +90,15 @@ class LocalServer:
         self.repo = Path(repo).resolve()
         if not self.repo.is_dir():
             raise UserError(f"model repository {self.repo} does not exist (build it with `rf-export repo`)")
-        for port in (http_port, grpc_port):
+        for port in (http_port, grpc_port, metrics_port):
             if port is not None and not port_is_free(port, host):
-                raise UserError(f"port {port} on {host} is in use: pick another with --http-port/--grpc-port")
+                raise UserError(
+                    f"port {port} on {host} is in use: pick another with --http-port/--grpc-port/--metrics-port"
+                )
         self.host = host
         self.http_port = http_port or free_port(host)
         self.grpc_port = grpc_port or free_port(host)
+        self.metrics_port = metrics_port or free_port(host)
         self.ready_timeout = ready_timeout
         self._workdir = Path(tempfile.mkdtemp(prefix="rf-triton-"))
         self.log_path = Path(log_path) if log_path else self._workdir / "tritonserver.log"
@@ -103,6 +107,11 @@ class LocalServer:
     @property
     def url(self) -> str:
         return f"{self.host}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """Triton's Prometheus metrics (per-model request, queue and compute time), bound like the other ports."""
+        return f"{self.host}:{self.metrics_port}"
 
     def _backend_dir(self, install: TritonInstall) -> Path:
         """A private backend folder: the wheel's python backend plus the stub for this Python version."""
@@ -142,7 +151,9 @@ class LocalServer:
             f"--http-port={self.http_port}",
             f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
-            "--allow-metrics=false",
+            "--allow-metrics=true",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
             "--exit-timeout-secs=10",
             "--log-verbose=0",
         ]

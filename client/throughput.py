@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from realfake.client.server_metrics import scrape, server_time
 from realfake.client.triton import PipelineClient
 from realfake.core.files import write_atomic
 
@@ -28,6 +29,14 @@ class BenchRow:
     latency_p95_ms: float
     latency_p99_ms: float
     errors: int
+    # from the server's own metrics (None when they were not read): milliseconds per request
+    latency_mean_ms: float | None = None
+    server_request_ms: float | None = None  # the pipeline's whole time on the server
+    server_queue_ms: float | None = None  # waiting in its queue (dynamic batcher)
+    server_compute_ms: float | None = None  # its compute, components included
+    server_batch: float | None = None  # requests per pipeline execution
+    client_overhead_ms: float | None = None  # mean latency less the server's time: network, (de)serialisation
+    components_ms: dict | None = None  # component model -> ms per pipeline request (BLS placement)
 
 
 def _arrays(batch: int, seed0: int, steps: int, guidance_scale: float, prompt: str) -> dict[str, np.ndarray]:
@@ -41,13 +50,22 @@ def _arrays(batch: int, seed0: int, steps: int, guidance_scale: float, prompt: s
 
 
 def measure(
-    url: str, concurrency: int, batch: int, requests: int, steps: int, guidance_scale: float, warmup: int = 1
+    url: str,
+    concurrency: int,
+    batch: int,
+    requests: int,
+    steps: int,
+    guidance_scale: float,
+    warmup: int = 1,
+    metrics_url: str | None = None,
 ) -> BenchRow:
-    """Send `requests` requests of `batch` images from `concurrency` threads; time each and the whole."""
+    """Send `requests` requests of `batch` images from `concurrency` threads; time each and the whole. With
+    `metrics_url`, the server's own counters before and after say where each request's time went."""
     prompt = "photo of a tench, best quality"
     warm = PipelineClient(url)
     for k in range(warmup):
         warm.infer(_arrays(batch, 10_000 + k, steps, guidance_scale, prompt))
+    before = scrape(metrics_url) if metrics_url else None
     latencies: list[float] = []
     errors = 0
     lock = threading.Lock()
@@ -80,6 +98,19 @@ def measure(
     wall = time.perf_counter() - start
     lat = np.array(latencies) * 1000 if latencies else np.array([np.nan])
     images = len(latencies) * batch
+    server = server_time(before, scrape(metrics_url)) if before is not None else None
+    extra = {}
+    if server is not None:
+        mean = float(np.mean(lat))
+        extra = dict(
+            latency_mean_ms=round(mean, 2),
+            server_request_ms=round(server.request_ms, 2),
+            server_queue_ms=round(server.queue_ms, 2),
+            server_compute_ms=round(server.compute_ms, 2),
+            server_batch=round(server.batch, 2),
+            client_overhead_ms=round(mean - server.request_ms, 2),
+            components_ms={k: round(v, 2) for k, v in server.components.items()},
+        )
     return BenchRow(
         concurrency=concurrency,
         batch=batch,
@@ -91,6 +122,7 @@ def measure(
         latency_p95_ms=round(float(np.percentile(lat, 95)), 2),
         latency_p99_ms=round(float(np.percentile(lat, 99)), 2),
         errors=errors,
+        **extra,
     )
 
 
@@ -99,11 +131,20 @@ def write_results(rows: list[BenchRow], out: Path, meta: dict) -> tuple[Path, Pa
     json_path, csv_path = out.with_suffix(".json"), out.with_suffix(".csv")
     write_atomic(json_path, json.dumps({**meta, "results": [asdict(r) for r in rows]}, indent=2).encode())
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(asdict(rows[0])))
+    flat = [_flat(r) for r in rows]
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for f in flat for k in f)))
     writer.writeheader()
-    writer.writerows(asdict(r) for r in rows)
+    writer.writerows(flat)
     write_atomic(csv_path, buf.getvalue().encode())
     return json_path, csv_path
+
+
+def _flat(row: BenchRow) -> dict:
+    """A CSV row: the components' times as columns of their own."""
+    out = asdict(row)
+    for name, ms in (out.pop("components_ms") or {}).items():
+        out[f"{name}_ms"] = ms
+    return out
 
 
 def textured_images(count: int, size: int = 512, seed: int = 0) -> np.ndarray:

@@ -212,7 +212,17 @@ def test_resume_with_changed_settings_is_refused_then_forced(tmp_path, triton):
 def test_bench_writes_table_json_csv(triton, tmp_path):
     stem = tmp_path / "bench"
     r = rf(
-        "rf-client", "bench", *cli_args(url=triton.url, concurrency="1,2", batch="1,2", requests=3, steps=4, out=stem)
+        "rf-client",
+        "bench",
+        *cli_args(
+            url=triton.url,
+            metrics_url=triton.metrics_url,
+            concurrency="1,2",
+            batch="1,2",
+            requests=3,
+            steps=4,
+            out=stem,
+        ),
     )
     assert r.returncode == 0, r.stderr
     data = json.loads(stem.with_suffix(".json").read_text())
@@ -220,8 +230,14 @@ def test_bench_writes_table_json_csv(triton, tmp_path):
     for row in data["results"]:
         assert row["errors"] == 0 and row["images"] == 3 * row["batch"] and row["images_per_sec"] > 0
         assert row["latency_p50_ms"] <= row["latency_p95_ms"] <= row["latency_p99_ms"]
-    assert stem.with_suffix(".csv").read_text().splitlines()[0].startswith("concurrency,batch,")
-    assert "p95 ms" in r.stdout
+        # the server's own account (Triton's metrics): it cannot exceed what the client waited, and each BLS
+        # component ran once per denoising step or so (the UNet) or once per request (text encoder, VAE decoder)
+        assert 0 < row["server_compute_ms"] <= row["server_request_ms"] <= row["latency_mean_ms"] * 1.05, row
+        assert {"text_encoder", "unet", "vae_decoder"} <= set(row["components_ms"]), row
+        assert sum(row["components_ms"].values()) <= row["server_compute_ms"] * 1.05, row
+    header = stem.with_suffix(".csv").read_text().splitlines()[0]
+    assert header.startswith("concurrency,batch,") and "unet_ms" in header and "server_queue_ms" in header
+    assert "p95 ms" in r.stdout and "where the time goes" in r.stdout
     assert "client ceiling (png" in r.stdout and data["client_ceiling"]["images_per_sec"] > 0
     assert not list(tmp_path.glob(".rf-client-ceiling-*"))  # its scratch files are gone
 

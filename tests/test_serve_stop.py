@@ -5,13 +5,14 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from realfake.client.server import free_port, port_is_free, server_ready
 
-from conftest import VENV_BIN
+from conftest import VENV_BIN, cli_args
 
 pytestmark = pytest.mark.slow
 
@@ -36,16 +37,22 @@ def _group(pgid: int) -> list[int]:
 
 
 def _start_serve(tiny_repo):
-    http, grpc = free_port(), free_port()
-    cmd = [str(VENV_BIN / "rf-serve"), "--repo", str(tiny_repo), "--http-port", str(http), "--grpc-port", str(grpc)]
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    cmd = [str(VENV_BIN / "rf-serve"), *cli_args(repo=tiny_repo, http_port=http, grpc_port=grpc, metrics_port=metrics)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()  # rf-serve itself has seen Triton ready (not only the port answering)
     assert line.startswith("Triton ready"), (line, proc.communicate())
     assert server_ready(f"127.0.0.1:{http}")
+    assert f"metrics 127.0.0.1:{metrics}" in line and "nv_inference_count" in _metrics_text(metrics)
     (triton,) = [pid for pid in _children(proc.pid) if "tritonserver" in Path(f"/proc/{pid}/cmdline").read_text()]
     assert len(_group(triton)) > 1  # tritonserver and its Python-backend stubs
-    return proc, triton, (http, grpc)
+    return proc, triton, (http, grpc, metrics)
+
+
+def _metrics_text(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        return resp.read().decode()
 
 
 def _all_gone(triton: int, ports) -> None:
