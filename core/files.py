@@ -38,6 +38,11 @@ def write_atomic(path: Path, data: bytes, durable: bool = False) -> None:
         f.write(data)
 
 
+def rf_home() -> Path:
+    """This user's realfake folder (RF_HOME, default ~/.cache/realfake): models built on first use, caches."""
+    return Path(os.environ.get("RF_HOME") or Path.home() / ".cache" / "realfake")
+
+
 def file_sha256(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks (plans and graphs can be GBs)."""
     digest = hashlib.sha256()

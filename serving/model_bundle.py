@@ -8,12 +8,14 @@ runtime serves (ONNX export traces them; the pytorch runtime runs them directly)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from realfake.core.errors import UserError
+from realfake.core.files import file_sha256, rf_home, write_atomic
 
 REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
 
@@ -104,13 +106,60 @@ def check_bundle(path: str | Path) -> BundleInfo:
 
 
 def bundle_identity(path: str | Path) -> str:
-    """A short content hash of the bundle's weights and configs: the model identity the manifest records."""
-    digest = hashlib.sha256()
-    root = Path(path)
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(f.relative_to(root)).encode())
-        digest.update(hashlib.sha256(f.read_bytes()).digest())
+    """A short content hash of exactly the files the pipeline loads (`bundle_files`): the model identity the
+    manifest records. A file's digest is cached by its (path, size, mtime, ctime, inode) in this user's cache
+    (RF_HOME), not in the bundle, which may be read-only: an unchanged bundle is not read again."""
+    root = Path(path).resolve()
+    cache_path = rf_home() / "bundle-digests" / f"{hashlib.sha256(str(root).encode()).hexdigest()[:16]}.json"
+    try:
+        cached = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    digests, digest = {}, hashlib.sha256()
+    for f in bundle_files(root):
+        rel = f.relative_to(root).as_posix()
+        st = f.stat()
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        hit = cached.get(rel)
+        sha = hit[1] if hit and hit[0] == stamp else file_sha256(f)
+        digests[rel] = [stamp, sha]
+        digest.update(f"{rel}:{sha}\n".encode())
+    if digests != cached:
+        with contextlib.suppress(OSError):  # an unwritable cache only costs a re-read next time
+            write_atomic(cache_path, json.dumps(digests).encode())
     return digest.hexdigest()[:16]
+
+
+def bundle_files(root: Path) -> list[Path]:
+    """The files loading the bundle reads: model_index.json, realfake.json, and in each component folder the
+    project uses (REQUIRED_COMPONENTS, and image_encoder/ when present) its configs and tokenizer files
+    (*.json, *.txt) and the weights `from_pretrained` picks: the plain (no variant such as .fp16) safetensors
+    files, or .bin files when there are none. Anything else (.ckpt leftovers, variants, other formats) is left out."""
+    files = [root / name for name in ("model_index.json", TRAINING_RECORD) if (root / name).is_file()]
+    for component in REQUIRED_COMPONENTS + OPTIONAL_COMPONENTS:
+        folder = root / component
+        if not folder.is_dir():
+            continue
+        present = sorted(p for p in folder.iterdir() if p.is_file())
+        weights = {ext: [p for p in present if _plain_weights(p.name, ext)] for ext in (".safetensors", ".bin")}
+        chosen = ".safetensors" if weights[".safetensors"] else ".bin"
+        for p in present:
+            if p in weights[chosen] or _plain_weights_index(p.name, chosen):
+                files.append(p)
+            elif p.suffix in (".json", ".txt") and ".index." not in p.name:  # not another format's shard list
+                files.append(p)
+    return sorted(files)
+
+
+def _plain_weights(name: str, ext: str) -> bool:
+    """`<base>.safetensors` (base may carry a shard suffix), not a variant `<base>.fp16.safetensors`."""
+    return name.endswith(ext) and "." not in name[: -len(ext)]
+
+
+def _plain_weights_index(name: str, ext: str) -> bool:
+    """`<base>.safetensors.index.json`: the shard list of plain sharded weights."""
+    suffix = f"{ext}.index.json"
+    return name.endswith(suffix) and "." not in name[: -len(suffix)]
 
 
 def quiet_loading() -> None:
