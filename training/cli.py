@@ -12,6 +12,7 @@ from realfake.core.cli import Debug, make_app, run_cli
 from realfake.core.errors import UserError
 from realfake.training.caption import CaptionConfig
 from realfake.training.demo import RUNTIMES, DemoConfig
+from realfake.training.evaluate_data_config import EvaluateDataConfig
 
 app = make_app("Real-Fake training: distribution-matched LoRA finetuning, and classifiers on synthetic data.")
 
@@ -154,6 +155,59 @@ def caption(
         precision=precision,
     )
     run_caption(cfg, log=lambda m: typer.echo(m, err=True))
+
+
+@app.command("evaluate-data")
+def evaluate_data(
+    real: Annotated[Path, typer.Option(help="Real ImageFolder (folders: class id or name).")],
+    synthetic: Annotated[Path, typer.Option(help="rf-client output (read by its manifest), or an ImageFolder.")],
+    classes: Annotated[str, typer.Option(help="Class set: imagenet, cifar10, cifar100, fashion-mnist, or a file.")],
+    out: Annotated[Path, typer.Option(help="Report directory: evaluate.json/.md, per_class.png, near_copies.png.")],
+    bundle: Annotated[Path | None, typer.Option(help="Features: this bundle's CLIP image encoder.")] = None,
+    classifier: Annotated[Path | None, typer.Option(help="Features: an rf-train classify best.pt.")] = None,
+    torchvision: Annotated[str | None, typer.Option(help="Features: a torchvision model (with --weights).")] = None,
+    weights: Annotated[Path | None, typer.Option(help="Local state-dict file of the --torchvision model.")] = None,
+    per_class: Annotated[int | None, typer.Option(help="At most this many images per class of each set.")] = None,
+    nearest_k: Annotated[
+        int, typer.Option(help="k of precision/recall/density/coverage.")
+    ] = EvaluateDataConfig.nearest_k,
+    copy_threshold: Annotated[
+        float, typer.Option(help="Cosine distance to a real image under which a synthetic image is a near-copy.")
+    ] = EvaluateDataConfig.copy_threshold,
+    worst_pairs: Annotated[
+        int, typer.Option(help="Closest synthetic-real pairs drawn in near_copies.png.")
+    ] = EvaluateDataConfig.worst_pairs,
+    prdc_max: Annotated[
+        int, typer.Option(help="Overall precision/recall on at most this many images per set.")
+    ] = EvaluateDataConfig.prdc_max,
+    batch_size: Annotated[int, typer.Option(help="Images per encoder call.")] = EvaluateDataConfig.batch_size,
+    seed: Annotated[int, typer.Option(help="Seed of the KID subsets and PRDC subsampling.")] = EvaluateDataConfig.seed,
+    debug: Debug = False,
+) -> None:
+    """FID, KID, precision/recall, density/coverage and near-copies of a synthetic set against the real one,
+    per class and overall, on features of a local encoder."""
+    warnings.filterwarnings("ignore")
+    cfg = EvaluateDataConfig(
+        real=real,
+        synthetic=synthetic,
+        out=out,
+        classes=classes,
+        bundle=bundle,
+        classifier=classifier,
+        torchvision=torchvision,
+        weights=weights,
+        per_class=per_class,
+        nearest_k=nearest_k,
+        copy_threshold=copy_threshold,
+        worst_pairs=worst_pairs,
+        prdc_max=prdc_max,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    cfg.validate()  # before the model libraries load: a wrong command line answers at once
+    from realfake.training.evaluate_data import run_evaluate_data
+
+    run_evaluate_data(cfg, log=lambda m: typer.echo(m, err=True))
 
 
 @app.command()
