@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+SYSTEM_PACKAGES := libnss-wrapper munge slurmctld slurmd slurm-client
 
 .PHONY: demo test lint clean
 
@@ -19,6 +20,13 @@ $(STAMP): pyproject.toml
 	  (command -v apt-get >/dev/null && (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
 	   (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null))) || \
 	  echo "note: Fashion-MNIST not installed (apt-get install dataset-fashion-mnist); the demo needs it"
+	@# what the deployment tests run for real: nss_wrapper (a DNS name over several loopback servers), munge + Slurm
+	@# (a single-node cluster for deploy/slurm), and kubectl (renders deploy/k8s; this machine type ships it)
+	@dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1 || \
+	  (command -v apt-get >/dev/null && (apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null 2>&1 || \
+	   (apt-get update -qq && apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null))) || \
+	  echo "note: not installed: $(SYSTEM_PACKAGES); the deployment tests that need them skip, saying so"
+	@command -v kubectl >/dev/null || echo "note: no kubectl: the deploy/k8s rendering tests skip, saying so"
 	touch $(STAMP)
 
 demo: $(STAMP)

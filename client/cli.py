@@ -243,6 +243,21 @@ def verify(
 
 
 @app.command()
+def merge(
+    out: Annotated[Path, typer.Argument(help="An rf-client output directory made by --shard I/N processes.")],
+    debug: Debug = False,
+) -> None:
+    """Fold the shards' manifests into OUT/manifest.jsonl once every shard has finished (safe to run again after
+    a crash). `verify` and `pack` read either layout; this is for tools that read one manifest."""
+    from realfake.core.dataset import merge_manifests
+
+    if not out.is_dir():
+        raise UserError(f"{out} is not a directory")
+    rows, shards = merge_manifests(out)
+    typer.echo(f"{rows} rows in {out / 'manifest.jsonl'} ({shards} shard manifests merged)")
+
+
+@app.command()
 def pack(
     out: Annotated[Path, typer.Argument(help="A verified rf-client output directory.")],
     target: Annotated[Path, typer.Argument(help="Directory for the WebDataset shards.")],

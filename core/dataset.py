@@ -230,3 +230,25 @@ def compact_manifest(out: Path, name: str) -> set[tuple[str, int]]:
                 done.add(key)
                 kept.write(line)
     return done
+
+
+def merge_manifests(out: Path) -> tuple[int, int]:
+    """Fold the shards' manifests (manifest.shard-I-of-N.jsonl) into OUT/manifest.jsonl, for the tools that read one
+    manifest: rows streamed in file order, a key listed twice kept once. The merged file is written and fsync'd
+    before any shard file goes, so a crash at any point loses no row and the merge can simply run again.
+    Run it once every shard has finished. Returns (rows, shard files merged)."""
+    main = out / manifest_name((0, 1))
+    shards = [f for f in manifest_files(out) if f.name != main.name]
+    if not shards:
+        return (sum(1 for _ in iter_manifest(main)) if main.exists() else 0), 0
+    seen: set[tuple[str, int]] = set()
+    with atomic_file(main, "w", durable=True, encoding="utf-8") as merged:
+        for source in ([main] if main.exists() else []) + shards:
+            for row, line in iter_manifest(source):
+                key = (row["class_id"], int(row["index"]))
+                if key not in seen:
+                    seen.add(key)
+                    merged.write(line)
+    for source in shards:
+        source.unlink()
+    return len(seen), len(shards)

@@ -15,6 +15,12 @@ if [ ! -f "$models/bundle/model_index.json" ] && [ ! -f "$models/repo/pipeline/c
   exit 2
 fi
 if [ -f "$models/bundle/model_index.json" ]; then
+  # Server pods that share one models volume (a Kubernetes ReadWriteMany claim) and start together take turns: the
+  # first exports and builds, the others then find everything up to date. The lock goes with this shell's exit.
+  if command -v flock >/dev/null; then
+    exec 9>"$models/.rf-prepare.lock"
+    flock 9
+  fi
   case "$runtime" in
     tensorrt|onnxruntime|pytorch)
       if ! python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
@@ -40,5 +46,9 @@ if [ -f "$models/bundle/model_index.json" ]; then
     *)
       rf-export repo "$models/onnx" --out "$models/repo" --runtime "$runtime" ;;
   esac
+  if command -v flock >/dev/null; then
+    flock -u 9
+    exec 9>&-
+  fi
 fi
 exec tritonserver --model-repository="$models/repo" "$@"

@@ -253,3 +253,17 @@ def test_dry_run_plans_without_writing(tmp_path):
 
     bad = rf("rf-client", *generate_args(out, per_class=0, dry_run=True))
     assert bad.returncode == 2 and "--per-class must be >= 1" in bad.stderr
+
+
+def test_merge_manifests_folds_shards_and_can_run_again(tmp_path):
+    rows = [{"class_id": "cat", "index": i, "path": f"cat/{i}.png"} for i in range(5)]
+    (tmp_path / "manifest.shard-0-of-2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    (tmp_path / "manifest.shard-1-of-2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[3:]))
+    assert ds.merge_manifests(tmp_path) == (5, 2)
+    assert [p.name for p in ds.manifest_files(tmp_path)] == ["manifest.jsonl"]
+    assert ds.read_manifest_rows(tmp_path / "manifest.jsonl") == rows
+    # a crash after the merged file was written but before a shard file went: merging again keeps each row once
+    (tmp_path / "manifest.shard-1-of-2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[3:]))
+    assert ds.merge_manifests(tmp_path) == (5, 1)
+    assert ds.read_manifest_rows(tmp_path / "manifest.jsonl") == rows
+    assert ds.merge_manifests(tmp_path) == (5, 0)
