@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -315,7 +316,7 @@ def bench(
     levels, batches = int_list(concurrency, "--concurrency"), int_list(batch, "--batch")
     if requests < 1 or steps < 1:
         raise UserError("--requests and --steps must be >= 1")
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 140)  # logs and pipes get whole column headers
     say = lambda m: typer.echo(m, err=True)  # noqa: E731
     with contextlib.ExitStack() as stack:
         if url:
@@ -386,8 +387,11 @@ def _time_table(rows, metrics: str):
     from rich.table import Table
 
     components = sorted({name for r in rows for name in (r.components_ms or {})})
-    table = Table(title=f"where the time goes, ms per request (server metrics at {metrics})")
-    for col in ("concurrency", "batch", "latency", "client+network", "queue", "pipeline", *components, "server batch"):
+    table = Table(
+        title=f"where the time goes, ms per request (server metrics at {metrics}): latency = client + queue + "
+        "pipeline + components"
+    )
+    for col in ("conc", "batch", "latency", "client", "queue", "pipeline", *components, "batched"):
         table.add_column(col, justify="right")
     for r in rows:
         if r.server_request_ms is None:
@@ -396,12 +400,12 @@ def _time_table(rows, metrics: str):
         table.add_row(
             str(r.concurrency),
             str(r.batch),
-            f"{r.latency_mean_ms:.1f}",
-            f"{r.client_overhead_ms:.1f}",
-            f"{r.server_queue_ms:.1f}",
-            f"{max(own, 0.0):.1f}",
-            *(f"{(r.components_ms or {}).get(name, 0.0):.1f}" for name in components),
-            f"{r.server_batch:.2f}",
+            f"{r.latency_mean_ms:.0f}",
+            f"{r.client_overhead_ms:.0f}",
+            f"{r.server_queue_ms:.0f}",
+            f"{max(own, 0.0):.0f}",
+            *(f"{(r.components_ms or {}).get(name, 0.0):.0f}" for name in components),
+            f"{r.server_batch:.1f}",
         )
     return table
 

@@ -76,9 +76,13 @@ class ServerTime:
     requests: int  # pipeline requests that finished
     request_ms: float  # the pipeline's whole time on the server (queue + compute)
     queue_ms: float  # waiting in the pipeline's queue (the dynamic batcher included)
-    compute_ms: float  # the pipeline's compute (input + infer + output); with BLS it includes the components'
+    compute_ms: float  # the pipeline's compute (input + infer + output) of the execution that served the request;
+    # with BLS it includes the components'
     batch: float  # mean requests per pipeline execution (the dynamic batcher's doing)
-    components: dict[str, float] = field(default_factory=dict)  # model -> queue + compute ms, per pipeline request
+    # model -> its queue + compute ms per pipeline execution: the calls one pipeline execution made of it. Triton
+    # charges each request of a batched execution the whole execution's compute, so on this scale the pipeline's
+    # compute is its components' time plus its own, and latency = client + queue + compute
+    components: dict[str, float] = field(default_factory=dict)
 
     @property
     def pipeline_own_ms(self) -> float:
@@ -98,8 +102,9 @@ def server_time(before: Counters, after: Counters, pipeline: str = PIPELINE_MODE
     per = 1000.0 * requests  # microseconds per request -> milliseconds
     compute = sum(diff(pipeline, k) for k in ("input_us", "infer_us", "output_us"))
     executions = diff(pipeline, "executions")
+    per_execution = 1000.0 * (executions if executions > 0 else requests)
     components = {
-        model: diff(model, "request_us") / per
+        model: diff(model, "request_us") / per_execution
         for model in sorted(after)
         if model != pipeline and diff(model, "success") > 0
     }
