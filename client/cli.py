@@ -204,8 +204,10 @@ class ProgressBar:
     def update(self, done: int, failed: int, total: int, rates: dict) -> None:
         if self.task is None:
             self.task = self.progress.add_task("generating", total=total, rate="")
-            if len(rates) > 1:
-                self.server_tasks = {u: self.progress.add_task(f"  {u}", total=None, rate="") for u in rates}
+        if len(rates) > 1:  # a line per server, also for servers that join while the job runs
+            for u in rates:
+                if u not in self.server_tasks:
+                    self.server_tasks[u] = self.progress.add_task(f"  {u}", total=None, rate="")
         total_rate = sum(r[1] for r in rates.values())
         self.progress.update(self.task, completed=done + failed, rate=f"{total_rate:.2f} img/s")
         for u, (imgs, rate, healthy) in rates.items():

@@ -446,7 +446,7 @@ class Runner:
         return ", ".join(s.url + (" (left)" if s.gone else "") for s in self.servers) or "no server in the fleet"
 
     def _rates(self, wall: float) -> dict:
-        return {s.url: (s.images, s.images / wall if wall > 0 else 0.0, s.healthy) for s in self.servers}
+        return {s.url: (s.images, s.images / wall if wall > 0 else 0.0, s.healthy and not s.gone) for s in self.servers}
 
 
 def _one_line(exc: BaseException) -> str:
