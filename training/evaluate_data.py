@@ -222,9 +222,12 @@ def distribution_metrics(real: torch.Tensor, fake: torch.Tensor, cfg: EvaluateDa
     fid.update(real.double(), real=True)
     fid.update(fake.double(), real=False)
     result["fid"] = max(0.0, float(fid.compute()))  # round-off can take identical sets a hair below 0
+    # KID's cost is its subsets x three m x m kernels: float32, on the GPU when there is one
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     kid = KernelInceptionDistance(feature=features, subsets=cfg.kid_subsets, subset_size=min(1000, n_real, n_fake))
-    kid.update(real.double(), real=True)
-    kid.update(fake.double(), real=False)
+    kid = kid.to(device)
+    kid.update(real.to(device), real=True)
+    kid.update(fake.to(device), real=False)
     torch.manual_seed(cfg.seed)  # KID draws its subsets from torch's generator
     kid_mean, kid_std = kid.compute()
     result["kid_mean"], result["kid_std"] = float(kid_mean), float(kid_std)
@@ -269,7 +272,7 @@ def _thumb(path: Path, size: int) -> Image.Image:
 
 
 def pairs_picture(pairs: list[dict], real_root: Path, syn_root: Path, size: int = 128, per_row: int = 4) -> Image.Image:
-    """Synthetic | nearest real, side by side, closest pairs first, with their cosine distance."""
+    """Synthetic (left) | nearest real (right), side by side, closest pairs first, with their cosine distance."""
     rows = (len(pairs) + per_row - 1) // per_row
     cell_w, cell_h = 2 * size + 8, size + 18
     sheet = Image.new("RGB", (per_row * cell_w + 8, rows * cell_h + 8), "white")
@@ -305,6 +308,7 @@ def bar_charts(per_class: dict[str, dict], metrics=METRICS, width: int = 900, pa
             draw.rectangle((x + slot * 0.1, base - h, x + max(slot * 0.9, 1), base), fill=(70, 110, 180))
             if len(ids) <= 20:
                 draw.text((x + 2, base + 4), ids[i][:10], fill="black")
+                draw.text((x + slot * 0.1 + 2, max(base - h - 12, y0 + 14)), f"{v:.3g}", fill="black")
     return sheet
 
 
