@@ -213,3 +213,79 @@ def test_finetune_bad_input(tiny_bundle, real_set, tmp_path):
     r = rf(*_finetune_args(tiny_bundle, real_set, tmp_path / "o", "--max-steps", "1", "--captions", str(caps)))
     assert r.returncode == 2 and "names 1 image(s) that do not exist" in r.stderr and "cat/ghost.png" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_precision_defaults():
+    from realfake.core.errors import UserError
+    from realfake.training.finetune import FinetuneConfig, resolve_precision
+
+    assert FinetuneConfig.mixed_precision == "auto"
+    assert resolve_precision("auto", cuda=False) == resolve_precision("bf16", cuda=False) == "no"  # fp32 on CPU
+    assert resolve_precision("auto", cuda=True, bf16=True) == "bf16"
+    assert resolve_precision("auto", cuda=True, bf16=False) == "fp16"
+    assert resolve_precision("no", cuda=True, bf16=True) == "no"
+    with pytest.raises(UserError, match="--mixed-precision must be one of auto, no, fp16, bf16"):
+        FinetuneConfig(bundle=".", data=".", out=".", classes="cifar10", mixed_precision="fp8").validate()
+
+
+def _lora_step(tiny_bundle, real_set, dtype=torch.float32, checkpointing=False):
+    """One objective step on fresh models; returns (models, loss, {LoRA parameter name: gradient}, how often a
+    UNet block ran forward)."""
+    from realfake.core.classes import load_classes
+    from realfake.training.data import FinetuneDataset, collect_samples
+    from realfake.training.finetune import (
+        FinetuneConfig,
+        add_lora,
+        conditioning,
+        load_models,
+        place_frozen,
+        training_step_loss,
+    )
+
+    m = load_models(tiny_bundle, with_image_encoder=True)
+    place_frozen(m, "cpu", dtype)
+    torch.manual_seed(0)
+    add_lora(m.unet, rank=4, alpha=4)
+    if checkpointing:
+        m.unet.enable_gradient_checkpointing()
+    m.unet.train()
+    runs = []
+    block = m.unet.up_blocks[0].resnets[0]  # after LoRA layers, so backward needs its activations
+    forward = block.forward
+
+    def counted(*args, **kwargs):
+        runs.append(1)
+        return forward(*args, **kwargs)
+
+    block.forward = counted
+    samples = collect_samples(real_set, load_classes("cifar10"))[:2]
+    data = FinetuneDataset(real_set, samples, 32)
+    pixels = torch.stack([data.item(i, 0)["pixels"] for i in range(2)])
+    cfg = FinetuneConfig(bundle=tiny_bundle, data=real_set, out=real_set, classes="cifar10")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        context = conditioning(m, [s.prompt for s in samples], torch.ones(2, 32))
+        loss, _, _ = training_step_loss(m, m.unet, pixels, context, torch.Generator().manual_seed(0), cfg)
+    loss.backward()
+    return m, loss, {n: p.grad for n, p in m.unet.named_parameters() if p.requires_grad}, len(runs)
+
+
+def test_mixed_precision_keeps_frozen_parts_in_half_and_lora_in_fp32(tiny_bundle, real_set):
+    m, loss, grads, _ = _lora_step(tiny_bundle, real_set, dtype=torch.bfloat16)
+    for module in (m.vae, m.text_encoder, m.image_encoder):
+        assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
+    frozen = {p.dtype for n, p in m.unet.named_parameters() if "lora" not in n}
+    assert frozen == {torch.bfloat16}  # the UNet's base weights too
+    assert grads and all("lora" in n for n in grads)
+    assert all(g is not None and g.dtype == torch.float32 for g in grads.values())  # what the optimizer steps
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert any(g.abs().max() > 0 for g in grads.values())
+
+
+def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(tiny_bundle, real_set):
+    _, _, plain, runs = _lora_step(tiny_bundle, real_set)
+    m, _, checkpointed, runs_checkpointed = _lora_step(tiny_bundle, real_set, checkpointing=True)
+    assert m.unet.is_gradient_checkpointing
+    assert (runs, runs_checkpointed) == (1, 2)  # the block's forward ran again in backward
+    assert plain.keys() == checkpointed.keys()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-4, atol=1e-6, msg=name)

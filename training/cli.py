@@ -13,6 +13,7 @@ from realfake.core.errors import UserError
 from realfake.training.caption import CaptionConfig
 from realfake.training.demo import RUNTIMES, DemoConfig
 from realfake.training.evaluate_data_config import EvaluateDataConfig
+from realfake.training.finetune_config import FinetuneConfig
 
 app = make_app("Real-Fake training: distribution-matched LoRA finetuning, and classifiers on synthetic data.")
 
@@ -29,22 +30,35 @@ def finetune(
     classes: Annotated[str, typer.Option(help="Class set: imagenet, cifar10, cifar100, fashion-mnist, or a file.")],
     out: Annotated[Path, typer.Option(help="Run directory: lora/, bundle/, checkpoints/, metrics.jsonl.")],
     captions: Annotated[Path | None, typer.Option(help='JSONL {"image": <path or stem>, "caption": ...}.')] = None,
-    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 4,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate (constant).")] = 1e-4,
-    batch_size: Annotated[int, typer.Option(help="Images per step per process.")] = 8,
-    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
-    max_steps: Annotated[int, typer.Option(help="Optimizer steps in total (a resumed run counts on).")] = 1000,
-    dm_weight: Annotated[float, typer.Option(help="Lambda of the distribution-matching term.")] = 0.003,
-    snr_gamma: Annotated[float, typer.Option(help="Min-SNR gamma.")] = 5.0,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 100,
-    merge_scale: Annotated[float, typer.Option(help="LoRA scale fused into the merged bundle.")] = 0.5,
-    mixed_precision: Annotated[str, typer.Option(help="no, fp16 or bf16 (GPU only).")] = "no",
-    guidance_token: Annotated[bool, typer.Option(help="Use the image-embedding guidance token when possible.")] = True,
-    seed: Annotated[int, typer.Option(help="Seed of data order, augmentation and noise.")] = 0,
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = FinetuneConfig.rank,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (constant).")] = FinetuneConfig.lr,
+    batch_size: Annotated[int, typer.Option(help="Images per step per process.")] = FinetuneConfig.batch_size,
+    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = FinetuneConfig.grad_accum,
+    max_steps: Annotated[
+        int, typer.Option(help="Optimizer steps in total (a resumed run counts on).")
+    ] = FinetuneConfig.max_steps,
+    dm_weight: Annotated[
+        float, typer.Option(help="Lambda of the distribution-matching term.")
+    ] = FinetuneConfig.dm_weight,
+    snr_gamma: Annotated[float, typer.Option(help="Min-SNR gamma.")] = FinetuneConfig.snr_gamma,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = FinetuneConfig.checkpoint_every,
+    merge_scale: Annotated[
+        float, typer.Option(help="LoRA scale fused into the merged bundle.")
+    ] = FinetuneConfig.merge_scale,
+    mixed_precision: Annotated[
+        str, typer.Option(help="auto (bf16 on a GPU that has it, else fp16; fp32 on the CPU), no, fp16 or bf16.")
+    ] = FinetuneConfig.mixed_precision,
+    gradient_checkpointing: Annotated[
+        bool, typer.Option(help="Recompute the UNet's activations in backward: less memory, slower steps.")
+    ] = FinetuneConfig.gradient_checkpointing,
+    guidance_token: Annotated[
+        bool, typer.Option(help="Use the image-embedding guidance token when possible.")
+    ] = FinetuneConfig.guidance_token,
+    seed: Annotated[int, typer.Option(help="Seed of data order, augmentation and noise.")] = FinetuneConfig.seed,
     debug: Debug = False,
 ) -> None:
     """LoRA-finetune the UNet with min-SNR denoising + the distribution-matching term; resumes from OUT."""
-    from realfake.training.finetune import FinetuneConfig, run_finetune
+    from realfake.training.finetune import run_finetune
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     cfg = FinetuneConfig(
@@ -63,6 +77,7 @@ def finetune(
         checkpoint_every=checkpoint_every,
         merge_scale=merge_scale,
         mixed_precision=mixed_precision,
+        gradient_checkpointing=gradient_checkpointing,
         guidance_token=guidance_token,
         seed=seed,
     )
@@ -180,9 +195,6 @@ def evaluate_data(
     prdc_max: Annotated[
         int, typer.Option(help="Overall precision/recall on at most this many images per set.")
     ] = EvaluateDataConfig.prdc_max,
-    kid_subsets: Annotated[
-        int, typer.Option(help="KID subsets (of min(1000, set size) images) per class and overall.")
-    ] = EvaluateDataConfig.kid_subsets,
     batch_size: Annotated[int, typer.Option(help="Images per encoder call.")] = EvaluateDataConfig.batch_size,
     seed: Annotated[int, typer.Option(help="Seed of the KID subsets and PRDC subsampling.")] = EvaluateDataConfig.seed,
     debug: Debug = False,
@@ -204,7 +216,6 @@ def evaluate_data(
         copy_threshold=copy_threshold,
         worst_pairs=worst_pairs,
         prdc_max=prdc_max,
-        kid_subsets=kid_subsets,
         batch_size=batch_size,
         seed=seed,
     )

@@ -11,7 +11,7 @@ import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,43 +23,12 @@ from realfake.core.files import write_atomic
 from realfake.serving.model_bundle import TRAINING_RECORD, TrainingRecord, check_bundle
 from realfake.training.data import FinetuneDataset, RealSample, collect_samples, jsonable, load_rgb
 from realfake.training.embeddings import KEY_DTYPE, EmbeddingCache, ImageEmbeddings, file_key, fill_cache
+from realfake.training.finetune_config import FinetuneConfig
 from realfake.training.objective import realfake_loss, snr
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-
-
-@dataclass
-class FinetuneConfig:
-    bundle: Path
-    data: Path
-    out: Path
-    classes: str
-    captions: Path | None = None
-    rank: int = 4
-    lora_alpha: float | None = None  # None: equal to rank
-    lr: float = 1e-4
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_steps: int = 1000
-    dm_weight: float = 0.003
-    snr_gamma: float = 5.0
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    merge_scale: float = 0.5
-    mixed_precision: str = "no"  # no | fp16 | bf16 (GPU)
-    guidance_token: bool = True  # used when the bundle has an image encoder
-    seed: int = 0
-    extra: dict = field(default_factory=dict)
-
-    def validate(self) -> None:
-        for name in ("rank", "batch_size", "grad_accum", "max_steps", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.dm_weight < 0 or self.snr_gamma <= 0:
-            raise UserError("--lr and --snr-gamma must be > 0 and --dm-weight >= 0")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise UserError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -99,6 +68,26 @@ def load_models(bundle: Path, with_image_encoder: bool) -> Models:
     return Models(unet, vae, text, tokenizer, image_encoder, scheduler)
 
 
+def resolve_precision(requested: str, cuda: bool | None = None, bf16: bool | None = None) -> str:
+    """The mixed precision a run uses (`no`, `fp16` or `bf16`): on the CPU always `no` (fp32); on a GPU `auto` is
+    bf16 where the GPU has it, else fp16. `cuda`/`bf16` default to what this machine has."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if not cuda:
+        return "no"
+    if requested != "auto":
+        return requested
+    bf16 = torch.cuda.is_bf16_supported() if bf16 is None else bf16
+    return "bf16" if bf16 else "fp16"
+
+
+def place_frozen(models: Models, device, dtype: torch.dtype) -> None:
+    """The frozen parts (VAE, text encoder, image encoder, and the UNet's base weights) on `device` in `dtype`:
+    half the memory of fp32 under mixed precision. LoRA, added afterwards, trains in fp32 (`add_lora`)."""
+    for module in (models.vae, models.text_encoder, models.image_encoder, models.unet):
+        if module is not None:
+            module.to(device, dtype=dtype)
+
+
 def add_lora(unet: torch.nn.Module, rank: int, alpha: float | None) -> None:
     """Freeze the UNet and add a LoRA adapter to its attention projections (only the adapter trains)."""
     from peft import LoraConfig
@@ -106,6 +95,8 @@ def add_lora(unet: torch.nn.Module, rank: int, alpha: float | None) -> None:
     unet.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
     unet.add_adapter(config)
+    for p in lora_parameters(unet):  # peft puts the adapter in the base weights' dtype; the optimizer needs fp32
+        p.data = p.data.float()
 
 
 def lora_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -143,7 +134,8 @@ def image_embeddings(
         return clip_preprocess(_square(load_rgb(root / samples[i].relpath))[None], size)[0]
 
     keys = np.array([file_key(root, s.relpath) for s in samples], dtype=KEY_DTYPE)
-    cache = EmbeddingCache(cache_dir / f"image_embeds-{_model_key(bundle)}")
+    dtype = str(param.dtype).removeprefix("torch.")  # fp16 and fp32 embeddings differ a little: cached apart
+    cache = EmbeddingCache(cache_dir / f"image_embeds-{_model_key(bundle)}-{dtype}")
     # decoding and resizing run on threads (Pillow releases the GIL) while the encoder runs
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool, torch.no_grad():
 
@@ -193,17 +185,17 @@ def conditioning(models: Models, prompts: list[str], image_embeds: torch.Tensor 
 def training_step_loss(models: Models, unet, pixels, context, generator: torch.Generator, cfg: FinetuneConfig):
     """One forward pass of the objective on a micro-batch; returns (total, denoise, dm)."""
     sched = models.noise_scheduler
-    with torch.no_grad():
-        dist = models.vae.encode(pixels).latent_dist
+    with torch.no_grad():  # the VAE in the frozen parts' dtype; the latents, noise and loss in fp32
+        dist = models.vae.encode(pixels.to(models.vae.dtype)).latent_dist
         eps = torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
-        latents = (dist.mean + dist.std * eps) * models.vae.config.scaling_factor
+        latents = ((dist.mean + dist.std * eps) * models.vae.config.scaling_factor).float()
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator)
     t = t.to(latents.device)
     noisy = sched.add_noise(latents, noise, t)
     prediction_type = sched.config.prediction_type
     target = noise if prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
-    pred = unet(noisy, t, context).sample
+    pred = unet(noisy, t, context).sample.float()
     return realfake_loss(
         pred,
         target,
@@ -295,8 +287,9 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
     classes = load_classes(cfg.classes)
     samples = collect_samples(Path(cfg.data), classes, cfg.captions)
     out.mkdir(parents=True, exist_ok=True)
+    precision = resolve_precision(cfg.mixed_precision)
     accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision if torch.cuda.is_available() else "no",
+        mixed_precision=precision,
         gradient_accumulation_steps=cfg.grad_accum,
         cpu=not torch.cuda.is_available(),
     )
@@ -310,13 +303,15 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
             + "); training on text conditioning alone"
         )
     device = accelerator.device
-    for module in (models.vae, models.text_encoder, models.image_encoder):  # the frozen parts
-        if module is not None:
-            module.to(device)
-    embeds = None
+    place_frozen(models, device, WEIGHT_DTYPES[precision])
+    embeds, encoder_size = None, None
     if use_token:
         embeds = image_embeddings(models, bundle, Path(cfg.data), samples, out / "cache", say, accelerator)
+        encoder_size = int(models.image_encoder.config.image_size)
+        models.image_encoder = None  # its embeddings are cached: training does not need its memory
     add_lora(models.unet, cfg.rank, cfg.lora_alpha)
+    if cfg.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
     params = lora_parameters(models.unet)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     unet, optimizer = accelerator.prepare(models.unet, optimizer)
@@ -388,7 +383,7 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
         lora_path = save_lora(final_unet, out / "lora")
         record = TrainingRecord(
             guidance_token=use_token,
-            image_encoder_size=int(models.image_encoder.config.image_size) if use_token else None,
+            image_encoder_size=encoder_size,
             merge_scale=cfg.merge_scale,
             lora_rank=cfg.rank,
         )
