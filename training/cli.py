@@ -195,6 +195,9 @@ def evaluate_data(
     prdc_max: Annotated[
         int, typer.Option(help="Overall precision/recall on at most this many images per set.")
     ] = EvaluateDataConfig.prdc_max,
+    kid_subsets: Annotated[
+        int, typer.Option(help="KID subsets (of min(1000, set size) images) per class and overall.")
+    ] = EvaluateDataConfig.kid_subsets,
     batch_size: Annotated[int, typer.Option(help="Images per encoder call.")] = EvaluateDataConfig.batch_size,
     seed: Annotated[int, typer.Option(help="Seed of the KID subsets and PRDC subsampling.")] = EvaluateDataConfig.seed,
     debug: Debug = False,
@@ -216,6 +219,7 @@ def evaluate_data(
         copy_threshold=copy_threshold,
         worst_pairs=worst_pairs,
         prdc_max=prdc_max,
+        kid_subsets=kid_subsets,
         batch_size=batch_size,
         seed=seed,
     )
