@@ -122,3 +122,10 @@ def test_finetune_embeddings_are_the_image_encoders(tiny_bundle, tmp_path):
         direct = models.image_encoder(pixel_values=torch.from_numpy(pixels)).image_embeds
     torch.testing.assert_close(embeds[range(9)], direct)
     assert torch.equal(again[range(9)], embeds[range(9)])
+
+
+def test_chunks_other_processes_wrote_out_of_sight_is_one_clear_error(tmp_path):
+    from realfake.core.errors import UserError
+
+    with pytest.raises(UserError, match="500 image embeddings other processes computed are not in .*must be on a"):
+        fill_cache(EmbeddingCache(tmp_path / "cache"), _keys(1000), _encoder([]), rank=0, world=2)

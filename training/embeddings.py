@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from realfake.core.errors import UserError
 from realfake.core.files import atomic_file
 
 KEY_DTYPE = "S24"  # hex of a 96-bit digest
@@ -113,6 +114,9 @@ def fill_cache(
         cache.write(f"{run}-{n:06d}", keys[part], embeds)
     barrier()
     arrays, chunk, row = cache.load(keys)
-    if (chunk < 0).any():
-        raise RuntimeError(f"{int((chunk < 0).sum())} image embeddings are missing from {cache.directory}")
+    if (chunk < 0).any():  # another process's chunks are not visible here
+        raise UserError(
+            f"{int((chunk < 0).sum())} image embeddings other processes computed are not in {cache.directory}: "
+            "the run directory must be on a filesystem every process shares"
+        )
     return ImageEmbeddings(arrays, chunk, row), len(missing)
