@@ -85,7 +85,9 @@ def place_frozen(models: Models, device, dtype: torch.dtype) -> None:
     half the memory of fp32 under mixed precision. LoRA, added afterwards, trains in fp32 (`add_lora`)."""
     for module in (models.vae, models.text_encoder, models.image_encoder, models.unet):
         if module is not None:
-            module.to(device, dtype=dtype)
+            module.to(device)
+            if module.dtype != dtype:  # (diffusers warns on every dtype cast, even to the same one)
+                module.to(dtype=dtype)
 
 
 def add_lora(unet: torch.nn.Module, rank: int, alpha: float | None) -> None:
