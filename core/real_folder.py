@@ -11,12 +11,13 @@ from realfake.core.errors import UserError
 from realfake.core.images import IMAGE_SUFFIXES
 
 
-def scan_real(root: Path, classes: list[ClassInfo]) -> dict[str, list[str]]:
+def scan_real(root: Path, classes: list[ClassInfo], option: str = "--real") -> dict[str, list[str]]:
     """Class id -> sorted image paths relative to `root`. Class folders are matched by class id, or by a name
     (the prompt name or the lemma, case-insensitively) that exactly one class of the set carries; a folder whose
-    name more than one class carries ("crane": the bird and the machine) is refused, naming the candidates."""
+    name more than one class carries ("crane": the bird and the machine) is refused, naming the candidates.
+    `option` names the folder in errors (`--real`, `--val`)."""
     if not root.is_dir():
-        raise UserError(f"--real {root} is not a directory (expected an ImageFolder: one folder per class)")
+        raise UserError(f"{option} {root} is not a directory (expected an ImageFolder: one folder per class)")
     by_id = {c.id: c for c in classes}
     by_name: dict[str, list[ClassInfo]] = {}
     for c in classes:
@@ -30,7 +31,7 @@ def scan_real(root: Path, classes: list[ClassInfo]) -> dict[str, list[str]]:
             candidates = by_name.get(folder.name.casefold(), [])
             if len(candidates) > 1:
                 named = " or ".join(f"{c.id} ({c.name})" for c in candidates)
-                raise UserError(f"--real {root}: folder {folder.name!r} could be {named}: name folders by class id")
+                raise UserError(f"{option} {root}: folder {folder.name!r} could be {named}: name folders by class id")
             if not candidates:
                 unknown.append(folder.name)
                 continue
@@ -44,11 +45,11 @@ def scan_real(root: Path, classes: list[ClassInfo]) -> dict[str, list[str]]:
             found.setdefault(cls.id, []).extend(files)
     if unknown:
         raise UserError(
-            f"--real {root}: folder(s) {', '.join(unknown[:5])} match no class of the set "
+            f"{option} {root}: folder(s) {', '.join(unknown[:5])} match no class of the set "
             "(folders must be named by class id or class name)"
         )
     if not found:
-        raise UserError(f"--real {root} holds no images in class folders ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise UserError(f"{option} {root} holds no images in class folders ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return found
 
 

@@ -1,8 +1,10 @@
 """`rf-train classify`: train a classifier from scratch on synthetic data (optionally mixed with real) and
-evaluate top-1/top-5 on a real validation set. Single process, or DDP under `torchrun` (gloo on CPU, nccl on GPU).
+evaluate top-1/top-5 and per-class top-1 on one or more real validation sets. Single process, or DDP under
+`torchrun` (gloo on CPU, nccl on GPU). Re-running the same command resumes the run in its directory.
 
 Labels come from class ids resolved against one class set, never from folder sort order: the synthetic set's
-manifest rows carry class ids, real ImageFolders are matched by folder name (class id or name).
+manifest rows carry class ids, real ImageFolders are matched by folder name (class id or name), flat folders
+(the ILSVRC-2012 validation layout) by a labels file (see image_sets.py).
 """
 
 from __future__ import annotations
@@ -10,145 +12,54 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import sys
-import tarfile
 import time
-from collections import defaultdict
-from dataclasses import asdict, dataclass
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from realfake.core.classes import ClassInfo, load_classes
-from realfake.core.dataset import manifest_files, read_manifest_rows
 from realfake.core.errors import UserError
-from realfake.core.files import write_atomic
-from realfake.core.real_folder import scan_real
-from realfake.training.data import jsonable
-
-MODELS = ("resnet50", "resnet18", "resnet-small")
-
-
-@dataclass
-class ClassifyConfig:
-    classes: str
-    val: Path
-    out: Path
-    synthetic: Path | None = None
-    real: Path | None = None
-    real_fraction: float = 1.0
-    model: str = "resnet50"
-    image_size: int | None = None  # default: 32 for resnet-small, 224 otherwise
-    epochs: int = 30
-    batch_size: int = 128  # global: divided over DDP processes
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    milestones: str = "0.5,0.75"  # fractions of the epochs where the lr is multiplied by gamma
-    gamma: float = 0.2
-    workers: int = 0
-    seed: int = 0
-    amp: bool = True  # GPU only
-    eval_every: int = 1  # epochs between validations (the last epoch is always validated)
-
-    def validate(self) -> None:
-        if self.model not in MODELS:
-            raise UserError(f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}")
-        if self.synthetic is None and self.real is None:
-            raise UserError("give --synthetic, --real, or both: there is nothing to train on")
-        if not 0.0 <= self.real_fraction <= 1.0:
-            raise UserError(f"--real-fraction must be in [0, 1], got {self.real_fraction}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise UserError("--epochs and --batch-size must be >= 1 and --lr > 0")
-
-    @property
-    def size(self) -> int:
-        return self.image_size or (32 if self.model == "resnet-small" else 224)
-
-    def milestone_epochs(self) -> list[int]:
-        try:
-            fractions = [float(x) for x in self.milestones.split(",") if x.strip()]
-        except ValueError:
-            raise UserError(f"--milestones takes comma-separated fractions, got {self.milestones!r}") from None
-        return sorted({max(1, round(f * self.epochs)) for f in fractions if 0 < f < 1})
-
+from realfake.core.files import atomic_file, write_atomic
+from realfake.training.classify_config import MODELS, RESUME_KEYS, RUN_FILES, ClassifyConfig, default_workers
+from realfake.training.image_sets import (
+    Ref,
+    ValSpec,
+    folder_refs,
+    read_devkit_classes,
+    stratified_fraction,
+    synthetic_refs,
+    val_refs,
+    val_specs,
+)
 
 # -- data -----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Ref:
-    """Where one labelled image lives: a file, or a byte range inside a tar shard."""
-
-    path: str
-    label: int
-    offset: int = -1
-    size: int = 0
-
-
-def synthetic_refs(root: Path, classes: list[ClassInfo]) -> list[Ref]:
-    """An rf-client output (manifest rows) or a folder of WebDataset shards (`.cls` members)."""
-    by_id = {c.id: c.index for c in classes}
-    if not root.is_dir():
-        raise UserError(f"--synthetic {root} is not a directory")
-    shards = sorted(root.glob("*.tar"))
-    if shards:
-        return _webdataset_refs(shards, len(classes))
-    if not manifest_files(root):
-        raise UserError(f"--synthetic {root} has no manifest*.jsonl and no .tar shards: is it an rf-client output?")
-    rows = {r["path"]: r for f in manifest_files(root) for r in read_manifest_rows(f)}
-    unknown = sorted({r["class_id"] for r in rows.values()} - set(by_id))
-    if unknown:
-        raise UserError(f"--synthetic {root} has class ids that are not in the class set: {', '.join(unknown[:5])}")
-    return [Ref(str(root / p), by_id[r["class_id"]]) for p, r in sorted(rows.items())]
-
-
-def _webdataset_refs(shards: list[Path], n_classes: int) -> list[Ref]:
-    refs = []
-    for shard in shards:
-        with tarfile.open(shard) as tar:
-            members = {m.name: m for m in tar.getmembers() if m.isfile()}
-            for name, m in members.items():
-                if not name.endswith(".png"):
-                    continue
-                cls_member = members.get(name[:-4] + ".cls")
-                if cls_member is None:
-                    raise UserError(f"{shard}: {name} has no .cls label")
-                label = int(tar.extractfile(cls_member).read())
-                if not 0 <= label < n_classes:
-                    raise UserError(f"{shard}: {name} has label {label}, outside the class set")
-                refs.append(Ref(str(shard), label, m.offset_data, m.size))
-    return refs
-
-
-def folder_refs(root: Path, classes: list[ClassInfo]) -> list[Ref]:
-    by_id = {c.id: c.index for c in classes}
-    return [Ref(str(root / rel), by_id[cid]) for cid, rels in sorted(scan_real(root, classes).items()) for rel in rels]
-
-
-def stratified_fraction(refs: list[Ref], fraction: float, seed: int) -> list[Ref]:
-    """round(fraction x n_c) images of every class c, chosen with a seeded generator."""
-    by_label: dict[int, list[Ref]] = defaultdict(list)
-    for r in refs:
-        by_label[r.label].append(r)
-    rng = np.random.default_rng(seed)
-    picked = []
-    for label in sorted(by_label):
-        pool = by_label[label]
-        k = round(fraction * len(pool))
-        picked += [pool[i] for i in sorted(rng.choice(len(pool), k, replace=False))]
-    return picked
-
-
 class RefDataset(torch.utils.data.Dataset):
+    """Images by index; an (index, seed) item is augmented with that seed, so a sample's augmentation does not
+    depend on which worker loads it, how many there are, or whether the run was resumed."""
+
     def __init__(self, refs: list[Ref], transform):
         self.refs, self.transform = refs, transform
 
     def __len__(self) -> int:
         return len(self.refs)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item: int | tuple[int, int]):
+        if isinstance(item, tuple):
+            index, seed = item
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self._load(index)
+        return self._load(item)
+
+    def _load(self, i: int):
         import io
 
         from PIL import Image
@@ -164,6 +75,28 @@ class RefDataset(torch.utils.data.Dataset):
             return self.transform(image.convert("RGB")), ref.label
 
 
+class EpochBatches:
+    """This rank's batches of one epoch (`set_epoch` picks it): its share of a permutation seeded by (seed,
+    epoch), disjoint across ranks, no padding, every sample once, each with an augmentation seed of its own."""
+
+    def __init__(self, n: int, batch: int, seed: int, rank: int, world: int):
+        self.n, self.batch, self.seed, self.rank, self.world, self.epoch = n, batch, seed, rank, world, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)[self.rank :: self.world]
+
+    def __iter__(self):
+        seeds = np.random.default_rng([self.seed, self.epoch, 1]).integers(0, 2**62, size=self.n)
+        for batch in _batches(self.indices(), self.batch):
+            yield [(i, int(seeds[i])) for i in batch]
+
+    def __len__(self) -> int:
+        return len(_batches(self.indices(), self.batch))
+
+
 def transforms(size: int, train: bool, small: bool):
     from torchvision.transforms import v2
 
@@ -174,6 +107,38 @@ def transforms(size: int, train: bool, small: bool):
     if train:
         return v2.Compose([v2.RandomResizedCrop(size), v2.RandomHorizontalFlip(), *norm])
     return v2.Compose([v2.Resize(round(size * 256 / 224)), v2.CenterCrop(size), *norm])
+
+
+@dataclass
+class ValSet:
+    """A validation set ready to evaluate: its images, and the outputs its top-1/top-5 are taken over (all of
+    them, or only its own classes when it covers a subset of the training classes, as ImageNet-A/-R do)."""
+
+    spec: ValSpec
+    refs: list[Ref]
+    scored_over: list[int] | None
+    absent: int  # labelled images missing from the folder (a partial copy of a flat set)
+
+
+def load_val_sets(cfg: ClassifyConfig, classes: list[ClassInfo], train_labels: set[int]) -> list[ValSet]:
+    """The --val sets with their labels. The first must cover exactly the training classes (it picks best.pt);
+    later ones may cover a subset; no set may hold a class the training set lacks."""
+    devkit = read_devkit_classes(Path(cfg.devkit_classes), classes) if cfg.devkit_classes else None
+    name = {c.index: c.id for c in classes}
+    sets = []
+    for n, spec in enumerate(val_specs(cfg.val, cfg.val_labels)):
+        refs, absent = val_refs(spec, classes, devkit)
+        labels = {r.label for r in refs}
+        only_val, only_train = labels - train_labels, (train_labels - labels if n == 0 else set())
+        if only_val or only_train:
+            where = "validation sets" if len(cfg.val) == 1 else f"validation sets ({spec.name})"
+            raise UserError(
+                f"class mismatch between training and {where}: only in training: "
+                f"{', '.join(name[i] for i in sorted(only_train)[:5]) or 'none'}; only in validation: "
+                f"{', '.join(name[i] for i in sorted(only_val)[:5]) or 'none'}"
+            )
+        sets.append(ValSet(spec, refs, sorted(labels) if labels != train_labels else None, absent))
+    return sets
 
 
 # -- models ---------------------------------------------------------------------------------------------
@@ -224,170 +189,15 @@ def _dist():
     return dist, world, rank
 
 
-def _all_sum(values: list[float], world: int) -> list[float]:
+def _all_sum(t: torch.Tensor, world: int, device: torch.device) -> torch.Tensor:
+    """Sum of a tensor over ranks (on the device: nccl reduces CUDA tensors only), back on the CPU."""
     if world == 1:
-        return values
+        return t
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64)
+    t = t.to(device)
     dist.all_reduce(t)
-    return t.tolist()
-
-
-def _epoch_indices(n: int, epoch: int, seed: int, rank: int, world: int) -> np.ndarray:
-    """This rank's share of a seeded permutation: disjoint across ranks, no padding, every sample once."""
-    return np.random.default_rng([seed, epoch]).permutation(n)[rank::world]
-
-
-# -- the run --------------------------------------------------------------------------------------------
-
-
-def run_classify(cfg: ClassifyConfig, log=print) -> dict:
-    from torch.nn.parallel import DistributedDataParallel
-    from tqdm.auto import tqdm
-
-    cfg.validate()
-    classes = load_classes(cfg.classes)
-    syn = synthetic_refs(Path(cfg.synthetic), classes) if cfg.synthetic else []
-    real_all = folder_refs(Path(cfg.real), classes) if cfg.real else []
-    real = stratified_fraction(real_all, cfg.real_fraction, cfg.seed) if real_all else []
-    train_refs = syn + real
-    if not train_refs:
-        raise UserError("the training set is empty")
-    val_refs = folder_refs(Path(cfg.val), classes)
-    train_labels, val_labels = {r.label for r in train_refs}, {r.label for r in val_refs}
-    if train_labels != val_labels:
-        name = {c.index: c.id for c in classes}
-        only_train = ", ".join(name[i] for i in sorted(train_labels - val_labels)[:5]) or "none"
-        only_val = ", ".join(name[i] for i in sorted(val_labels - train_labels)[:5]) or "none"
-        raise UserError(
-            f"class mismatch between training and validation sets: only in training: {only_train};"
-            f" only in validation: {only_val}"
-        )
-
-    dist, world, rank = _dist()
-    main = rank == 0
-    say = log if main else (lambda *_: None)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(cfg.seed)
-    small = cfg.model == "resnet-small"
-    train_set = RefDataset(train_refs, transforms(cfg.size, True, small))
-    val_set = RefDataset(val_refs, transforms(cfg.size, False, small))
-    model = build_model(cfg.model, len(classes)).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    ddp = DistributedDataParallel(model) if world > 1 else None
-    net = ddp or model
-    per_rank_batch = max(1, cfg.batch_size // world)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestone_epochs(), gamma=cfg.gamma)
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    out = Path(cfg.out)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    say(
-        f"training {cfg.model} on {len(syn)} synthetic + {len(real)} real images ({len(classes)} classes), "
-        f"validating on {len(val_refs)}; {world} process(es)"
-    )
-    metrics = open(out / "metrics.jsonl", "a") if main else None
-    best, history = -1.0, []
-    t_start = time.perf_counter()
-    for epoch in range(cfg.epochs):
-        indices = _epoch_indices(len(train_set), epoch, cfg.seed, rank, world)
-        seen = _gather_indices(indices, world, dist)
-        loader = torch.utils.data.DataLoader(
-            train_set, batch_sampler=_batches(indices, per_rank_batch), num_workers=cfg.workers
-        )
-        net.train()
-        t0, loss_sum, correct, count = time.perf_counter(), 0.0, 0.0, 0.0
-        bar = tqdm(
-            loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (main and sys.stderr.isatty()), leave=False
-        )
-        join = ddp.join() if ddp is not None else contextlib.nullcontext()
-        with join:
-            for images, labels in bar:
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                    logits = net(images)
-                    loss = torch.nn.functional.cross_entropy(logits, labels)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                loss_sum += loss.item() * len(labels)
-                correct += (logits.argmax(1) == labels).sum().item()
-                count += len(labels)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-        scheduler.step()
-        loss_sum, correct, count = _all_sum([loss_sum, correct, count], world)
-        if (epoch + 1) % max(cfg.eval_every, 1) == 0 or epoch + 1 == cfg.epochs:
-            top1, top5 = evaluate(model, val_set, device, rank, world, per_rank_batch, cfg.workers)
-        else:
-            top1 = top5 = float("nan")
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / count,
-            "train_top1": correct / count,
-            "val_top1": top1,
-            "val_top5": top5,
-            "lr": optimizer.param_groups[0]["lr"],
-            "samples_seen": int(count),
-            "unique_samples": seen,
-            "images_per_sec": round(count / (time.perf_counter() - t0), 2),
-        }
-        history.append(row)
-        say(
-            f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.3f}, train top-1 {row['train_top1']:.4f}, "
-            f"val top-1 {top1:.4f}, top-5 {top5:.4f}"
-        )
-        if main:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-            if top1 == top1 and top1 > best:  # NaN: not validated this epoch
-                best = top1
-                tmp = out / "best.pt.tmp"
-                torch.save(
-                    {
-                        "model": model.state_dict(),
-                        "epoch": epoch + 1,
-                        "val_top1": top1,
-                        "config": jsonable(asdict(cfg)),
-                    },
-                    tmp,
-                )
-                os.replace(tmp, out / "best.pt")
-    result = {}
-    if main:
-        metrics.close()
-        result = {
-            "model": cfg.model,
-            "image_size": cfg.size,
-            "epochs": cfg.epochs,
-            "processes": world,
-            "top1": history[-1]["val_top1"],
-            "top5": history[-1]["val_top5"],
-            "best_top1": best,
-            "train": {
-                "synthetic": str(cfg.synthetic) if cfg.synthetic else None,
-                "synthetic_images": len(syn),
-                "real": str(cfg.real) if cfg.real else None,
-                "real_available": len(real_all),
-                "real_fraction": cfg.real_fraction if cfg.real else None,
-                "real_images": len(real),
-                "total_images": len(train_refs),
-            },
-            "val": {"path": str(cfg.val), "images": len(val_refs)},
-            "classes": len(classes),
-            "wall_seconds": round(time.perf_counter() - t_start, 2),
-            "config": jsonable(asdict(cfg)),
-        }
-        write_atomic(out / "result.json", json.dumps(result, indent=1).encode())
-        say(f"top-1 {result['top1']:.4f} (best {best:.4f}), top-5 {result['top5']:.4f} -> {out / 'result.json'}")
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return result
+    return t.cpu()
 
 
 def _gather_indices(indices: np.ndarray, world: int, dist) -> int:
@@ -399,28 +209,348 @@ def _gather_indices(indices: np.ndarray, world: int, dist) -> int:
     return len({i for part in gathered for i in part})
 
 
-@torch.no_grad()
-def evaluate(model, dataset, device, rank: int, world: int, batch: int, workers: int) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy over the whole set, each rank taking every world-th image."""
-    model.eval()
-    subset = torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world)))
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch, num_workers=workers)
-    top1 = top5 = n = 0.0
-    for images, labels in loader:
-        logits = model(images.to(device))
-        labels = labels.to(device)
-        k = min(5, logits.shape[1])
-        best = logits.topk(k, dim=1).indices
-        top1 += (best[:, 0] == labels).sum().item()
-        top5 += (best == labels[:, None]).any(dim=1).sum().item()
-        n += len(labels)
-    top1, top5, n = _all_sum([top1, top5, n], world)
-    return top1 / max(n, 1), top5 / max(n, 1)
-
-
 def _batches(indices: np.ndarray, size: int) -> list[list[int]]:
     """Batches of `size`; a last batch of one image joins the previous one (BatchNorm cannot train on 1)."""
     batches = [indices[i : i + size].tolist() for i in range(0, len(indices), size)]
     if len(batches) > 1 and len(batches[-1]) == 1:
         batches[-2] += batches.pop()
     return batches
+
+
+# -- evaluation -----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    dataset: torch.utils.data.Dataset,
+    n_classes: int,
+    device: torch.device,
+    batch: int,
+    workers: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    scored_over: list[int] | None = None,
+    amp: bool = False,
+) -> torch.Tensor:
+    """Per class: top-1 hits, top-5 hits and images (a 3 x n_classes tensor) over the whole set, each rank taking
+    every world-th image. Outputs outside `scored_over` (when given) are never predictions."""
+    model.eval()
+    subset = torch.utils.data.Subset(dataset, list(range(rank, len(dataset), world)))
+    loader = torch.utils.data.DataLoader(
+        subset, batch_size=batch, num_workers=workers, pin_memory=device.type == "cuda"
+    )
+    counts = torch.zeros(3, n_classes, dtype=torch.float64)
+    offset = torch.zeros(n_classes, device=device)
+    if scored_over is not None:
+        offset.fill_(float("-inf"))
+        offset[scored_over] = 0.0
+    k = min(5, n_classes if scored_over is None else len(scored_over))
+    for images, labels in loader:
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            logits = model(images.to(device, non_blocking=True))
+        top = (logits.float() + offset).topk(k, dim=1).indices.cpu()
+        hits = torch.stack([top[:, 0] == labels, (top == labels[:, None]).any(dim=1), torch.ones_like(labels) > 0])
+        counts.index_add_(1, labels, hits.double())
+    return _all_sum(counts, world, device)
+
+
+def summarize(counts: torch.Tensor, classes: list[ClassInfo]) -> dict:
+    """Top-1 and top-5 over the set, and the top-1 of every class it holds (from `evaluate`'s counts)."""
+    hits1, hits5, images = counts.tolist()
+    n = sum(images)
+    return {
+        "images": int(n),
+        "top1": sum(hits1) / max(n, 1),
+        "top5": sum(hits5) / max(n, 1),
+        "per_class": {
+            c.id: {"images": int(images[c.index]), "top1": hits1[c.index] / images[c.index]}
+            for c in classes
+            if images[c.index] > 0
+        },
+    }
+
+
+# -- the run --------------------------------------------------------------------------------------------
+
+
+def run_classify(cfg: ClassifyConfig, log=print, on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """Train and validate as `cfg` says; returns the result, also written to OUT/result.json. A run directory
+    holding an unfinished run of the same settings is continued after its last finished epoch (`cfg.resume`);
+    a finished one is only reported. `on_epoch(row)` is called after each epoch's checkpoint."""
+    from torch.nn.parallel import DistributedDataParallel
+    from tqdm.auto import tqdm
+
+    # 1. the data: training images, validation sets, and their classes
+    cfg.validate()
+    classes = load_classes(cfg.classes)
+    syn = synthetic_refs(Path(cfg.synthetic), classes) if cfg.synthetic else []
+    real_all = folder_refs(Path(cfg.real), classes) if cfg.real else []
+    real = stratified_fraction(real_all, cfg.real_fraction, cfg.seed) if real_all else []
+    train_refs = syn + real
+    if not train_refs:
+        raise UserError("the training set is empty")
+    val_sets = load_val_sets(cfg, classes, {r.label for r in train_refs})
+
+    # 2. processes, model, optimizer, loaders
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before the process group: nccl's collectives use the current device
+    dist, world, rank = _dist()
+    main = rank == 0
+    say = log if main else (lambda *_: None)
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    torch.manual_seed(cfg.seed)
+    small = cfg.model == "resnet-small"
+    train_set = RefDataset(train_refs, transforms(cfg.size, True, small))
+    val_transform = transforms(cfg.size, False, small)
+    model = build_model(cfg.model, len(classes)).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    ddp = DistributedDataParallel(model) if world > 1 else None
+    net = ddp or model
+    per_rank_batch = max(1, cfg.batch_size // world)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestone_epochs(), gamma=cfg.gamma)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    sampler = EpochBatches(len(train_set), per_rank_batch, cfg.seed, rank, world)
+    loader = torch.utils.data.DataLoader(
+        train_set,
+        batch_sampler=sampler,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=device.type == "cuda",
+    )
+
+    # 3. a new run, or the one in OUT continued where its last checkpoint left it
+    out = Path(cfg.out)
+    data = {"synthetic_images": len(syn), "real_images": len(real)}
+    data |= {f"val {v.spec.name}": len(v.refs) for v in val_sets}
+    state = _open_run(cfg, out, data, main, say, world, dist)
+    if state is None:
+        run = {"id": uuid.uuid4().hex[:12], "attempt": 0, "epoch": 0, "best_top1": None, "best_epoch": None}
+        run |= {"history": [], "evals": {}, "wall_seconds": 0.0, "data": data}
+    else:
+        run = state["run"]
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+    finished = run["epoch"] >= cfg.epochs
+    if not finished:
+        run["attempt"] += 1
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        # the run's own epochs only: an epoch a crash logged after the last checkpoint is run (and logged) again
+        write_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in run["history"]).encode())
+    if finished:
+        say(f"{out}: run {run['id']} finished all {cfg.epochs} epochs already (--fresh starts it over)")
+    elif run["epoch"]:
+        say(f"resuming run {run['id']} after epoch {run['epoch']}/{cfg.epochs} (attempt {run['attempt']})")
+    say(
+        f"training {cfg.model} on {len(syn)} synthetic + {len(real)} real images ({len(classes)} classes), "
+        f"validating on {', '.join(f'{v.spec.name} ({len(v.refs)})' for v in val_sets)}; {world} process(es), "
+        f"{workers} loader worker(s) each"
+    )
+    for v in val_sets:
+        if v.absent:
+            say(f"warning: {v.absent} image(s) labelled in {v.spec.labels} are not in {v.spec.path}")
+
+    # 4. epochs: train, validate (every eval_every-th and the last), log, checkpoint
+    with open(out / "metrics.jsonl", "a") if main else contextlib.nullcontext() as metrics:
+        for epoch in range(run["epoch"], cfg.epochs):
+            t0 = time.perf_counter()
+            sampler.set_epoch(epoch)
+            seen = _gather_indices(sampler.indices(), world, dist)
+            net.train()
+            sums = torch.zeros(3, dtype=torch.float64)  # loss x images, correct, images
+            bar = tqdm(
+                loader,
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                disable=not (main and sys.stderr.isatty()),
+                leave=False,
+            )
+            with ddp.join() if ddp is not None else contextlib.nullcontext():
+                for images, labels in bar:
+                    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                    with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                        logits = net(images)
+                        loss = torch.nn.functional.cross_entropy(logits, labels)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    sums += torch.tensor(
+                        [loss.item() * len(labels), (logits.argmax(1) == labels).sum().item(), len(labels)],
+                        dtype=torch.float64,
+                    )
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
+            scheduler.step()
+            loss_sum, correct, count = _all_sum(sums, world, device).tolist()
+            row = {
+                "run": run["id"],
+                "attempt": run["attempt"],
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / count,
+                "train_top1": correct / count,
+                "lr": optimizer.param_groups[0]["lr"],
+                "samples_seen": int(count),
+                "unique_samples": seen,
+                "images_per_sec": round(count / (time.perf_counter() - t0), 2),
+            }
+            if (epoch + 1) % max(cfg.eval_every, 1) == 0 or epoch + 1 == cfg.epochs:
+                for v in val_sets:
+                    counts = evaluate(
+                        model,
+                        RefDataset(v.refs, val_transform),
+                        len(classes),
+                        device,
+                        per_rank_batch,
+                        workers,
+                        rank,
+                        world,
+                        v.scored_over,
+                        use_amp,
+                    )
+                    run["evals"][v.spec.name] = summarize(counts, classes)
+                row["val"] = {name: {"top1": e["top1"], "top5": e["top5"]} for name, e in run["evals"].items()}
+            say(_epoch_line(row, cfg.epochs))
+            run["history"].append(row)
+            run["epoch"] = epoch + 1
+            run["wall_seconds"] += time.perf_counter() - t0
+            if main:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                top1 = run["evals"][val_sets[0].spec.name]["top1"] if "val" in row else None
+                if top1 is not None and (run["best_top1"] is None or top1 > run["best_top1"]):
+                    run["best_top1"], run["best_epoch"] = top1, epoch + 1
+                    best = {"model": model.state_dict(), "epoch": epoch + 1, "val_top1": top1}
+                    _save(out / "best.pt", best | {"config": cfg.record()})
+                _save(
+                    out / "last.pt",
+                    {
+                        "run": run,
+                        "config": cfg.record(),
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "rng": _rng_state(device),
+                    },
+                )
+            if on_epoch is not None:
+                on_epoch(row)
+
+    # 5. the result: the last epoch's validation of every set, per class too
+    result = {}
+    if main:
+        train = {
+            "synthetic": str(cfg.synthetic) if cfg.synthetic else None,
+            "synthetic_images": len(syn),
+            "real": str(cfg.real) if cfg.real else None,
+            "real_available": len(real_all),
+            "real_fraction": cfg.real_fraction if cfg.real else None,
+            "real_images": len(real),
+            "total_images": len(train_refs),
+        }
+        result = _result(cfg, run, val_sets, train, classes, world, workers)
+        write_atomic(out / "result.json", json.dumps(result, indent=1).encode())
+        scores = "; ".join(f"{n}: top-1 {v['top1']:.4f}, top-5 {v['top5']:.4f}" for n, v in result["val"].items())
+        say(f"{scores} (best top-1 {run['best_top1']:.4f}, epoch {run['best_epoch']}) -> {out / 'result.json'}")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    line = f"epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.3f}, train top-1 {row['train_top1']:.4f}"
+    for name, v in row.get("val", {}).items():  # epochs that are not validated say nothing of validation
+        line += f"; {name} top-1 {v['top1']:.4f}, top-5 {v['top5']:.4f}"
+    return line
+
+
+def _result(cfg, run, val_sets, train, classes, world, workers) -> dict:
+    first = run["evals"][val_sets[0].spec.name]
+    return {
+        "run": run["id"],
+        "attempts": run["attempt"],
+        "model": cfg.model,
+        "image_size": cfg.size,
+        "epochs": cfg.epochs,
+        "processes": world,
+        "workers": workers,
+        "top1": first["top1"],  # of the first validation set, which also picks best.pt
+        "top5": first["top5"],
+        "best_top1": run["best_top1"],
+        "best_epoch": run["best_epoch"],
+        "train": train,
+        "val": {
+            v.spec.name: {
+                "path": str(v.spec.path),
+                "layout": v.spec.layout,
+                "labels": str(v.spec.labels) if v.spec.labels else None,
+                "scored_over_classes": len(v.scored_over) if v.scored_over else len(classes),
+                **run["evals"][v.spec.name],
+            }
+            for v in val_sets
+        },
+        "classes": len(classes),
+        "wall_seconds": round(run["wall_seconds"], 2),
+        "config": cfg.record(),
+    }
+
+
+def _open_run(cfg: ClassifyConfig, out: Path, data: dict, main: bool, say, world: int, dist) -> dict | None:
+    """The checkpoint of the run in `out` to continue, or None to start one (after `--fresh` cleared `out`).
+    Refused: a run directory without last.pt, and a run of other settings or other data."""
+    found = [f for f in RUN_FILES if (out / f).exists()]
+    if main and found and not cfg.resume:
+        say(f"--fresh: replacing the run in {out} (removed its {', '.join(found)})")
+        for f in found:
+            (out / f).unlink()
+    if world > 1:
+        dist.barrier()
+    if not cfg.resume or not found:
+        return None
+    if "last.pt" not in found:
+        raise UserError(
+            f"{out} holds {', '.join(found)} but no last.pt, so its run cannot be resumed: pass --fresh to replace"
+            " it, or choose another --out"
+        )
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    old, new = state["config"], cfg.record()
+    changes = [(k, old.get(k), new.get(k)) for k in RESUME_KEYS if old.get(k) != new.get(k)]
+    changes += [(k, n, data.get(k)) for k, n in state["run"]["data"].items() if data.get(k) != n]
+    if changes:
+        said = "; ".join(f"{k}: {a} there, {b} here" for k, a, b in changes[:3])
+        raise UserError(
+            f"{out} holds a run of other settings or data ({said}): re-run with its settings to resume it, or"
+            " pass --fresh to replace it"
+        )
+    return state
+
+
+def _save(path: Path, payload: dict) -> None:
+    """torch.save, atomically and durably: a crash leaves the previous checkpoint whole."""
+    with atomic_file(path, "wb", durable=True) as f:
+        torch.save(payload, f)
+
+
+def _rng_state(device: torch.device) -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state["cuda"] is not None and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -11,6 +11,7 @@ import typer
 from realfake.core.cli import Debug, make_app, run_cli
 from realfake.core.errors import UserError
 from realfake.training.caption import CaptionConfig
+from realfake.training.classify_config import ClassifyConfig
 from realfake.training.demo import RUNTIMES, DemoConfig
 from realfake.training.evaluate_data_config import EvaluateDataConfig
 from realfake.training.finetune_config import FinetuneConfig
@@ -87,31 +88,69 @@ def finetune(
 @app.command()
 def classify(
     classes: Annotated[str, typer.Option(help="Class set that defines the labels (ids/names resolve against it).")],
-    val: Annotated[Path, typer.Option(help="Real validation ImageFolder (folders: class id or name).")],
-    out: Annotated[Path, typer.Option(help="Run directory: metrics.jsonl, best.pt, result.json.")],
+    val: Annotated[
+        list[str],
+        typer.Option(
+            help="Real validation set, [NAME=]DIR; repeat for more (out-of-distribution sets too; the first picks "
+            "best.pt). DIR: class folders (id or name), or a flat folder labelled by --val-labels."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Run directory: last.pt, best.pt, metrics.jsonl, result.json.")],
     synthetic: Annotated[Path | None, typer.Option(help="rf-client output dir, or a dir of WebDataset shards.")] = None,
     real: Annotated[Path | None, typer.Option(help="Real training ImageFolder to mix in (or train on alone).")] = None,
-    real_fraction: Annotated[float, typer.Option(help="Fraction of --real used (stratified per class).")] = 1.0,
-    model: Annotated[str, typer.Option(help="resnet50, resnet18, or resnet-small (28-32 px).")] = "resnet50",
+    real_fraction: Annotated[
+        float, typer.Option(help="Fraction of --real used (stratified per class).")
+    ] = ClassifyConfig.real_fraction,
+    model: Annotated[str, typer.Option(help="resnet50, resnet18, or resnet-small (28-32 px).")] = ClassifyConfig.model,
     image_size: Annotated[int | None, typer.Option(help="Input side (default 224, or 32 for resnet-small).")] = None,
-    epochs: Annotated[int, typer.Option(help="Epochs.")] = 30,
-    batch_size: Annotated[int, typer.Option(help="Global batch size (split over DDP processes).")] = 128,
-    lr: Annotated[float, typer.Option(help="SGD learning rate.")] = 0.1,
-    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 5e-4,
-    milestones: Annotated[str, typer.Option(help="LR decay points as fractions of the epochs.")] = "0.5,0.75",
-    gamma: Annotated[float, typer.Option(help="LR multiplier at each milestone.")] = 0.2,
-    workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 0,
-    seed: Annotated[int, typer.Option(help="Seed of data order, subsets and init.")] = 0,
-    amp: Annotated[bool, typer.Option(help="Mixed precision (GPU only).")] = True,
-    eval_every: Annotated[int, typer.Option(help="Epochs between validations (the last is always validated).")] = 1,
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = ClassifyConfig.epochs,
+    batch_size: Annotated[
+        int, typer.Option(help="Global batch size (split over DDP processes).")
+    ] = ClassifyConfig.batch_size,
+    lr: Annotated[float, typer.Option(help="SGD learning rate.")] = ClassifyConfig.lr,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = ClassifyConfig.momentum,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = ClassifyConfig.weight_decay,
+    milestones: Annotated[
+        str, typer.Option(help="LR decay points as fractions of the epochs.")
+    ] = ClassifyConfig.milestones,
+    gamma: Annotated[float, typer.Option(help="LR multiplier at each milestone.")] = ClassifyConfig.gamma,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Data-loading processes per training process (default: its share of the cores, max 8)."),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Seed of data order, augmentation, subsets and init.")
+    ] = ClassifyConfig.seed,
+    amp: Annotated[bool, typer.Option(help="Mixed precision (GPU only).")] = ClassifyConfig.amp,
+    eval_every: Annotated[
+        int, typer.Option(help="Epochs between validations (the last is always validated).")
+    ] = ClassifyConfig.eval_every,
+    val_labels: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="[NAME=]FILE labelling a flat --val folder: '<image> <wnid>' lines (LOC_val_solution.csv too), or "
+            "the devkit's ILSVRC2012_validation_ground_truth.txt with --devkit-classes."
+        ),
+    ] = None,
+    devkit_classes: Annotated[
+        Path | None,
+        typer.Option(help="The devkit's class order (from meta.mat): one wnid a line, line n = ILSVRC2012_ID n."),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume/--fresh",
+            help="Continue the run in OUT after its last finished epoch; --fresh deletes it and starts over.",
+        ),
+    ] = ClassifyConfig.resume,
     debug: Debug = False,
 ) -> None:
-    """Train a classifier from scratch on synthetic (and/or real) images; top-1/top-5 on the real val set.
+    """Train a classifier from scratch on synthetic (and/or real) images; top-1/top-5 and per-class top-1 on
+    each real validation set. Re-running the same command resumes; other settings on the same OUT are refused.
 
     Runs as one process, or as DDP under `torchrun --nproc-per-node N -m realfake.training.cli classify ...`.
     """
-    from realfake.training.classify import ClassifyConfig, run_classify
+    from realfake.training.classify import run_classify
 
     cfg = ClassifyConfig(
         classes=classes,
@@ -133,6 +172,9 @@ def classify(
         seed=seed,
         amp=amp,
         eval_every=eval_every,
+        val_labels=val_labels or (),
+        devkit_classes=devkit_classes,
+        resume=resume,
     )
     run_classify(cfg, log=lambda m: typer.echo(m, err=True))
 

@@ -1,0 +1,235 @@
+"""Where the labelled images of `rf-train classify` live: an rf-client output or WebDataset shards (synthetic),
+class folders (an ImageFolder), or a flat folder plus a labels file, which is how the official ILSVRC-2012
+validation set ships; validation sets each under a name of their own.
+
+ILSVRC-2012 validation, as distributed: `ILSVRC2012_val_00000001.JPEG` ... in one folder, and the devkit's
+`data/ILSVRC2012_validation_ground_truth.txt`: one 1-based ILSVRC2012_ID a line, line n for image n. Those ids
+count the classes in the devkit's order (`data/meta.mat`), which is *not* the sorted-WordNet-id order of the
+`imagenet` class set (core/data/imagenet.tsv, the order torchvision and ImageFolder use): the ground truth needs
+the devkit's class order beside it (`--devkit-classes`). A file of `<image> <wnid>` lines needs nothing else;
+Kaggle's LOC_val_solution.csv is such a file (its header is skipped, the boxes after the first wnid ignored).
+"""
+
+from __future__ import annotations
+
+import re
+import tarfile
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from realfake.core.classes import ClassInfo
+from realfake.core.dataset import manifest_files, read_manifest_rows
+from realfake.core.errors import UserError
+from realfake.core.images import IMAGE_SUFFIXES
+from realfake.core.real_folder import scan_real
+
+DEVKIT_VAL_NAME = "ILSVRC2012_val_{:08d}"  # image n of the devkit's ground truth (stem; files end in .JPEG)
+
+
+@dataclass(frozen=True)
+class Ref:
+    """Where one labelled image lives: a file, or a byte range inside a tar shard."""
+
+    path: str
+    label: int
+    offset: int = -1
+    size: int = 0
+
+
+@dataclass(frozen=True)
+class ValSpec:
+    """One validation set: a name for the reports, its folder, and a labels file when the folder is flat."""
+
+    name: str
+    path: Path
+    labels: Path | None = None
+
+    @property
+    def layout(self) -> str:
+        return "flat + labels file" if self.labels else "class folders"
+
+
+def folder_refs(root: Path, classes: list[ClassInfo], option: str = "--real") -> list[Ref]:
+    """An ImageFolder: one folder per class, named by class id or class name."""
+    by_id = {c.id: c.index for c in classes}
+    found = scan_real(root, classes, option)
+    return [Ref(str(root / rel), by_id[cid]) for cid, rels in sorted(found.items()) for rel in rels]
+
+
+def synthetic_refs(root: Path, classes: list[ClassInfo]) -> list[Ref]:
+    """An rf-client output (manifest rows) or a folder of WebDataset shards (`.cls` members)."""
+    by_id = {c.id: c.index for c in classes}
+    if not root.is_dir():
+        raise UserError(f"--synthetic {root} is not a directory")
+    shards = sorted(root.glob("*.tar"))
+    if shards:
+        return _webdataset_refs(shards, len(classes))
+    if not manifest_files(root):
+        raise UserError(f"--synthetic {root} has no manifest*.jsonl and no .tar shards: is it an rf-client output?")
+    rows = {r["path"]: r for f in manifest_files(root) for r in read_manifest_rows(f)}
+    unknown = sorted({r["class_id"] for r in rows.values()} - set(by_id))
+    if unknown:
+        raise UserError(f"--synthetic {root} has class ids that are not in the class set: {', '.join(unknown[:5])}")
+    return [Ref(str(root / p), by_id[r["class_id"]]) for p, r in sorted(rows.items())]
+
+
+def _webdataset_refs(shards: list[Path], n_classes: int) -> list[Ref]:
+    refs = []
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            members = {m.name: m for m in tar.getmembers() if m.isfile()}
+            for name, m in members.items():
+                if not name.endswith(".png"):
+                    continue
+                cls_member = members.get(name[:-4] + ".cls")
+                if cls_member is None:
+                    raise UserError(f"{shard}: {name} has no .cls label")
+                label = int(tar.extractfile(cls_member).read())
+                if not 0 <= label < n_classes:
+                    raise UserError(f"{shard}: {name} has label {label}, outside the class set")
+                refs.append(Ref(str(shard), label, m.offset_data, m.size))
+    return refs
+
+
+def stratified_fraction(refs: list[Ref], fraction: float, seed: int) -> list[Ref]:
+    """round(fraction x n_c) images of every class c, chosen with a seeded generator."""
+    by_label: dict[int, list[Ref]] = defaultdict(list)
+    for r in refs:
+        by_label[r.label].append(r)
+    rng = np.random.default_rng(seed)
+    picked = []
+    for label in sorted(by_label):
+        pool = by_label[label]
+        k = round(fraction * len(pool))
+        picked += [pool[i] for i in sorted(rng.choice(len(pool), k, replace=False))]
+    return picked
+
+
+def _split_named(spec: str | Path, option: str) -> tuple[str | None, Path]:
+    """'NAME=PATH' or 'PATH'; a path that exists as written is taken whole even when it holds a '='."""
+    text = str(spec)
+    name, sep, rest = text.partition("=")
+    if isinstance(spec, Path) or not sep or Path(text).exists():
+        return None, Path(text)
+    if not name or not rest:
+        raise UserError(f"{option} {text!r}: write NAME=PATH or PATH")
+    return name, Path(rest)
+
+
+def val_specs(val: str | Path | Sequence[str | Path], labels: Sequence[str | Path] = ()) -> list[ValSpec]:
+    """The validation sets of `--val [NAME=]DIR` (repeatable; a name defaults to the folder's) with their
+    `--val-labels [NAME=]FILE` (a name may be left out when there is one validation set)."""
+    items = [val] if isinstance(val, (str, Path)) else list(val)
+    if not items:
+        raise UserError("give at least one --val")
+    folders: dict[str, Path] = {}
+    for item in items:
+        name, path = _split_named(item, "--val")
+        name = name or path.name or str(path)
+        if name in folders:
+            raise UserError(f"two validation sets are named {name!r}: name them, --val NAME=DIR")
+        folders[name] = path
+    label_files: dict[str, Path] = {}
+    for item in labels:
+        name, path = _split_named(item, "--val-labels")
+        if name is None:
+            if len(folders) > 1:
+                raise UserError(f"--val-labels {item}: say which validation set it labels, --val-labels NAME=FILE")
+            name = next(iter(folders))
+        if name not in folders:
+            raise UserError(f"--val-labels {item}: no validation set is named {name!r} ({', '.join(folders)})")
+        label_files[name] = path
+    return [ValSpec(name, path, label_files.get(name)) for name, path in folders.items()]
+
+
+def read_devkit_classes(path: Path, classes: list[ClassInfo]) -> dict[int, int]:
+    """ILSVRC2012_ID -> class index, from a text file: one class id (wnid) a line in the devkit's order (line n
+    is ID n), or `<ID> <wnid>` lines."""
+    by_id = {c.id: c.index for c in classes}
+    order: dict[int, int] = {}
+    for n, tokens in _rows(path):
+        number, wnid = (tokens[0], tokens[1]) if len(tokens) > 1 else (str(len(order) + 1), tokens[0])
+        if not number.isdigit() or wnid not in by_id:
+            raise UserError(
+                f"--devkit-classes {path} line {n}: expected a class id of the set or '<ILSVRC2012_ID> <class id>',"
+                f" got {' '.join(tokens[:2])!r}"
+            )
+        order[int(number)] = by_id[wnid]
+    if not order:
+        raise UserError(f"--devkit-classes {path} is empty")
+    return order
+
+
+def read_val_labels(path: Path, classes: list[ClassInfo], devkit: dict[int, int] | None) -> dict[str, int]:
+    """Image stem -> class index, from the devkit's ground truth (one ILSVRC2012_ID a line, needs `devkit`) or
+    from `<image> <class id>` lines (whitespace or comma separated; a CSV header and further columns ignored)."""
+    rows = list(_rows(path))
+    if not rows:
+        raise UserError(f"--val-labels {path} is empty")
+    if all(len(tokens) == 1 and tokens[0].isdigit() for _, tokens in rows):
+        if devkit is None:
+            raise UserError(
+                f"--val-labels {path} holds ILSVRC2012_IDs (the devkit's ground truth): give the devkit's class order"
+                " too, --devkit-classes FILE (one wnid a line in ILSVRC2012_ID order)"
+            )
+        labels = {}
+        for image, (n, tokens) in enumerate(rows, 1):
+            if int(tokens[0]) not in devkit:
+                raise UserError(f"--val-labels {path} line {n}: ILSVRC2012_ID {tokens[0]} is not in --devkit-classes")
+            labels[DEVKIT_VAL_NAME.format(image)] = devkit[int(tokens[0])]
+        return labels
+    by_id = {c.id: c.index for c in classes}
+    labels = {}
+    for n, tokens in rows:
+        if n == rows[0][0] and tokens[0].casefold() == "imageid":  # LOC_val_solution.csv's header
+            continue
+        if len(tokens) < 2 or tokens[1] not in by_id:
+            got = tokens[1] if len(tokens) > 1 else "nothing"
+            raise UserError(
+                f"--val-labels {path} line {n}: expected '<image> <class id>' with a class id of the set, got {got!r}"
+            )
+        labels[Path(tokens[0]).stem] = by_id[tokens[1]]
+    return labels
+
+
+def val_refs(spec: ValSpec, classes: list[ClassInfo], devkit: dict[int, int] | None) -> tuple[list[Ref], int]:
+    """A validation set's images with their labels, and how many labelled images are absent (flat sets only)."""
+    if spec.labels:
+        return flat_refs(spec, classes, devkit)
+    if spec.path.is_dir() and any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in spec.path.iterdir()):
+        raise UserError(
+            f"--val {spec.path} holds images directly, not in class folders: give their labels, --val-labels"
+            f" [{spec.name}=]FILE ('<image> <wnid>' lines, or the devkit's ground truth with --devkit-classes)"
+        )
+    return folder_refs(spec.path, classes, "--val"), 0
+
+
+def flat_refs(spec: ValSpec, classes: list[ClassInfo], devkit: dict[int, int] | None) -> tuple[list[Ref], int]:
+    """The images directly in `spec.path`, labelled by the labels file; also how many labelled images are absent
+    (a partial copy of the set). An image without a label is refused: its accuracy would be a guess."""
+    if not spec.path.is_dir():
+        raise UserError(f"--val {spec.path} is not a directory")
+    labels = read_val_labels(spec.labels, classes, devkit)
+    files = sorted(p for p in spec.path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"--val {spec.path} holds no images directly in it (a labels file labels a flat folder)")
+    unlabelled = [p.name for p in files if p.stem not in labels]
+    if unlabelled:
+        raise UserError(
+            f"--val {spec.path}: {len(unlabelled)} image(s) have no label in {spec.labels}, e.g. {unlabelled[0]}"
+        )
+    return [Ref(str(p), labels[p.stem]) for p in files], len(labels) - len(files)
+
+
+def _rows(path: Path):
+    """(line number, tokens) of the non-blank lines of a text file."""
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        tokens = [t for t in re.split(r"[,\s]+", line.strip()) if t]
+        if tokens:
+            yield n, tokens
