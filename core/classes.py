@@ -70,6 +70,7 @@ def _from_names(names: list[str]) -> list[ClassInfo]:
 
 
 def _imagenet() -> list[ClassInfo]:
+    # rows in sorted-wnid order (torchvision's and ImageFolder's indices), not the devkit's ILSVRC2012_ID order
     text = resources.files("realfake.core").joinpath("data/imagenet.tsv").read_text(encoding="utf-8")
     lines = [line for line in text.splitlines() if line.strip()]
     col = {c: n for n, c in enumerate(lines[0].split("\t"))}

@@ -245,14 +245,23 @@ def _tiny(ilsvrc, out, **options):
 
 
 def test_ilsvrc_flat_layouts_score_as_class_folders(ilsvrc, tmp_path):
-    """One run, three validation sets: the same images in class folders, flat with the devkit's ground truth, and
-    flat with Kaggle's LOC_val_solution.csv; all score the same, per class too."""
+    """One run, four validation sets: the same images in class folders, flat with the devkit's ground truth, and
+    flat with Kaggle's LOC_val_solution.csv, which all score the same, per class too; and two of the classes alone,
+    scored over those two (as ImageNet-A/-R over their 200), which can only raise a class's top-1."""
+    two = tmp_path / "two_classes"
+    for wnid in WNIDS[:2]:
+        shutil.copytree(ilsvrc / "val_folders" / wnid, two / wnid)
     r = _classify(
         TINY,
         epochs=3,
         eval_every=3,
         real=ilsvrc / "train",
-        val=[f"folders={ilsvrc / 'val_folders'}", f"devkit={ilsvrc / 'val_flat'}", f"kaggle={ilsvrc / 'val_flat'}"],
+        val=[
+            f"folders={ilsvrc / 'val_folders'}",
+            f"devkit={ilsvrc / 'val_flat'}",
+            f"kaggle={ilsvrc / 'val_flat'}",
+            two,
+        ],
         val_labels=[
             f"devkit={ilsvrc / 'ILSVRC2012_validation_ground_truth.txt'}",
             f"kaggle={ilsvrc / 'LOC_val_solution.csv'}",
@@ -262,16 +271,21 @@ def test_ilsvrc_flat_layouts_score_as_class_folders(ilsvrc, tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     val = _result(tmp_path / "run")["val"]
-    assert list(val) == ["folders", "devkit", "kaggle"]
+    assert list(val) == ["folders", "devkit", "kaggle", "two_classes"]
     assert val["folders"]["layout"] == "class folders" and val["devkit"]["layout"] == "flat + labels file"
-    scores = [{k: v[k] for k in ("images", "top1", "top5", "per_class")} for v in val.values()]
+    scores = [{k: v[k] for k in ("images", "top1", "top5", "per_class")} for v in list(val.values())[:3]]
     assert scores[0] == scores[1] == scores[2]
     per_class = scores[0]["per_class"]
     assert sorted(per_class) == sorted(WNIDS) and {c["images"] for c in per_class.values()} == {8}
     assert sum(c["top1"] * c["images"] for c in per_class.values()) == pytest.approx(24 * scores[0]["top1"])
     assert 0.5 < scores[0]["top1"] < 1.0  # learned something, and not so perfectly that a label mix-up would hide
     last = _metrics(tmp_path / "run")[-1]
-    assert sorted(last["val"]) == ["devkit", "folders", "kaggle"]
+    assert sorted(last["val"]) == ["devkit", "folders", "kaggle", "two_classes"]
+    subset = val["two_classes"]
+    assert subset["scored_over_classes"] == 2 and val["folders"]["scored_over_classes"] == 1000
+    assert sorted(subset["per_class"]) == sorted(WNIDS[:2]) and subset["images"] == 16
+    for wnid, c in subset["per_class"].items():
+        assert c["top1"] >= per_class[wnid]["top1"]
     assert "nan" not in r.stderr
 
 
@@ -280,6 +294,7 @@ def test_devkit_ground_truth_needs_the_devkit_class_order(ilsvrc):
     from realfake.training.image_sets import ValSpec, read_devkit_classes, read_val_labels, val_refs
 
     imagenet = load_classes("imagenet")
+    assert [c.id for c in imagenet] == sorted(c.id for c in imagenet)  # the set's order is not the devkit's
     index = {c.id: c.index for c in imagenet}
     truth = ilsvrc / "ILSVRC2012_validation_ground_truth.txt"
     labels = read_val_labels(truth, imagenet, read_devkit_classes(ilsvrc / "devkit_classes.txt", imagenet))
