@@ -18,7 +18,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from realfake.client.discovery import Fleet
@@ -38,7 +38,6 @@ from realfake.core.defaults import (
 from realfake.core.errors import UserError
 from realfake.core.files import file_sha256, write_atomic
 from realfake.core.images import FORMATS, check_decodes, load_real_image
-from realfake.core.protocol import PARAM_TRAINED_WITH_GUIDANCE_TOKEN, PIPELINE_MODEL
 from realfake.core.real_folder import caption_for, load_captions, scan_real
 
 GUIDANCE_TOKEN_MODES = ("auto", "on", "off")
@@ -145,27 +144,13 @@ def _check_some_real_image_decodes(root: Path, real: dict[str, list[str]]) -> No
     raise UserError(f"--real {root}: none of its {len(reasons)} images decodes (e.g. {reasons[0]})")
 
 
-@dataclass(frozen=True)
-class ServedModel(ModelCard):
-    """A server's model card and how its model was trained (the guidance-token check needs it)."""
-
-    trained_with_guidance_token: bool = False
-
-
-def _served_model(client: PipelineClient) -> ServedModel:
-    card = client.card()
-    params = client.client.get_model_config(PIPELINE_MODEL).get("parameters", {})
-    trained = params.get(PARAM_TRAINED_WITH_GUIDANCE_TOKEN, {}).get("string_value", "false") == "true"
-    return ServedModel(**asdict(card), trained_with_guidance_token=trained)
-
-
-def negotiate(urls: list[str], mixed_engines: bool = False, log: Callable[[str], None] = print) -> ServedModel:
+def negotiate(urls: list[str], mixed_engines: bool = False, log: Callable[[str], None] = print) -> ModelCard:
     """The model card the servers agree on: one model, and one engine unless `mixed_engines`. A server that
     does not answer is skipped with a warning (the job's failover retries it) unless it is the only one."""
     cards = []
     for u in urls:
         try:
-            cards.append(_served_model(PipelineClient(u)))
+            cards.append(PipelineClient(u).card())
         except UserError as exc:
             if len(urls) == 1:
                 raise
@@ -193,8 +178,7 @@ def build_job(
     use_token = conditioned and (token == "on" or (token == "auto" and card.has_image_encoder))
     if use_token and not card.has_image_encoder:
         raise UserError("--guidance-token on needs a model with an image encoder; this one has none")
-    trained_with_token = getattr(card, "trained_with_guidance_token", False)
-    if conditioned and token == "auto" and trained_with_token and not card.has_image_encoder:
+    if conditioned and token == "auto" and card.trained_with_guidance_token and not card.has_image_encoder:
         raise UserError(
             "the served model was finetuned with the guidance token but is served without an image encoder: "
             "export its bundle with image_encoder/ in it, or pass --guidance-token off to generate without it"

@@ -12,6 +12,7 @@ from realfake.core.protocol import (
     PARAM_ENGINE,
     PARAM_HAS_IMAGE_ENCODER,
     PARAM_IMAGE_SIZE,
+    PARAM_TRAINED_WITH_GUIDANCE_TOKEN,
     PIPELINE_INPUTS,
     PIPELINE_MODEL,
 )
@@ -27,6 +28,7 @@ class ModelCard:
     has_image_encoder: bool
     max_batch_size: int
     engine: str = "unknown"
+    trained_with_guidance_token: bool = False  # finetuned with it (realfake.json): served without it, it is missing
 
 
 def normalise_url(url: str) -> str:
@@ -72,6 +74,7 @@ class PipelineClient:
             has_image_encoder=params.get(PARAM_HAS_IMAGE_ENCODER, "false") == "true",
             max_batch_size=int(config.get("max_batch_size", 0)),
             engine=params.get(PARAM_ENGINE, "unknown"),
+            trained_with_guidance_token=params.get(PARAM_TRAINED_WITH_GUIDANCE_TOKEN, "false") == "true",
         )
 
     def _input(self, name: str, array: np.ndarray):
