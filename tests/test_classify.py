@@ -423,7 +423,7 @@ def test_eval_every_validates_only_those_epochs_and_the_last(ilsvrc, tmp_path):
     assert [e["epoch"] for e in _metrics(tmp_path / "run") if "val" in e] == [2, 3]
     epoch_lines = [line for line in lines if line.startswith("epoch ")]
     assert len(epoch_lines) == 3 and ";" not in epoch_lines[0]  # not validated: nothing said of validation
-    assert "; val_folders top-1 " in epoch_lines[1]
+    assert "; val val_folders: top-1 " in epoch_lines[1]
     assert not any("nan" in line for line in lines)
 
 
@@ -438,3 +438,11 @@ def test_default_workers_share_the_cores(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda _: {0})
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert default_workers() == 0
+
+
+def test_a_last_batch_of_one_joins_the_one_before():
+    from realfake.training.classify import _batches
+
+    assert _batches(np.arange(9), 4) == [[0, 1, 2, 3], [4, 5, 6, 7, 8]]
+    assert _batches(np.arange(5), 4) == [[0, 1, 2, 3, 4]]
+    assert _batches(np.arange(7), 4) == [[0, 1, 2, 3], [4, 5, 6]]

@@ -213,7 +213,8 @@ def _batches(indices: np.ndarray, size: int) -> list[list[int]]:
     """Batches of `size`; a last batch of one image joins the previous one (BatchNorm cannot train on 1)."""
     batches = [indices[i : i + size].tolist() for i in range(0, len(indices), size)]
     if len(batches) > 1 and len(batches[-1]) == 1:
-        batches[-2] += batches.pop()
+        last = batches.pop()  # not `batches[-2] += batches.pop()`: its target index is taken after the pop
+        batches[-1] += last
     return batches
 
 
@@ -468,7 +469,7 @@ def run_classify(cfg: ClassifyConfig, log=print, on_epoch: Callable[[dict], None
 def _epoch_line(row: dict, epochs: int) -> str:
     line = f"epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.3f}, train top-1 {row['train_top1']:.4f}"
     for name, v in row.get("val", {}).items():  # epochs that are not validated say nothing of validation
-        line += f"; {name} top-1 {v['top1']:.4f}, top-5 {v['top5']:.4f}"
+        line += f"; val {name}: top-1 {v['top1']:.4f}, top-5 {v['top5']:.4f}"
     return line
 
 
