@@ -384,6 +384,31 @@ def test_resumed_run_equals_uninterrupted_run(ilsvrc, tmp_path):
     assert "finished all 3 epochs already" in lines[-3] and again == resumed and _metrics(cut) == rows
 
 
+def test_one_process_run_resumes_under_torchrun(ilsvrc, tmp_path):
+    from realfake.training.classify import run_classify
+
+    def stop_after_first(row):
+        if row["epoch"] == 1:
+            raise Interrupted
+
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        run_classify(_tiny(ilsvrc, out, epochs=3), log=lambda _: None, on_epoch=stop_after_first)
+    args = cli_args(TINY, real=ilsvrc / "train", val=ilsvrc / "val_folders", out=out, epochs=3)
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+        + ["-m", "realfake.training.cli", "classify", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    rows, result = _metrics(out), _result(out)
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and [r["attempt"] for r in rows] == [1, 2, 2]
+    assert {r["run"] for r in rows} == {result["run"]} and result["processes"] == 2
+    assert all(r["samples_seen"] == r["unique_samples"] == 48 for r in rows)
+
+
 def torch_equal(a, b) -> bool:
     import torch
 
