@@ -62,16 +62,22 @@ def test_reduced_demo_end_to_end(tmp_path, rf_home_demo):
         "classify_real",
         "classify_synthetic",
         "classify_mixed",
+        "evaluate_data",
     }
     md = (out / "results.md").read_text()
     assert f"{syn['top1']:.4f}" in md and "synthetic / real top-1" in md
+    # the synthetic set against the real training images, on the real-only classifier's features
+    quality = table["synthetic_vs_real"]
+    assert quality["fid"] > 0 and 0 < quality["precision"] <= 1 and 0 < quality["recall"] <= 1
+    assert 0 <= quality["near_copy_share"] <= 1 and "classifier resnet-small" in quality["encoder"]
+    assert f"| {quality['fid']:.4f} |" in md and (out / "evaluate_data" / "near_copies.png").is_file()
     assert (out / "real_vs_synthetic.png").stat().st_size > 1000
     # every synthetic image was made by the server from a real one, and the dataset is whole
     verify = rf("rf-client", "verify", str(out / "synthetic"))
     assert verify.returncode == 0, verify.stdout
     # a second run finds every stage done (and the cached base model)
     again = rf("rf-demo", *REDUCED, "--out", str(out), env={"RF_HOME": str(rf_home_demo)})
-    assert again.returncode == 0 and again.stderr.count("done in an earlier run") == 9
+    assert again.returncode == 0 and again.stderr.count("done in an earlier run") == 10
 
 
 def test_missing_and_corrupt_data(tmp_path):

@@ -103,6 +103,7 @@ def test_identical_sets_score_perfectly_and_a_shifted_set_worse(sets, classifier
 
 def test_copies_of_real_images_are_flagged_and_drawn(sets, classifier, tmp_path):
     report = evaluate(sets, "copies", tmp_path, classifier=classifier, copy_threshold=0.005, worst_pairs=8)
+    assert report["feature_dim"] == 128  # resnet-small's pooled features: its last Linear layer is gone
     # the six closest pairs are the copies, each next to the image it copies
     pairs = {(p["synthetic"], p["real"]) for p in report["worst_pairs"][:6]}
     assert pairs == {(f"cat/copy{i}.png", f"cat/cat{i}.png") for i in range(3)} | {
@@ -180,3 +181,44 @@ def test_cli_runs_and_bad_input_is_one_line(sets, classifier, tmp_path):
     ):
         with pytest.raises(UserError, match=message):
             run_evaluate_data(EvaluateDataConfig(sets["real"], sets["same"], tmp_path / "x", "cifar10", **kw))
+
+
+def test_the_demo_reports_its_synthetic_sets_quality(sets, classifier, tmp_path):
+    """The demo's evaluate_data stage on a demo-shaped run directory, and the report's table of it."""
+    from realfake.training.demo import Demo, DemoConfig
+    from realfake.training.demo_report import markdown
+
+    out = tmp_path / "demo"
+    ids = ("t_shirt_top", "trouser", "pullover")
+    for c, cid in zip(CLASSES, ids, strict=True):
+        shutil.copytree(sets["real"] / c, out / "real_train" / cid)
+        shutil.copytree(sets["shifted"] / c, out / "synthetic" / cid)
+    rows = [
+        {"class_id": cid, "index": i, "path": f"{cid}/{c}{i}.png"}
+        for c, cid in zip(CLASSES, ids, strict=True)
+        for i in range(16)
+    ]
+    (out / "synthetic" / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "classify" / "real").mkdir(parents=True)
+    shutil.copy(classifier, out / "classify" / "real" / "best.pt")
+
+    demo = Demo(DemoConfig(out=out), tmp_path / "cache", log=lambda m: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quality = demo.evaluate_data({"generate": {"dataset": str(out / "synthetic")}})
+    report = json.loads((out / "evaluate_data" / "evaluate.json").read_text())
+    assert quality["fid"] == pytest.approx(report["overall"]["fid"]) and quality["fid"] > 0
+    assert 0 <= quality["recall"] < 0.95 and quality["near_copies"] == report["overall"]["near_copies"]
+    table = {
+        "classifier": "resnet-small",
+        "epochs": 1,
+        "test_images": 10,
+        "rows": [],
+        "synthetic_over_real_top1": None,
+        "generation_images_per_sec": 1.0,
+        "synthetic_vs_real": quality,
+        "stage_seconds": {},
+    }
+    md = markdown(table)
+    assert "| fid | kid_mean | precision | recall | density | coverage | near_copy_share |" in md
+    assert f"| {quality['fid']:.4f} | {quality['kid_mean']:.4f} | {quality['precision']:.4f} |" in md

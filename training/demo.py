@@ -3,7 +3,8 @@
 base model (trained here, cached) -> Real-Fake finetune -> ONNX + Triton repository -> local Triton ->
 rf-client generate (one synthetic image per real image: caption-free class prompt, latent prior, guidance
 token) -> the same classifier trained on real only / synthetic only / real+synthetic -> evaluated on the real
-test images -> a table (JSON + Markdown) and a real-vs-synthetic grid.
+test images; the synthetic set's FID/KID, precision/recall and near-copies against the real one -> a table
+(JSON + Markdown) and a real-vs-synthetic grid.
 
 Each stage records its result in OUT/stages/<stage>.json; a re-run skips finished stages and resumes.
 """
@@ -24,7 +25,7 @@ from realfake.core.classes import load_classes
 from realfake.core.defaults import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS
 from realfake.core.errors import UserError
 from realfake.core.files import write_atomic
-from realfake.training.demo_report import write_report
+from realfake.training.demo_report import DATA_METRICS, write_report
 from realfake.training.idx import DEBIAN_DIR, balanced_subset, load_split, write_imagefolder
 
 CLASS_SET = "fashion-mnist"
@@ -247,6 +248,26 @@ class Demo:
         result = run_classify(cfg, log=lambda m: self.log("  " + m))
         return {"top1": result["top1"], "top5": result["top5"], "train_images": result["train"]["total_images"]}
 
+    def evaluate_data(self, s: dict) -> dict:
+        """The synthetic set against the real images it was conditioned on, on the features of the real-only
+        classifier (a trained encoder: random-weight features crowd every image together)."""
+        from realfake.training.evaluate_data import EvaluateDataConfig, run_evaluate_data
+
+        cfg = EvaluateDataConfig(
+            real=self.out / "real_train",
+            synthetic=Path(s["generate"]["dataset"]),
+            out=self.out / "evaluate_data",
+            classes=CLASS_SET,
+            classifier=self.out / "classify" / "real" / "best.pt",
+            seed=self.cfg.seed,
+        )
+        report = run_evaluate_data(cfg, log=lambda m: self.log("  " + m))
+        return {
+            "encoder": report["encoder"],
+            "report": str(cfg.out / "evaluate.json"),
+            **{k: report["overall"].get(k) for k in DATA_METRICS},
+        }
+
     # -- the run --------------------------------------------------------------------------------------------
 
     def run(self) -> dict:
@@ -286,7 +307,8 @@ class Demo:
         for c in classifiers:
             number = "7/8" if c in ABLATION_CLASSIFIERS else "6/8"
             s[c.stage] = self.stage(c.stage, number, lambda c=c: self.classify(c, s))
-        # 8. the table and the grid
+        # 8. how close the synthetic set is to the real one, then the table and the grid
+        s["evaluate_data"] = self.stage("evaluate_data", "8/8", lambda: self.evaluate_data(s))
         labels = [(c.label, c.stage) for c in classifiers]
         if self.cfg.ablate:
             labels.append(("ablation: + guidance token (= Real-Fake)", "classify_synthetic"))

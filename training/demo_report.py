@@ -11,6 +11,9 @@ import numpy as np
 from realfake.core.dataset import read_manifest_rows
 from realfake.core.files import write_atomic
 
+# what the report shows of `rf-train evaluate-data` (synthetic vs real, overall)
+DATA_METRICS = ("fid", "kid_mean", "precision", "recall", "density", "coverage", "near_copy_share", "near_copies")
+
 
 def write_report(demo, labels: list[tuple[str, str]], s: dict, wall: float) -> dict:
     """OUT/results.json and results.md (accuracies per training set, generation rate, stage times) and the grid.
@@ -29,6 +32,7 @@ def write_report(demo, labels: list[tuple[str, str]], s: dict, wall: float) -> d
         "rows": rows,
         "synthetic_over_real_top1": syn["top1"] / real["top1"] if real["top1"] else None,
         "generation_images_per_sec": s["generate"]["images_per_sec"],
+        "synthetic_vs_real": s.get("evaluate_data"),
         "stage_seconds": stage_times,
         "wall_seconds_this_run": round(wall, 1),
         "settings": demo.cfg.run_key(),
@@ -81,6 +85,19 @@ def markdown(table: dict) -> str:
         f"synthetic / real top-1: **{ratio:.3f}**" if ratio is not None else "synthetic / real top-1: n/a",
         f"generation: {table['generation_images_per_sec']:.2f} images/sec (rf-client -> local Triton, CPU)",
         "",
+    ]
+    quality = table.get("synthetic_vs_real")
+    if quality:
+        shown = [k for k in DATA_METRICS if k != "near_copies"]
+        lines += [
+            f"synthetic vs real training images ({quality['encoder']}):",
+            "",
+            "| " + " | ".join(shown) + " |",
+            "|" + "---:|" * len(shown),
+            "| " + " | ".join(f"{quality[k]:.4f}" if quality.get(k) is not None else "n/a" for k in shown) + " |",
+            "",
+        ]
+    lines += [
         "| stage | seconds |",
         "|---|---:|",
     ]
