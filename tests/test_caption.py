@@ -179,6 +179,8 @@ def test_cli_bad_input_is_one_line(blip2, real, tmp_path):
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"error: captioner {hollow} has no weights (*.safetensors or *.bin)"
     ]
+    r = rf(*args, "--model", str(blip2), "--classes", "cifar100")  # folders named after no class of the set
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(f"error: --data {real}: folder(s) ")
     foreign = tmp_path / "foreign.jsonl"
     foreign.write_text('{"image": "cat/cat0.png", "caption": "hand-written"}\n')
     r = rf("rf-train", "caption", "--data", str(real), "--out", str(foreign), "--model", str(blip2))

@@ -97,7 +97,7 @@ def folder_images(root: Path, classes: str | None) -> list[str]:
     else:  # any folder is a class, named by itself
         folders = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         class_list = [ClassInfo(i, name, name) for i, name in enumerate(folders)]
-    return [rel for rels in scan_real(root, class_list).values() for rel in rels]
+    return [rel for rels in scan_real(root, class_list, "--data").values() for rel in rels]
 
 
 def read_captions_file(out: Path) -> dict[str, str]:

@@ -43,7 +43,7 @@ def labelled_images(root: Path, classes: list[ClassInfo], option: str) -> dict[s
     if not root.is_dir():
         raise UserError(f"{option} {root} is not a directory")
     if not manifest_files(root):
-        return scan_real(root, classes)
+        return scan_real(root, classes, option)
     known = {c.id for c in classes}
     found: dict[str, list[str]] = {}
     for manifest in manifest_files(root):
