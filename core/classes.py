@@ -79,7 +79,8 @@ def _imagenet() -> list[ClassInfo]:
 
 
 def load_classes(spec: str) -> list[ClassInfo]:
-    """A built-in set by name, or a path to a class file; raises UserError with the reason otherwise."""
+    """A built-in set by name, a path to a class file, or an ImageFolder (a folder per class: the classes are its
+    folder names); raises UserError with the reason otherwise."""
     key = spec.strip().lower()
     if key == "imagenet":
         return _imagenet()
@@ -91,8 +92,26 @@ def load_classes(spec: str) -> list[ClassInfo]:
         return _from_names(FASHION_MNIST)
     path = Path(spec)
     if not path.exists():
-        raise UserError(f"unknown class set {spec!r}: use one of {', '.join(BUILTIN)} or a path to a class file")
+        raise UserError(
+            f"unknown class set {spec!r}: use one of {', '.join(BUILTIN)}, a path to a class file, or an ImageFolder"
+        )
+    if path.is_dir():
+        return classes_from_folder(path)
     return load_class_file(path)
+
+
+def classes_from_folder(root: Path) -> list[ClassInfo]:
+    """An ImageFolder's classes: one per sub-folder, in sorted order (ImageFolder's indices). The id is the folder
+    name (so datasets mirror the user's folders); the prompt name reads it with '_' and '-' as spaces."""
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise UserError(f"{root} has no class folders: an ImageFolder holds one folder of images per class")
+    out = []
+    for i, folder in enumerate(folders):
+        safe = re.fullmatch(r"[0-9A-Za-z][0-9A-Za-z._-]*", folder) is not None
+        name = re.sub(r"[_-]+", " ", folder).strip() or folder
+        out.append(ClassInfo(i, folder if safe else slug(folder), name))
+    return out
 
 
 def load_class_file(path: Path) -> list[ClassInfo]:

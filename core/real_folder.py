@@ -25,7 +25,7 @@ def scan_real(root: Path, classes: list[ClassInfo], option: str = "--real") -> d
             by_name.setdefault(key, []).append(c)
     found: dict[str, list[str]] = {}
     unknown = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         cls = by_id.get(folder.name)
         if cls is None:
             candidates = by_name.get(folder.name.casefold(), [])

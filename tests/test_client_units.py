@@ -267,3 +267,29 @@ def test_merge_manifests_folds_shards_and_can_run_again(tmp_path):
     assert ds.merge_manifests(tmp_path) == (5, 1)
     assert ds.read_manifest_rows(tmp_path / "manifest.jsonl") == rows
     assert ds.merge_manifests(tmp_path) == (5, 0)
+
+
+def test_an_imagefolder_is_a_class_set(tmp_path):
+    """`--classes DIR`: the folder names are the classes, in sorted order; an id is the folder name when it is
+    filesystem-safe, and its prompt name reads '_' and '-' as spaces."""
+    for name in ("golden_retriever", "n01440764", "Red Square", ".cache"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "notes.txt").write_text("not a class")
+    classes = load_classes(str(tmp_path))
+    assert [(c.index, c.id, c.name) for c in classes] == [
+        (0, "red_square", "Red Square"),
+        (1, "golden_retriever", "golden retriever"),
+        (2, "n01440764", "n01440764"),
+    ]
+    for c in classes:  # every folder matches its own class (hidden folders are no class)
+        folder = tmp_path / ("Red Square" if c.id == "red_square" else c.id)
+        Image.new("RGB", (4, 4)).save(folder / "a.png")
+    assert scan_real(tmp_path, classes) == {
+        "red_square": ["Red Square/a.png"],
+        "golden_retriever": ["golden_retriever/a.png"],
+        "n01440764": ["n01440764/a.png"],
+    }
+    empty = tmp_path / "empty"
+    (empty / ".git").mkdir(parents=True)
+    with pytest.raises(UserError, match="has no class folders"):
+        load_classes(str(empty))

@@ -307,12 +307,35 @@ def demo(
         ),
     ] = DemoConfig.runtime,
     http_port: Annotated[int | None, typer.Option(help="Port of the local Triton (default: a free one).")] = None,
+    real: Annotated[
+        Path | None,
+        typer.Option(
+            help="Your own real images instead of Fashion-MNIST: an ImageFolder (a folder per class; the folder names "
+            "are the classes). --per-class of each class are trained on; test images are held out from it."
+        ),
+    ] = None,
+    real_test: Annotated[
+        Path | None, typer.Option(help="Held-out real test images (an ImageFolder of the same classes), with --real.")
+    ] = None,
+    bundle: Annotated[
+        Path | None,
+        typer.Option(help="A base diffusers bundle to finetune (e.g. SD-1.5): no base model is trained here."),
+    ] = None,
+    captioner: Annotated[
+        Path | None,
+        typer.Option(
+            help="A local image-to-text model (e.g. BLIP-2): the real images are captioned (rf-train caption) and "
+            "the captions go into the finetune and the generation prompts."
+        ),
+    ] = None,
     fresh: Annotated[bool, typer.Option(help="Forget finished stages of OUT and start over.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of everything.")] = DemoConfig.seed,
     debug: Debug = False,
 ) -> None:
-    """The whole Real-Fake loop on Fashion-MNIST on CPU: base model, finetune, export, Triton, generate,
-    classifiers on real / synthetic / both, and the table of accuracies. Re-running resumes."""
+    """The whole Real-Fake loop on CPU: base model, (captions,) finetune, export, Triton, generate, the synthetic
+    set against the real one (FID, KID, precision/recall, near-copies), classifiers on real / synthetic / both, and
+    the table. On Fashion-MNIST by default; on your own data with --real DIR [--bundle BASE] [--captioner DIR].
+    Re-running resumes."""
     import shutil
 
     from realfake.client.default_model import home
@@ -321,6 +344,8 @@ def demo(
     warnings.filterwarnings("ignore")
     if runtime not in RUNTIMES:
         raise UserError(f"unknown --runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if real_test and not real:
+        raise UserError("--real-test needs --real (the Fashion-MNIST demo has its own test split)")
     if fresh and out.exists():
         shutil.rmtree(out)
     cfg = DemoConfig(
@@ -340,6 +365,10 @@ def demo(
         seed=seed,
         runtime=runtime,
         http_port=http_port,
+        real=real,
+        real_test=real_test,
+        bundle=bundle,
+        captioner=captioner,
     )
     Demo(cfg, home() / "demo", log=lambda m: typer.echo(m, err=True)).run()
 

@@ -1,4 +1,6 @@
-"""`rf-demo`: the whole Real-Fake loop on Fashion-MNIST, offline, on CPU, with every number measured in the run.
+"""`rf-demo`: the whole Real-Fake loop on Fashion-MNIST, offline, on CPU, with every number measured in the run;
+or the same loop on your own data: `--real DIR` (an ImageFolder), `--bundle BASE` (a base model to finetune instead
+of training one here), `--captioner DIR` (captions for the real images, used in the finetune and the prompts).
 
 base model (trained here, cached) -> Real-Fake finetune -> ONNX + Triton repository -> local Triton ->
 rf-client generate (one synthetic image per real image: caption-free class prompt, latent prior, guidance
@@ -25,10 +27,12 @@ from realfake.core.classes import load_classes
 from realfake.core.defaults import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS
 from realfake.core.errors import UserError
 from realfake.core.files import write_atomic
+from realfake.core.real_folder import scan_real
 from realfake.training.demo_report import DATA_METRICS, write_report
 from realfake.training.idx import DEBIAN_DIR, balanced_subset, load_split, write_imagefolder
 
 CLASS_SET = "fashion-mnist"
+BASE_SIZE = 32  # the side of the images the small base model trains on (its VAE's sample size x 2)
 # how the demo's Triton runs the models: ONNX Runtime fp32 (exact), or OpenVINO (fp32, bf16, int8 UNet)
 RUNTIMES = ("onnxruntime", "openvino-fp32", "openvino-bf16", "openvino-int8")
 
@@ -53,10 +57,17 @@ class DemoConfig:
     seed: int = 0
     runtime: str = "onnxruntime"
     http_port: int | None = None
+    # your own data instead of Fashion-MNIST: an ImageFolder of real images (the classes are its folder names); the
+    # test images are held out from it unless `real_test` (an ImageFolder of the same classes) is given
+    real: Path | None = None
+    real_test: Path | None = None
+    bundle: Path | None = None  # a base bundle to finetune: no base model is trained here
+    captioner: Path | None = None  # a local image-to-text model (rf-train caption): captions in the prompts
 
     def base_key(self) -> str:
         """Identity of the cached base model: what it was trained on and how."""
-        text = json.dumps([str(self.fmnist), self.base_vae_steps, self.base_unet_steps, self.seed, 1])
+        data = [str(self.real.resolve()), self.per_class] if self.real else [str(self.fmnist)]
+        text = json.dumps([*data, self.base_vae_steps, self.base_unet_steps, self.seed, 1])
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def run_key(self) -> dict:
@@ -69,8 +80,10 @@ class Demo:
         self.cfg, self.cache, self.log = cfg, cache, log
         self.out = Path(cfg.out)
         self.stages_dir = self.out / "stages"
-        self.class_set = CLASS_SET
-        self.classes = load_classes(CLASS_SET)
+        # your ImageFolder is the class set (its folder names), as `--classes DIR` is everywhere
+        self.class_set = str(Path(cfg.real).resolve()) if cfg.real else CLASS_SET
+        self.classes = load_classes(self.class_set)
+        self.val_dir = Path(cfg.real_test) if cfg.real_test else self.out / "real_test"
 
     # -- stage bookkeeping ----------------------------------------------------------------------------------
 
@@ -111,6 +124,8 @@ class Demo:
         return load_split(self.cfg.fmnist, "train")
 
     def data(self) -> dict:
+        if self.cfg.real:
+            return self.own_data()
         images, labels = self.train_split
         test_images, test_labels = load_split(self.cfg.fmnist, "test")
         picked = balanced_subset(labels, self.cfg.per_class, seed=self.cfg.seed)
@@ -124,14 +139,46 @@ class Demo:
         write_imagefolder(test_images, test_labels, self.classes, self.out / "real_test", test_pick)
         return {"real_train": len(picked), "real_test": len(test_pick), "train_pool": len(images)}
 
+    def own_data(self) -> dict:
+        """Your ImageFolder: `per_class` images of each class to OUT/real_train (seeded pick), and unless
+        `real_test` is given, up to test_images / classes of the others to OUT/real_test."""
+        root, per = Path(self.cfg.real), self.cfg.per_class
+        by_class = scan_real(root, self.classes)
+        held_out = 0 if self.cfg.real_test else max(1, self.cfg.test_images // len(self.classes))
+        rng = np.random.default_rng(self.cfg.seed)
+        train = test = 0
+        for c in self.classes:
+            files = by_class.get(c.id, [])
+            if len(files) < 1 + min(held_out, 1):
+                raise UserError(
+                    f"--real {root}: class {c.id!r} has {len(files)} images; it needs at least "
+                    f"{1 + min(held_out, 1)} (one to train on{', one to test on' if held_out else ''})"
+                )
+            order = rng.permutation(len(files))
+            n_train = min(per, len(files) - min(held_out, 1))
+            picks = {"real_train": order[:n_train], "real_test": order[n_train : n_train + held_out]}
+            for split, chosen in picks.items():
+                for k in chosen:
+                    _place(root / files[k], self.out / split / c.id / Path(files[k]).name)
+            train, test = train + n_train, test + len(picks["real_test"])
+        if self.cfg.real_test:
+            test = sum(len(v) for v in scan_real(Path(self.cfg.real_test), self.classes, "--real-test").values())
+        return {"real_train": train, "real_test": test, "source": str(root)}
+
     def base(self) -> dict:
         from realfake.training.pretrain import pretrain_base
 
+        if self.cfg.bundle:
+            from realfake.serving.model_bundle import check_bundle
+
+            check_bundle(self.cfg.bundle)  # one line when it is not a usable bundle
+            self.log(f"  base model: {self.cfg.bundle} (given; none is trained here)")
+            return {"bundle": str(Path(self.cfg.bundle).resolve()), "cached": False, "given": True}
         bundle = self.cache / f"base-{self.cfg.base_key()}" / "bundle"
         if (bundle / "model_index.json").is_file():
             self.log(f"  reusing the cached base model {bundle}")
             return {"bundle": str(bundle), "cached": True}
-        images, labels = self.train_split
+        images, labels = self.own_train_arrays() if self.cfg.real else self.train_split
         bundle.parent.mkdir(parents=True, exist_ok=True)
         bar = _Bar(self.log, "base")
         pretrain_base(
@@ -147,14 +194,38 @@ class Demo:
         )
         return {"bundle": str(bundle), "cached": False}
 
-    def finetune(self, base_bundle: str) -> dict:
+    def own_train_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """OUT/real_train as uint8 [N,32,32,3] and labels: what the small base model trains on."""
+        from PIL import Image
+
+        images, labels = [], []
+        for c in self.classes:
+            for path in sorted((self.out / "real_train" / c.id).iterdir()):
+                with Image.open(path) as im:
+                    images.append(np.asarray(im.convert("RGB").resize((BASE_SIZE, BASE_SIZE), Image.BICUBIC)))
+                labels.append(c.index)
+        return np.stack(images), np.asarray(labels)
+
+    def caption(self) -> dict:
+        """Captions of the real training images by `captioner` (rf-train caption), for the finetune and prompts."""
+        from realfake.training.caption import CaptionConfig, run_caption
+
+        out = self.out / "captions.jsonl"
+        run_caption(
+            CaptionConfig(data=self.out / "real_train", model=Path(self.cfg.captioner), out=out),
+            log=lambda m: self.log("  " + m),
+        )
+        return {"captions": str(out), "captioner": str(self.cfg.captioner)}
+
+    def finetune(self, base_bundle: str, captions: str | None = None) -> dict:
         from realfake.training.finetune import FinetuneConfig, run_finetune
 
         cfg = FinetuneConfig(
             bundle=Path(base_bundle),
             data=self.out / "real_train",
             out=self.out / "finetune",
-            classes=CLASS_SET,
+            classes=self.class_set,
+            captions=Path(captions) if captions else None,
             max_steps=self.cfg.finetune_steps,
             batch_size=16,
             lr=1e-3,
@@ -179,7 +250,7 @@ class Demo:
             from realfake.core.defaults import DEFAULT_NEGATIVE
             from realfake.export.quantize import class_prompts, quantize_unet
 
-            prompts = class_prompts(CLASS_SET)
+            prompts = class_prompts(self.class_set)
             check = quantize_unet(
                 onnx_dir,
                 prompts,
@@ -193,13 +264,13 @@ class Demo:
         write_repository(onnx_dir, repo, runtime="openvino", dtype=dtype)
         return result
 
-    def generate(self, url: str, gen: Generation) -> dict:
+    def generate(self, url: str, gen: Generation, captions: str | None = None) -> dict:
         """One synthetic set through the client's Python API against the local Triton at `url`."""
         from realfake.client.generate import GenerateConfig, generate_dataset
 
         out = self.out / gen.target
         cfg = GenerateConfig(
-            classes=CLASS_SET,
+            classes=self.class_set,
             out=out,
             urls=[url],
             steps=self.cfg.steps,
@@ -210,6 +281,7 @@ class Demo:
         )
         if gen.conditioned:
             cfg.real, cfg.versions, cfg.strength = self.out / "real_train", 1, self.cfg.strength
+            cfg.captions = Path(captions) if captions else None
             cfg.guidance_token = "on" if gen.guidance_token else "off"
         else:
             cfg.per_class = self.cfg.per_class
@@ -233,8 +305,8 @@ class Demo:
         synthetic = s[c.synthetic]["dataset"] if c.synthetic else None
 
         cfg = ClassifyConfig(
-            classes=CLASS_SET,
-            val=self.out / "real_test",
+            classes=self.class_set,
+            val=self.val_dir,
             out=self.out / "classify" / c.name,
             synthetic=Path(synthetic) if synthetic else None,
             real=self.out / "real_train" if c.real else None,
@@ -257,7 +329,7 @@ class Demo:
             real=self.out / "real_train",
             synthetic=Path(s["generate"]["dataset"]),
             out=self.out / "evaluate_data",
-            classes=CLASS_SET,
+            classes=self.class_set,
             classifier=self.out / "classify" / "real" / "best.pt",
             seed=self.cfg.seed,
         )
@@ -279,7 +351,11 @@ class Demo:
         # 1-4. real data, base model, finetune, export (the base model's export too, for the ablations)
         s["data"] = self.stage("data", "1/8", self.data)
         s["base"] = self.stage("base", "2/8", self.base)
-        s["finetune"] = self.stage("finetune", "3/8", lambda: self.finetune(s["base"]["bundle"]))
+        captions = None
+        if self.cfg.captioner:
+            s["caption"] = self.stage("caption", "3/8", self.caption)
+            captions = s["caption"]["captions"]
+        s["finetune"] = self.stage("finetune", "3/8", lambda: self.finetune(s["base"]["bundle"], captions))
         s["export"] = self.stage("export", "4/8", lambda: self.export(s["finetune"]["merged_bundle"], "finetuned"))
         if self.cfg.ablate:
             s["export_base"] = self.stage("export_base", "4/8", lambda: self.export(s["base"]["bundle"], "base"))
@@ -299,7 +375,7 @@ class Demo:
             try:
                 self.log(f"  local Triton serving {repo} at {server.url}")
                 for g in mine:
-                    s[g.stage] = self.stage(g.stage, "5/8", lambda g=g, url=server.url: self.generate(url, g))
+                    s[g.stage] = self.stage(g.stage, "5/8", lambda g=g, url=server.url: self.generate(url, g, captions))
             finally:
                 server.stop()
         # 6-7. the same classifier on each training set, evaluated on the real test images
@@ -359,6 +435,20 @@ ABLATION_CLASSIFIERS = (
         "classify_prior_no_token", "ablation: + latent prior (no guidance token)", "generate_prior_no_token", False
     ),
 )
+
+
+def _place(source: Path, target: Path) -> None:
+    """A real image in the run directory: a hard link where the file system allows it, else a copy."""
+    import os
+    import shutil
+
+    if target.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 class StageFailed(Exception):

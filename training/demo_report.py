@@ -71,9 +71,9 @@ def grid(demo, synthetic: Path, per: int = 4) -> Path:
 
 
 def markdown(table: dict) -> str:
+    data = "Fashion-MNIST" if table["class_set"] == "fashion-mnist" else f"real images of {table['class_set']}"
     lines = [
-        f"Fashion-MNIST, {table['classifier']} x {table['epochs']} epochs, top-1 on {table['test_images']} real "
-        "test images",
+        f"{data}, {table['classifier']} x {table['epochs']} epochs, top-1 on {table['test_images']} real test images",
         "",
         "| training data | images | top-1 | top-5 |",
         "|---|---:|---:|---:|",
