@@ -71,7 +71,8 @@ def grid(demo, synthetic: Path, per: int = 4) -> Path:
 
 
 def markdown(table: dict) -> str:
-    data = "Fashion-MNIST" if table["class_set"] == "fashion-mnist" else f"real images of {table['class_set']}"
+    class_set = table.get("class_set", "fashion-mnist")
+    data = "Fashion-MNIST" if class_set == "fashion-mnist" else f"real images of {class_set}"
     lines = [
         f"{data}, {table['classifier']} x {table['epochs']} epochs, top-1 on {table['test_images']} real test images",
         "",
