@@ -9,6 +9,7 @@ pipeline's compute time.
 
 from __future__ import annotations
 
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -116,3 +117,17 @@ def server_time(before: Counters, after: Counters, pipeline: str = PIPELINE_MODE
         batch=requests / executions if executions > 0 else 0.0,
         components=components,
     )
+
+
+def settled_server_time(
+    metrics_url: str, before: Counters, requests: int, timeout: float = 5.0, pipeline: str = PIPELINE_MODEL
+) -> ServerTime | None:
+    """`server_time` once the server's counters hold all `requests` that were answered: Triton may account for a
+    request a moment after its response reached the client, and a mean over 3 requests missing one is far off."""
+    deadline = time.monotonic() + timeout
+    while True:
+        after = scrape(metrics_url)
+        counted = after.get(pipeline, {}).get("success", 0.0) - before.get(pipeline, {}).get("success", 0.0)
+        if counted >= requests or time.monotonic() >= deadline:
+            return server_time(before, after, pipeline)
+        time.sleep(0.05)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from realfake.client.server_metrics import scrape, server_time
+from realfake.client.server_metrics import scrape, settled_server_time
 from realfake.client.triton import PipelineClient
 from realfake.core.files import write_atomic
 
@@ -98,7 +98,7 @@ def measure(
     wall = time.perf_counter() - start
     lat = np.array(latencies) * 1000 if latencies else np.array([np.nan])
     images = len(latencies) * batch
-    server = server_time(before, scrape(metrics_url)) if before is not None else None
+    server = settled_server_time(metrics_url, before, len(latencies)) if before is not None else None
     extra = {}
     if server is not None:
         mean = float(np.mean(lat))
