@@ -293,3 +293,42 @@ def test_an_imagefolder_is_a_class_set(tmp_path):
     (empty / ".git").mkdir(parents=True)
     with pytest.raises(UserError, match="has no class folders"):
         load_classes(str(empty))
+
+
+def test_server_time_from_triton_counters():
+    """Per request: the pipeline's time; per execution: its components' (one batched execution of 2 requests
+    charges each request the whole 100 ms and made one UNet call of 80 ms)."""
+    from realfake.client.server_metrics import parse, server_time
+
+    text = "\n".join(
+        [
+            "# TYPE nv_inference_request_success counter",
+            'nv_inference_request_success{model="pipeline",version="1"} 5',
+            'nv_inference_request_success{model="unet",version="1"} 3',
+            'nv_inference_request_duration_us{model="pipeline",version="1"} 400000',
+            'nv_inference_request_duration_us{model="unet",version="1"} 240000',
+            'nv_inference_queue_duration_us{model="pipeline",version="1"} 20000',
+            'nv_inference_compute_infer_duration_us{model="pipeline",version="1"} 380000',
+            'nv_inference_exec_count{model="pipeline",version="1"} 4',
+            'nv_gpu_utilization{gpu_uuid="x"} 0.5',
+            "",
+        ]
+    )
+    before = parse(text)
+    assert before["pipeline"]["success"] == 5 and before["unet"]["request_us"] == 240000 and "" not in before
+    after = {
+        "pipeline": {
+            **before["pipeline"],
+            "success": 7,
+            "request_us": 620000,
+            "queue_us": 40000,
+            "infer_us": 580000,
+            "executions": 5,
+        },
+        "unet": {**before["unet"], "success": 4, "request_us": 320000},
+    }
+    t = server_time(before, after)
+    assert t.requests == 2 and t.batch == 2.0
+    assert t.request_ms == 110.0 and t.queue_ms == 10.0 and t.compute_ms == 100.0
+    assert t.components == {"unet": 80.0} and t.pipeline_own_ms == 20.0
+    assert server_time(before, before) is None  # nothing finished in between
