@@ -27,7 +27,12 @@ app = make_app("Build labelled synthetic image datasets (Real-Fake) against one 
 
 @app.command()
 def classes(
-    set_name: Annotated[str, typer.Argument(metavar="SET", help=f"{', '.join(BUILTIN)}, or a class file.")],
+    set_name: Annotated[
+        str,
+        typer.Argument(
+            metavar="SET", help=f"{', '.join(BUILTIN)}, a class file, or an ImageFolder (its folder names)."
+        ),
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     debug: Debug = False,
 ) -> None:
@@ -42,7 +47,9 @@ def classes(
 
 @app.command()
 def generate(
-    classes: Annotated[str, typer.Option(help=f"Class set: {', '.join(BUILTIN)}, or a class file.")],
+    classes: Annotated[
+        str, typer.Option(help=f"Class set: {', '.join(BUILTIN)}, a class file, or an ImageFolder (its folder names).")
+    ],
     out: Annotated[Path, typer.Option(help="Output directory (ImageFolder + manifest.jsonl).")],
     per_class: Annotated[
         int | None, typer.Option(help="Images per class (text-only mode); with --real: real images used per class.")
@@ -342,9 +349,8 @@ def bench(
                 row = measure(target, c, b, requests, steps, guidance_scale, metrics_url=metrics)
                 rows.append(row)
                 console.print(f"concurrency {c} batch {b}: {row.images_per_sec:.2f} img/s, p50 {row.latency_p50_ms} ms")
-    urls = [target]
     table = Table(
-        title=f"rf-client bench: {urls[0]}, model {card.identity}, engine {card.engine}, {steps} steps, "
+        title=f"rf-client bench: {target}, model {card.identity}, engine {card.engine}, {steps} steps, "
         f"guidance scale {guidance_scale}"
     )
     for col in ("concurrency", "batch", "images/s", "p50 ms", "p95 ms", "p99 ms", "errors"):
@@ -363,7 +369,7 @@ def bench(
     if metrics:
         console.print(_time_table(rows, metrics))
     meta = {
-        "url": urls[0],
+        "url": target,
         "model": card.identity,
         "engine": card.engine,
         "steps": steps,

@@ -50,7 +50,7 @@ class GenerateConfig:
     """One dataset job. The fields above `urls` decide which images are made (stored in OUT/job.json and
     compared on resume); the rest only decide how the work is spread and retried."""
 
-    classes: str  # a built-in class set or a class file (see realfake.core.classes)
+    classes: str  # a built-in class set, a class file or an ImageFolder (see realfake.core.classes)
     out: Path
     per_class: int | None = None  # text-only mode: images per class; with `real`: real images used per class
     real: Path | None = None  # ImageFolder of real images: each yields `versions` images conditioned on it

@@ -28,7 +28,10 @@ def _root() -> None:
 def finetune(
     bundle: Annotated[Path, typer.Option(help="Base diffusers-layout bundle (local directory).")],
     data: Annotated[Path, typer.Option(help="Real ImageFolder: one folder per class (class id or name).")],
-    classes: Annotated[str, typer.Option(help="Class set: imagenet, cifar10, cifar100, fashion-mnist, or a file.")],
+    classes: Annotated[
+        str,
+        typer.Option(help="Class set: imagenet, cifar10, cifar100, fashion-mnist, a class file, or an ImageFolder."),
+    ],
     out: Annotated[Path, typer.Option(help="Run directory: lora/, bundle/, checkpoints/, metrics.jsonl.")],
     captions: Annotated[Path | None, typer.Option(help='JSONL {"image": <path or stem>, "caption": ...}.')] = None,
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = FinetuneConfig.rank,
@@ -218,7 +221,10 @@ def caption(
 def evaluate_data(
     real: Annotated[Path, typer.Option(help="Real ImageFolder (folders: class id or name).")],
     synthetic: Annotated[Path, typer.Option(help="rf-client output (read by its manifest), or an ImageFolder.")],
-    classes: Annotated[str, typer.Option(help="Class set: imagenet, cifar10, cifar100, fashion-mnist, or a file.")],
+    classes: Annotated[
+        str,
+        typer.Option(help="Class set: imagenet, cifar10, cifar100, fashion-mnist, a class file, or an ImageFolder."),
+    ],
     out: Annotated[Path, typer.Option(help="Report directory: evaluate.json/.md, per_class.png, near_copies.png.")],
     bundle: Annotated[Path | None, typer.Option(help="Features: this bundle's CLIP image encoder.")] = None,
     classifier: Annotated[Path | None, typer.Option(help="Features: an rf-train classify best.pt.")] = None,
