@@ -2,7 +2,7 @@
 # Mount a diffusers-layout bundle at /models/bundle (or a ready repository at /models/repo) as a volume; at
 # start the entrypoint exports what is missing, builds TensorRT plans for the GPU it finds (kept in the volume,
 # rebuilt when the GPU or TensorRT changes), writes the repository (RF_RUNTIME) and starts Triton. On CPU-only
-# hosts, RF_RUNTIME=openvino RF_DTYPE=int8 serves the int8 UNet (quantized once at first start, kept in /models).
+# hosts, RF_RUNTIME=openvino RF_PRECISION=int8 serves the int8 UNet (quantized once at first start, kept in /models).
 FROM nvcr.io/nvidia/tritonserver:25.01-py3
 
 # The image's Python (Ubuntu 24.04) is the one Triton's Python backend runs: install into it, even where it is

@@ -143,6 +143,7 @@ def variant_repo(variant: str, bundle: Path, onnx_dir: Path, root: Path, steps: 
         prompts = class_prompts("imagenet", 8)
         report = quantize_unet(
             onnx_dir,
+            onnx_dir,
             prompts,
             NEGATIVE,
             calibration_images=4,

@@ -147,7 +147,7 @@ def main() -> None:
                 from realfake.serving.tensorrt_components import TrtComponents
 
                 t0 = time.perf_counter()
-                build_plans(root / "onnx", root / "engines", batches, log=print)
+                build_plans(root / "onnx", root / "engines", batches, precision="fp16", log=print)
                 print(f"TensorRT fp16 plans built in {time.perf_counter() - t0:.0f} s (timing cache in the run's tmp)")
                 samplers["e_tensorrt_fp16"] = Sampler(
                     TrtComponents.from_export(root / "engines", root / "onnx"), root / "onnx"

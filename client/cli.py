@@ -14,7 +14,7 @@ import typer
 from realfake.client.generate import GenerateConfig
 from realfake.client.server_metrics import DEFAULT_METRICS_PORT
 from realfake.core.classes import BUILTIN, load_classes
-from realfake.core.cli import Debug, int_list, make_app, run_cli
+from realfake.core.cli import Debug, GuidanceToken, ImageFormat, int_list, make_app, moved_to_out, run_cli
 from realfake.core.defaults import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_STEPS,
@@ -67,7 +67,7 @@ def generate(
         Path | None, typer.Option(help='JSONL captions: {"image": <path or stem>, "caption": <text>} per line.')
     ] = None,
     guidance_token: Annotated[
-        str,
+        GuidanceToken,
         typer.Option(help="Image-embedding guidance token (with --real): auto (when the model has one), on, off."),
     ] = GenerateConfig.guidance_token,
     url: Annotated[
@@ -85,7 +85,7 @@ def generate(
         ),
     ] = None,
     image_format: Annotated[
-        str, typer.Option("--format", help="Image files: png (lossless), jpeg or webp.")
+        ImageFormat, typer.Option("--format", help="Image files: png (lossless), jpeg or webp.")
     ] = GenerateConfig.image_format,
     quality: Annotated[
         int, typer.Option(help="JPEG/WebP quality 1-100 (95: what ImageNet users expect); PNG ignores it.")
@@ -99,18 +99,20 @@ def generate(
     negative_prompt: Annotated[str, typer.Option(help="Negative prompt.")] = GenerateConfig.negative_prompt,
     steps: Annotated[int, typer.Option(help="Sampler steps.")] = GenerateConfig.steps,
     guidance_scale: Annotated[
-        float,
-        typer.Option("--guidance-scale", "--guidance", help="Classifier-free guidance scale (<= 1 disables it)."),
+        float, typer.Option(help="Classifier-free guidance scale (<= 1 disables it).")
     ] = GenerateConfig.guidance_scale,
-    batch: Annotated[int, typer.Option(help="Images per request.")] = GenerateConfig.batch,
+    batch_size: Annotated[
+        int, typer.Option(help="Images per request (the server's dynamic batcher may join requests).")
+    ] = GenerateConfig.batch_size,
     concurrency: Annotated[int, typer.Option(help="Requests in flight per server.")] = GenerateConfig.concurrency,
     shard: Annotated[str | None, typer.Option(help="I/N: make only this process's share of the job.")] = None,
-    force: Annotated[bool, typer.Option(help="Resume even though the job's settings changed.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Resume even though the job's settings changed.")] = False,
     mixed_engines: Annotated[
         bool,
         typer.Option(
+            "--mixed-engines",
             help="Accept servers whose engines differ (runtime, precision, plans, scheduler): each image then "
-            "depends on the server that made it (recorded per manifest row)."
+            "depends on the server that made it (recorded per manifest row).",
         ),
     ] = False,
     max_attempts: Annotated[
@@ -125,11 +127,12 @@ def generate(
     dry_run: Annotated[
         bool,
         typer.Option(
+            "--dry-run",
             help="Check the options, read the classes and inputs, ask the servers (when given), print the plan "
-            "(images, shards, already finished, disk per format) and exit: nothing is written."
+            "(images, shards, already finished, disk per format) and exit: nothing is written.",
         ),
     ] = False,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     debug: Debug = False,
 ) -> None:
     """Generate a labelled synthetic dataset: OUT/<class_id>/<index>.<png|jpg|webp> plus OUT/manifest.jsonl.
@@ -157,7 +160,7 @@ def generate(
         local=local,
         image_format=image_format,
         quality=quality,
-        batch=batch,
+        batch_size=batch_size,
         concurrency=concurrency,
         shard=shard,
         force=force,
@@ -225,7 +228,7 @@ class ProgressBar:
 
 @app.command()
 def verify(
-    out: Annotated[Path, typer.Argument(help="An rf-client output directory.")],
+    out: Annotated[Path, typer.Argument(metavar="DATASET", help="An rf-client output directory.")],
     no_decode: Annotated[bool, typer.Option("--no-decode", help="Check hashes only, skip decoding.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
     debug: Debug = False,
@@ -254,7 +257,9 @@ def verify(
 
 @app.command()
 def merge(
-    out: Annotated[Path, typer.Argument(help="An rf-client output directory made by --shard I/N processes.")],
+    out: Annotated[
+        Path, typer.Argument(metavar="DATASET", help="An rf-client output directory made by --shard I/N processes.")
+    ],
     debug: Debug = False,
 ) -> None:
     """Fold the shards' manifests into OUT/manifest.jsonl once every shard has finished (safe to run again after
@@ -269,31 +274,41 @@ def merge(
 
 @app.command()
 def pack(
-    out: Annotated[Path, typer.Argument(help="A verified rf-client output directory.")],
-    target: Annotated[Path, typer.Argument(help="Directory for the WebDataset shards.")],
+    dataset: Annotated[Path, typer.Argument(metavar="DATASET", help="A verified rf-client output directory.")],
+    target: Annotated[Path | None, typer.Argument(hidden=True)] = None,  # the old positional TARGET
+    out: Annotated[Path | None, typer.Option(help="Directory for the WebDataset shards.")] = None,
     shard_size: Annotated[int, typer.Option(help="Images per tar shard.")] = 1000,
     debug: Debug = False,
 ) -> None:
-    """Write a finished dataset as WebDataset tar shards (<key>.png, <key>.cls, <key>.json)."""
+    """Write a finished dataset as WebDataset tar shards: per image <key>.<png|jpg|webp> (the dataset's own
+    files, not re-encoded), <key>.cls (the class set's index) and <key>.json (its manifest row)."""
     from realfake.client.verify import pack_webdataset
 
-    shards = pack_webdataset(out, target, shard_size)
+    target = moved_to_out(target, out, "TARGET")
+    shards = pack_webdataset(dataset, target, shard_size)
     typer.echo(f"{len(shards)} shards written to {target}")
 
 
 @app.command()
 def bench(
-    url: Annotated[list[str] | None, typer.Option(help="Server HOST:PORT; none: start the embedded default.")] = None,
+    url: Annotated[list[str] | None, typer.Option(help="The server to measure, HOST:PORT (or --local).")] = None,
+    local: Annotated[
+        str | None,
+        typer.Option(
+            help="Serve the model here and measure it: a Triton model repository, a diffusers bundle, or `tiny` "
+            "(random weights: a benchmark of a toy)."
+        ),
+    ] = None,
     concurrency: Annotated[str, typer.Option(help="Comma-separated in-flight request counts.")] = "1,2,4",
-    batch: Annotated[str, typer.Option(help="Comma-separated images per request.")] = "1,4",
+    batch_sizes: Annotated[
+        str, typer.Option(help="Comma-separated images per request, each measured at every concurrency.")
+    ] = "1,4",
     requests: Annotated[int, typer.Option(help="Requests measured per setting.")] = 8,
     steps: Annotated[int, typer.Option(help="Sampler steps.")] = DEFAULT_STEPS,
-    guidance_scale: Annotated[
-        float, typer.Option("--guidance-scale", "--guidance", help="Classifier-free guidance scale.")
-    ] = DEFAULT_GUIDANCE_SCALE,
-    out: Annotated[Path, typer.Option(help="Results path stem: writes STEM.json and STEM.csv.")] = Path("bench"),
+    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = DEFAULT_GUIDANCE_SCALE,
+    out: Annotated[Path, typer.Option(help="Results path stem: writes OUT.json and OUT.csv.")] = ...,
     image_format: Annotated[
-        str, typer.Option("--format", help="Image format of the client ceiling measured after the table.")
+        ImageFormat, typer.Option("--format", help="Image format of the client ceiling measured after the table.")
     ] = GenerateConfig.image_format,
     quality: Annotated[int, typer.Option(help="JPEG/WebP quality of the client ceiling.")] = GenerateConfig.quality,
     client_seconds: Annotated[
@@ -322,9 +337,17 @@ def bench(
     from realfake.client.throughput import measure, write_results
     from realfake.client.triton import PipelineClient, normalise_url
 
-    levels, batches = int_list(concurrency, "--concurrency"), int_list(batch, "--batch")
-    if requests < 1 or steps < 1:
-        raise UserError("--requests and --steps must be >= 1")
+    levels, batches = int_list(concurrency, "--concurrency"), int_list(batch_sizes, "--batch-sizes")
+    for option, value in (("--requests", requests), ("--steps", steps)):
+        if value < 1:
+            raise UserError(f"{option} must be >= 1, got {value}")
+    if bool(url) == bool(local):
+        raise UserError(
+            "say which server to measure: --url HOST:PORT of a running one, or --local DIR (a repository or a "
+            "bundle served here), or --local tiny for the random-weight tiny model"
+        )
+    if url and len(url) > 1:
+        raise UserError("bench measures one server: give --url once")
     console = Console(width=None if sys.stdout.isatty() else 140)  # logs and pipes get whole column headers
     say = lambda m: typer.echo(m, err=True)  # noqa: E731
     with contextlib.ExitStack() as stack:
@@ -332,7 +355,7 @@ def bench(
             target = normalise_url(url[0])
             metrics = metrics_url or default_metrics_url(target)
         else:
-            server = stack.enter_context(local_server(log=say))
+            server = stack.enter_context(local_server(local, log=say))
             target, metrics = server.url, metrics_url or server.metrics_url
         card = PipelineClient(target).card()
         if metrics.lower() == "none":
@@ -433,9 +456,15 @@ def _client_ceiling(out: Path, image_format: str, quality: int, size: int, secon
 
 @app.command()
 def serve(
-    repo: Annotated[Path | None, typer.Option(help="Model repository (default: the embedded tiny model).")] = None,
-    http_port: Annotated[int, typer.Option(help="HTTP port on 127.0.0.1.")] = 8000,
-    grpc_port: Annotated[int, typer.Option(help="gRPC port on 127.0.0.1.")] = 8001,
+    repo: Annotated[
+        str,
+        typer.Option(
+            help="The Triton model repository to serve (`rf-export repo`), or `tiny`: the random-weight tiny model "
+            "(built on first use; its images are noise, for trying things out)."
+        ),
+    ],
+    http_port: Annotated[int, typer.Option(help="HTTP port on --host (0: a free one, announced).")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port on --host (0: a free one).")] = 8001,
     metrics_port: Annotated[
         int, typer.Option(help="Triton's Prometheus metrics port (what `rf-client bench` reads server time from).")
     ] = DEFAULT_METRICS_PORT,
@@ -443,10 +472,10 @@ def serve(
     debug: Debug = False,
 ) -> None:
     """Start a local Triton server on a model repository and keep it running until Ctrl-C (or SIGTERM/SIGHUP)."""
-    from realfake.client.default_model import ensure_default_repo
+    from realfake.client.default_model import local_repository
     from realfake.client.server import LocalServer
 
-    repo = repo or ensure_default_repo(lambda m: typer.echo(m, err=True))
+    repo = local_repository(repo, lambda m: typer.echo(m, err=True), option="--repo", bundles=False)
     with LocalServer(repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, host=host) as server:
         typer.echo(
             f"Triton ready: HTTP {server.url}, gRPC {server.host}:{server.grpc_port}, metrics {server.metrics_url}"
@@ -461,12 +490,16 @@ def serve(
         raise UserError(f"Triton exited with code {server.process.returncode}; log: {server.log_path}")
 
 
+serve_app = make_app("Start a local Triton server on a model repository.")
+serve_app.command()(serve)
+
+
 def main() -> None:
-    run_cli(app)
+    run_cli(app, "rf-client")
 
 
 def serve_main() -> None:
-    run_cli(lambda: typer.run(serve))
+    run_cli(serve_app, "rf-serve", has_commands=False)
 
 
 if __name__ == "__main__":

@@ -55,18 +55,20 @@ def _bundle_key(bundle: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def local_repository(local: str, log=print) -> Path:
+def local_repository(local: str, log=print, option: str = "--local", bundles: bool = True) -> Path:
     """The repository to serve for `--local`: `tiny`, a Triton model repository (has pipeline/config.pbtxt), or a
-    diffusers bundle (has model_index.json), exported once to ONNX and a repository under the cache."""
+    diffusers bundle (has model_index.json), exported once to ONNX and a repository under the cache. `option`
+    names the option in errors; `bundles`: whether a bundle is accepted."""
     if local == TINY:
         return ensure_default_repo(log)
     path = Path(local)
     if (path / "pipeline" / "config.pbtxt").is_file():
         return path
-    if not (path / "model_index.json").is_file():
+    if not bundles or not (path / "model_index.json").is_file():
         raise UserError(
-            f"--local {local}: not a Triton model repository (no pipeline/config.pbtxt), not a diffusers bundle "
-            "(no model_index.json), and not `tiny`"
+            f"{option} {local}: not a Triton model repository (no pipeline/config.pbtxt), "
+            + ("not a diffusers bundle (no model_index.json), " if bundles else "")
+            + "and not `tiny` (the random-weight tiny model, for trying things out)"
         )
     root = home() / "local" / _bundle_key(path)
     repo = root / "repo"
@@ -74,13 +76,13 @@ def local_repository(local: str, log=print) -> Path:
         log(f"serving the export of {path} made earlier: {repo}")
         return repo
     log(f"exporting {path} to ONNX and a Triton repository in {root} (once per version of the bundle)")
-    _export(["onnx", str(path), str(root / "onnx")], f"an ONNX export of {path}")
+    _export(["onnx", str(path), "--out", str(root / "onnx")], f"an ONNX export of {path}")
     _export(["repo", str(root / "onnx"), "--out", str(repo)], f"a Triton repository for {path}")
     return repo
 
 
 @contextlib.contextmanager
-def serving_urls(urls: list[str], log=print, local: str | None = TINY):
+def serving_urls(urls: list[str], log=print, local: str | None = None):
     """The given servers (normalised HOST:PORT), or with none the `local` model on a Triton server started here
     for as long as the block runs."""
     from realfake.client.triton import normalise_url
@@ -93,7 +95,7 @@ def serving_urls(urls: list[str], log=print, local: str | None = TINY):
 
 
 @contextlib.contextmanager
-def local_server(local: str | None = TINY, log=print):
+def local_server(local: str | None, log=print):
     """A Triton server started here on the `local` model (see `local_repository`), for as long as the block runs."""
     from realfake.client.server import LocalServer
 

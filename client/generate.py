@@ -34,13 +34,13 @@ from realfake.core.defaults import (
     DEFAULT_STEPS,
     DEFAULT_STRENGTH,
     DEFAULT_TEMPLATE,
+    GUIDANCE_TOKEN_MODES,
 )
 from realfake.core.errors import UserError
 from realfake.core.files import file_sha256, write_atomic
 from realfake.core.images import FORMATS, check_decodes, load_real_image
 from realfake.core.real_folder import caption_for, load_captions, scan_real
 
-GUIDANCE_TOKEN_MODES = ("auto", "on", "off")
 # (images done, images failed or skipped, images to make in this run, per-server (images, images/s, healthy))
 ProgressCallback = Callable[[int, int, int, dict], None]
 
@@ -67,7 +67,7 @@ class GenerateConfig:
     quality: int = DEFAULT_QUALITY  # jpeg/webp quality, 1-100 (png ignores it)
     urls: list[str] = field(default_factory=list)  # Triton HTTP HOST:PORT of running servers
     local: str | None = None  # or a model served here: "tiny", a model repository or a diffusers bundle
-    batch: int = 4
+    batch_size: int = 4  # images per request
     concurrency: int = 2
     shard: str | None = None  # "I/N": only this process's share
     force: bool = False  # resume even though the job's settings changed
@@ -82,8 +82,15 @@ class GenerateConfig:
             raise UserError("--per-class is required in text-only mode (without --real)")
         if self.per_class is not None and self.per_class < 1:
             raise UserError(f"--per-class must be >= 1, got {self.per_class}")
-        if min(self.steps, self.batch, self.concurrency, self.max_attempts, self.versions) < 1:
-            raise UserError("--steps, --batch, --concurrency, --max-attempts and --versions must be >= 1")
+        for option, value in (
+            ("--steps", self.steps),
+            ("--batch-size", self.batch_size),
+            ("--concurrency", self.concurrency),
+            ("--max-attempts", self.max_attempts),
+            ("--versions", self.versions),
+        ):
+            if value < 1:
+                raise UserError(f"{option} must be >= 1, got {value}")
         if not 0.0 < self.strength <= 1.0:
             raise UserError(f"--strength must be in (0, 1], got {self.strength}")
         if self.guidance_token not in GUIDANCE_TOKEN_MODES:
@@ -301,7 +308,7 @@ def run_job(
         pending,
         urls,
         writer,
-        batch=cfg.batch,
+        batch=cfg.batch_size,
         concurrency=cfg.concurrency,
         max_attempts=cfg.max_attempts,
         server_wait=cfg.server_wait,
@@ -319,6 +326,10 @@ def run_job(
             writer.close()
         raise
     writer.close()
+    if shard[1] == 1:  # a sharded job's loader files come from `rf-client merge`, once every shard is done
+        note = ds.write_loader_files(out)
+        if note:
+            log(f"note: {note}")
     summary.skipped = skipped
     summary_name = "summary.json" if shard[1] == 1 else f"summary.shard-{shard[0]}-of-{shard[1]}.json"
     extra = {"out": str(out), "index_width": ds.index_width(spec), "local_model": cfg.local}

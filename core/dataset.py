@@ -29,8 +29,11 @@ from realfake.core.errors import UserError
 from realfake.core.files import atomic_file, file_sha256
 
 JOB_FILE = "job.json"
-# Settings that may change between runs of one job without changing what it makes.
-TRANSIENT = ("urls", "batch", "concurrency", "shard")
+# what the standard loaders read beside the images: torchvision ImageFolder's class order (sorted folder names)
+# and Hugging Face's imagefolder metadata (its `file_name` column names the image)
+CLASSES_FILE = "classes.txt"
+CLASS_TO_IDX_FILE = "class_to_idx.json"
+HF_METADATA_FILE = "metadata.jsonl"
 
 
 def image_seed(job_seed: int, class_id: str, index: int) -> int:
@@ -240,6 +243,8 @@ def merge_manifests(out: Path) -> tuple[int, int]:
     main = out / manifest_name((0, 1))
     shards = [f for f in manifest_files(out) if f.name != main.name]
     if not shards:
+        if main.exists():
+            write_loader_files(out)
         return (sum(1 for _ in iter_manifest(main)) if main.exists() else 0), 0
     seen: set[tuple[str, int]] = set()
     with atomic_file(main, "w", durable=True, encoding="utf-8") as merged:
@@ -251,4 +256,53 @@ def merge_manifests(out: Path) -> tuple[int, int]:
                     merged.write(line)
     for source in shards:
         source.unlink()
+    write_loader_files(out)
     return len(seen), len(shards)
+
+
+def write_loader_files(out: Path) -> str | None:
+    """Write what the standard loaders read with the labels, from OUT's manifests: classes.txt (one class id a
+    line, in torchvision ImageFolder's order: sorted folder names), class_to_idx.json (ImageFolder's
+    `class_to_idx`) and metadata.jsonl (Hugging Face imagefolder: `file_name`, `label` = the ImageFolder index,
+    and the manifest's class id, class-set index, prompt and seed). Streams the manifests; each file is replaced
+    atomically. Returns a note when ImageFolder's order differs from the class set's, else None."""
+    files = manifest_files(out)
+    class_set_index: dict[str, int] = {}
+    for f in files:
+        for row, _ in iter_manifest(f):
+            class_set_index.setdefault(row["class_id"], row.get("class_index"))
+    folder_order = sorted(class_set_index)
+    to_idx = {cid: i for i, cid in enumerate(folder_order)}
+    with atomic_file(out / CLASSES_FILE, "w", encoding="utf-8") as fh:
+        fh.writelines(f"{cid}\n" for cid in folder_order)
+    with atomic_file(out / CLASS_TO_IDX_FILE, "w", encoding="utf-8") as fh:
+        json.dump(to_idx, fh, indent=1)
+    seen: set[str] = set()
+    with atomic_file(out / HF_METADATA_FILE, "w", encoding="utf-8") as fh:
+        for f in files:
+            for row, _ in iter_manifest(f):
+                if row["path"] in seen:
+                    continue
+                seen.add(row["path"])
+                meta = {
+                    "file_name": row["path"],
+                    "label": to_idx[row["class_id"]],
+                    "class_id": row["class_id"],
+                    "class_index": row.get("class_index"),
+                    "prompt": row.get("prompt"),
+                    "seed": row.get("seed"),
+                }
+                fh.write(json.dumps(meta) + "\n")
+    if any(v is None for v in class_set_index.values()):  # rows of an older version: no class-set index to compare
+        return None
+    set_order = sorted(class_set_index, key=class_set_index.get)
+    moved = [cid for rank, cid in enumerate(set_order) if to_idx[cid] != rank]
+    if not moved:
+        return None
+    first = moved[0]
+    return (
+        f"ImageFolder orders the classes by folder name: {len(moved)} of {len(set_order)} classes have another index "
+        f"than in the class set (e.g. {first}: class set {set_order.index(first)}, ImageFolder {to_idx[first]}). "
+        f"{CLASSES_FILE}, {CLASS_TO_IDX_FILE} and {HF_METADATA_FILE} give ImageFolder's order; the manifest's "
+        "class_index and the WebDataset .cls the class set's"
+    )

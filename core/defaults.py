@@ -13,3 +13,13 @@ DEFAULT_TEMPLATE = "photo of {class}, {caption}, best quality"
 DEFAULT_NEGATIVE = "distorted, unrealistic, blurry, out of frame, cropped, deformed"
 DEFAULT_FORMAT = "png"  # dataset image files: lossless; JPEG at quality 95 is what ImageNet users expect
 DEFAULT_QUALITY = 95  # JPEG and WebP quality (1-100); PNG ignores it
+
+# The fixed choices the command lines offer, named once (serving, export and the CLIs read them from here).
+SCHEDULERS = ("unipc", "ddim", "euler", "dpm")
+# how a server runs the graphs: python-ort (CPU: ONNX Runtime in Python-backend models), openvino (CPU, inside the
+# pipeline model), onnxruntime and tensorrt (Triton's native GPU backends), pytorch (the bundle's modules)
+RUNTIMES = ("python-ort", "openvino", "onnxruntime", "tensorrt", "pytorch")
+PLACEMENTS = ("bls", "inprocess")  # the graphs as their own models called by BLS, or inside the pipeline model
+GUIDANCE_TOKEN_MODES = ("auto", "on", "off")  # the image-embedding guidance token with real images
+# precisions: `auto` is one rule everywhere (realfake.core.precision.resolve_precision)
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")

@@ -5,7 +5,8 @@
 #   RF_BATCH_SIZES  image batch sizes the engines are optimised for (default 1,4,8,16)
 #   RF_PLACEMENT    tensorrt: bls (default; plans as native tensorrt_plan models) | inprocess (plans inside each
 #                   pipeline instance, on its own GPU); RF_COMPONENTS, its old name, is read when it is unset
-#   RF_DTYPE        openvino precision: fp32 (default) | bf16 | int8 (the UNet is quantized once, kept in the volume)
+#   RF_PRECISION    openvino precision: fp32 (default) | bf16 | int8 (the UNet is quantized once, kept in the volume);
+#                   RF_DTYPE, its old name, is read when it is unset
 #   RF_CLASSES      class set whose prompts calibrate the int8 UNet (default imagenet)
 set -euo pipefail
 models="${RF_MODELS:-/models}"
@@ -29,7 +30,7 @@ if [ -f "$models/bundle/model_index.json" ]; then
         exit 2
       fi ;;
   esac
-  [ -f "$models/onnx/export.json" ] || rf-export onnx "$models/bundle" "$models/onnx"
+  [ -f "$models/onnx/export.json" ] || rf-export onnx "$models/bundle" --out "$models/onnx"
   case "$runtime" in
     tensorrt)
       rf-export engines "$models/onnx" --out "$models/engines" --batch-sizes "${RF_BATCH_SIZES:-1,4,8,16}"
@@ -38,11 +39,11 @@ if [ -f "$models/bundle/model_index.json" ]; then
     pytorch)
       rf-export repo "$models/onnx" --out "$models/repo" --runtime pytorch --bundle "$models/bundle" ;;
     openvino)
-      dtype="${RF_DTYPE:-fp32}"
-      if [ "$dtype" = int8 ] && [ ! -f "$models/onnx/unet.int8.xml" ]; then
-        rf-export quantize "$models/onnx" --classes "${RF_CLASSES:-imagenet}"
+      precision="${RF_PRECISION:-${RF_DTYPE:-fp32}}"
+      if [ "$precision" = int8 ] && [ ! -f "$models/onnx/unet.int8.xml" ]; then
+        rf-export quantize "$models/onnx" --out "$models/onnx" --classes "${RF_CLASSES:-imagenet}"
       fi
-      rf-export repo "$models/onnx" --out "$models/repo" --runtime openvino --dtype "$dtype" ;;
+      rf-export repo "$models/onnx" --out "$models/repo" --runtime openvino --precision "$precision" ;;
     *)
       rf-export repo "$models/onnx" --out "$models/repo" --runtime "$runtime" ;;
   esac

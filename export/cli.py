@@ -9,7 +9,18 @@ from typing import Annotated
 
 import typer
 
-from realfake.core.cli import Debug, int_list, make_app, run_cli
+from realfake.core.cli import (
+    Debug,
+    Placement,
+    Precision,
+    Runtime,
+    Scheduler,
+    ServePrecision,
+    int_list,
+    make_app,
+    moved_to_out,
+    run_cli,
+)
 from realfake.core.defaults import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_NEGATIVE,
@@ -35,14 +46,16 @@ def _quiet_tracer_warnings() -> None:
 
 @app.command()
 def onnx(
-    bundle: Annotated[Path, typer.Argument(help="Diffusers-layout model directory.")],
-    out: Annotated[Path, typer.Argument(help="Directory for <component>.onnx, export.json, parity.json.")],
+    bundle: Annotated[Path, typer.Argument(metavar="BUNDLE", help="Diffusers-layout model directory.")],
+    out_positional: Annotated[Path | None, typer.Argument(hidden=True)] = None,  # the old positional OUT
+    out: Annotated[Path | None, typer.Option(help="Directory for <component>.onnx, export.json, parity.json.")] = None,
     tolerance: Annotated[float, typer.Option(help="Max |ONNX - PyTorch| allowed per component.")] = 1e-3,
     debug: Debug = False,
 ) -> None:
     """Export text encoder, UNet, VAE decoder/encoder (and image encoder) to ONNX, then check parity."""
     from realfake.export.onnx_export import export_onnx
 
+    out = moved_to_out(out_positional, out)
     _quiet_tracer_warnings()
     export_onnx(bundle, out, tolerance=tolerance)
     typer.echo(f"ONNX export ok: {out} (parity report: {out / 'parity.json'})")
@@ -50,8 +63,8 @@ def onnx(
 
 @app.command()
 def parity(
-    bundle: Annotated[Path, typer.Argument(help="The bundle the graphs were exported from.")],
-    onnx_dir: Annotated[Path, typer.Argument(help="Directory written by `rf-export onnx`.")],
+    bundle: Annotated[Path, typer.Argument(metavar="BUNDLE", help="The bundle the graphs were exported from.")],
+    onnx_dir: Annotated[Path, typer.Argument(metavar="ONNX_DIR", help="Directory written by `rf-export onnx`.")],
     tolerance: Annotated[float, typer.Option(help="Max |ONNX - PyTorch| allowed per component.")] = 1e-3,
     debug: Debug = False,
 ) -> None:
@@ -65,42 +78,42 @@ def parity(
 
 @app.command()
 def repo(
-    onnx_dir: Annotated[Path, typer.Argument(help="Directory written by `rf-export onnx`.")],
-    out: Annotated[Path, typer.Option(help="Model repository to write.")] = Path("triton_repo"),
+    onnx_dir: Annotated[Path, typer.Argument(metavar="ONNX_DIR", help="Directory written by `rf-export onnx`.")],
+    out: Annotated[Path, typer.Option(help="Model repository to write.")],
     runtime: Annotated[
-        str,
+        Runtime,
         typer.Option(
-            help="python-ort (CPU, ONNX Runtime), openvino (CPU; fp32/bf16/int8), onnxruntime or tensorrt "
-            "(native GPU models), pytorch (GPU fp16, or CPU with --device cpu)."
+            help="python-ort (CPU: ONNX Runtime in Python-backend models), openvino (CPU; fp32, bf16, int8), "
+            "onnxruntime or tensorrt (Triton's native GPU backends), pytorch (the bundle's modules; GPU, or CPU "
+            "with --device cpu)."
         ),
     ] = "python-ort",
-    scheduler: Annotated[str, typer.Option(help="Sampler: unipc, ddim, euler, dpm.")] = DEFAULT_SCHEDULER,
-    max_batch: Annotated[
+    scheduler: Annotated[Scheduler, typer.Option(help="Sampler.")] = DEFAULT_SCHEDULER,
+    max_batch_size: Annotated[
         int | None,
         typer.Option(
-            help="Largest pipeline batch the dynamic batcher forms [default: 32; tensorrt: the plans' largest "
-            "profile batch, and no more]."
+            help="Largest pipeline batch (images) the dynamic batcher forms. [default: 32; tensorrt: the plans' "
+            "largest profile batch, and no more]"
         ),
     ] = None,
     queue_delay_us: Annotated[int, typer.Option(help="Dynamic batching queue delay, microseconds.")] = 5000,
     placement: Annotated[
-        str,
+        Placement,
         typer.Option(
-            "--placement",
-            "--components",
-            help="Where the graphs run, bls|inprocess. bls: separate models called by BLS; inprocess: inside the "
-            "pipeline (python-ort; tensorrt: the plans in each pipeline instance, on its own GPU). openvino and "
-            "pytorch always run inside the pipeline. --components is the old name.",
+            help="Where the graphs run. bls: separate models called by BLS; inprocess: inside the pipeline "
+            "(python-ort; tensorrt: the plans in each pipeline instance, on its own GPU). openvino and pytorch "
+            "always run inside the pipeline.",
         ),
     ] = "bls",
     engines: Annotated[Path | None, typer.Option(help="Plans from `rf-export engines` (runtime tensorrt).")] = None,
     bundle: Annotated[Path | None, typer.Option(help="The bundle itself (runtime pytorch).")] = None,
     device: Annotated[str | None, typer.Option(help="Pipeline device: cpu or cuda (default by runtime).")] = None,
-    dtype: Annotated[
-        str,
+    precision: Annotated[
+        ServePrecision,
         typer.Option(
-            help="Precision. pytorch: auto, fp32, fp16, bf16. openvino: fp32 (auto), bf16, int8 (needs "
-            "`rf-export quantize` first)."
+            help="auto: fp32 on the CPU; on a GPU bf16 where it has it, else fp16. pytorch: any but int8. "
+            "openvino: fp32, bf16, int8 (needs `rf-export quantize` first). python-ort and onnxruntime run the "
+            "fp32 graphs; tensorrt the plans' own precision (`rf-export engines --precision`)."
         ),
     ] = "auto",
     debug: Debug = False,
@@ -113,20 +126,27 @@ def repo(
         out,
         runtime=runtime,
         scheduler=scheduler,
-        max_batch=max_batch,
+        max_batch=max_batch_size,
         queue_delay_us=queue_delay_us,
         placement=placement,
         engines=engines,
         bundle=bundle,
         device=device,
-        dtype=dtype,
+        precision=precision,
     )
     typer.echo(f"model repository written: {out}")
 
 
 @app.command()
 def quantize(
-    onnx_dir: Annotated[Path, typer.Argument(help="Directory written by `rf-export onnx`; the int8 UNet goes here.")],
+    onnx_dir: Annotated[Path, typer.Argument(metavar="ONNX_DIR", help="Directory written by `rf-export onnx`.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Export directory to write: the int8 UNet beside the fp32 graphs (linked, not copied, from "
+            "ONNX_DIR); may be ONNX_DIR itself."
+        ),
+    ],
     classes: Annotated[
         str, typer.Option(help="Class set whose prompts calibrate: imagenet, cifar10, cifar100, fashion-mnist, a file.")
     ] = "imagenet",
@@ -138,7 +158,7 @@ def quantize(
     check_images: Annotated[int, typer.Option(help="Held-out images compared with fp32.")] = 4,
     steps: Annotated[int, typer.Option(help="Sampler steps, as served.")] = DEFAULT_STEPS,
     guidance_scale: Annotated[
-        float, typer.Option("--guidance-scale", "--guidance", help="Classifier-free guidance scale, as served.")
+        float, typer.Option(help="Classifier-free guidance scale, as served.")
     ] = DEFAULT_GUIDANCE_SCALE,
     preset: Annotated[str, typer.Option(help="NNCF preset: performance (symmetric) or mixed.")] = "performance",
     budget: Annotated[
@@ -146,7 +166,7 @@ def quantize(
     ] = 6.0,
     debug: Debug = False,
 ) -> None:
-    """Quantize the UNet to int8 for `rf-export repo --runtime openvino --dtype int8` (CPU servers).
+    """Quantize the UNet to int8 for `rf-export repo OUT --runtime openvino --precision int8` (CPU servers).
 
     Calibrates on the UNet's own inputs while the fp32 sampler draws images for prompts of the class set,
     then compares int8 with fp32 images on held-out seeds; writes unet.int8.xml/.bin and quantize.json.
@@ -157,6 +177,7 @@ def quantize(
     prompts = class_prompts(classes, max(calibration_images, check_images), prompt_template)
     report = quantize_unet(
         onnx_dir,
+        out,
         prompts,
         negative_prompt,
         calibration_images=calibration_images,
@@ -168,34 +189,36 @@ def quantize(
         log=typer.echo,
     )
     typer.echo(
-        f"int8 UNet written: {onnx_dir / INT8_UNET} (mean pixel difference "
-        f"{report['check']['mean_abs_pixel_diff']}/255; report {onnx_dir / QUANTIZE_REPORT})"
+        f"int8 UNet written: {out / INT8_UNET} (mean pixel difference "
+        f"{report['check']['mean_abs_pixel_diff']}/255; report {out / QUANTIZE_REPORT})"
     )
 
 
 @app.command()
 def engines(
-    onnx_dir: Annotated[Path, typer.Argument(help="Directory written by `rf-export onnx`.")],
-    out: Annotated[Path, typer.Option(help="Folder for the plans, their metadata and the timing cache.")] = Path(
-        "engines"
-    ),
+    onnx_dir: Annotated[Path, typer.Argument(metavar="ONNX_DIR", help="Directory written by `rf-export onnx`.")],
+    out: Annotated[Path, typer.Option(help="Folder for the plans, their metadata and the timing cache.")],
     batch_sizes: Annotated[
-        str, typer.Option(help="Image batch sizes the server will form (min/opt/max).")
+        str,
+        typer.Option(help="Image batch sizes the server will form, comma-separated (the profile's min/opt/max)."),
     ] = "1,4,8,16",
-    fp16: Annotated[bool, typer.Option(help="Build fp16 engines.")] = True,
+    precision: Annotated[
+        Precision, typer.Option(help="auto: bf16 on a GPU that has it (compute capability 8.0+), else fp16.")
+    ] = "auto",
     debug: Debug = False,
 ) -> None:
     """Build TensorRT plans for this machine's GPU (kept when already built for it; rebuilt when not)."""
     from realfake.export.tensorrt_build import build_plans
 
     sizes = int_list(batch_sizes, "--batch-sizes")
-    for r in build_plans(onnx_dir, out, sizes, fp16=fp16, log=lambda m: typer.echo(m, err=True)):
+    for r in build_plans(onnx_dir, out, sizes, precision=precision, log=lambda m: typer.echo(m, err=True)):
         typer.echo(f"{r.component:<13} {'built' if r.built else 'kept '} {r.plan} ({r.reason}, {r.seconds:.0f}s)")
 
 
 @app.command("tiny-bundle")
 def tiny_bundle(
-    out: Annotated[Path, typer.Argument(help="Directory for the bundle.")],
+    out_positional: Annotated[Path | None, typer.Argument(hidden=True)] = None,  # the old positional OUT
+    out: Annotated[Path | None, typer.Option(help="Directory for the bundle.")] = None,
     seed: Annotated[int, typer.Option(help="Weight seed.")] = 0,
     image_encoder: Annotated[bool, typer.Option(help="Include a CLIP image encoder.")] = True,
     debug: Debug = False,
@@ -203,6 +226,7 @@ def tiny_bundle(
     """Build a tiny Stable-Diffusion-layout bundle with seeded random weights (tests, demos)."""
     from realfake.export.tiny_bundle import build_tiny_bundle
 
+    out = moved_to_out(out_positional, out)
     _quiet_tracer_warnings()
     build_tiny_bundle(out, seed=seed, image_encoder=image_encoder)
     typer.echo(f"tiny bundle written: {out}")
@@ -227,7 +251,7 @@ def tiny(
 
 
 def main() -> None:
-    run_cli(app)
+    run_cli(app, "rf-export")
 
 
 if __name__ == "__main__":

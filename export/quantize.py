@@ -43,8 +43,19 @@ def _calibration_prompts(prompts: list[str], count: int) -> list[str]:
     return [prompts[i % len(prompts)] for i in range(count)]
 
 
+def mirror_export(onnx_dir: Path, out: Path) -> None:
+    """`out` as a complete export directory beside `onnx_dir`: every file linked (a copy where links cannot be
+    made), so the int8 UNet can be written there without touching `onnx_dir` or copying gigabytes of weights."""
+    from realfake.export.triton_repo import link_or_copy
+
+    for src in onnx_dir.rglob("*"):
+        if src.is_file() and src.name not in (INT8_UNET.name, INT8_UNET.with_suffix(".bin").name, QUANTIZE_REPORT):
+            link_or_copy(src, out / src.relative_to(onnx_dir))
+
+
 def quantize_unet(
     onnx_dir: str | Path,
+    out: str | Path,
     prompts: list[str],
     negative: str,
     *,
@@ -56,7 +67,9 @@ def quantize_unet(
     budget: float = 6.0,
     log=print,
 ) -> dict:
-    """Quantize `onnx_dir/unet.onnx` to `onnx_dir/unet.int8.xml`; returns (and writes) the report.
+    """Quantize `onnx_dir/unet.onnx` to `out/unet.int8.xml`; returns (and writes) the report. `out` becomes a
+    complete export (the fp32 graphs linked from `onnx_dir`) for `rf-export repo out --precision int8`; it may be
+    `onnx_dir` itself.
 
     `budget`: the largest mean |int8 - fp32| pixel difference (0-255 scale) accepted on the held-out images.
     """
@@ -69,10 +82,9 @@ def quantize_unet(
     from realfake.serving.openvino_components import OvComponents
     from realfake.serving.sampler import Sampler, Settings
 
-    onnx_dir = Path(onnx_dir)
+    onnx_dir, out = Path(onnx_dir), Path(out)
     load_export_meta(onnx_dir)
-    graph = onnx_dir / "unet.onnx"
-    if not graph.is_file():
+    if not (onnx_dir / "unet.onnx").is_file():
         raise UserError(f"{onnx_dir} has no unet.onnx: run `rf-export onnx` first")
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -80,6 +92,12 @@ def quantize_unet(
         raise UserError("no calibration prompts")
     if calibration_images < 1 or check_images < 1 or steps < 1:
         raise UserError("--calibration-images, --check-images and --steps must be at least 1")
+    if out.resolve() != onnx_dir.resolve():
+        if onnx_dir.resolve() in out.resolve().parents:
+            raise UserError(f"--out {out} is inside {onnx_dir}: give {onnx_dir} itself or a directory beside it")
+        mirror_export(onnx_dir, out)
+        onnx_dir = out  # from here on the export quantize writes into
+    graph = onnx_dir / "unet.onnx"
 
     recorded: list[dict[str, np.ndarray]] = []
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from realfake.core.errors import UserError
 from realfake.core.files import write_atomic
+from realfake.core.precision import resolve_precision
 from realfake.serving.export_files import graph_sha256, load_export_meta
 from realfake.serving.model_bundle import TEXT_MAX_LENGTH
 from realfake.serving.tensorrt_plans import GpuInfo, detect_gpu, import_tensorrt, profile_max_images
@@ -77,7 +78,7 @@ def plan_name(component: str, gpu: GpuInfo, trt_version: str) -> str:
     return f"{component}.{gpu.arch}.{trt_version}.plan"
 
 
-def plan_meta(component: str, gpu: GpuInfo, trt_version: str, onnx_hash: str, profile: Profile, fp16: bool) -> dict:
+def plan_meta(component: str, gpu: GpuInfo, trt_version: str, onnx_hash: str, profile: Profile, precision: str) -> dict:
     return {
         "component": component,
         "max_images": profile_max_images(component, profile.to_json()),
@@ -86,7 +87,7 @@ def plan_meta(component: str, gpu: GpuInfo, trt_version: str, onnx_hash: str, pr
         "tensorrt_version": trt_version,
         "onnx_sha256": onnx_hash,
         "profiles": profile.to_json(),
-        "fp16": fp16,
+        "precision": precision,  # fp32, fp16 or bf16 (the builder flag; plans before it had "fp16": bool)
     }
 
 
@@ -104,7 +105,7 @@ def rebuild_reason(meta_path: Path, wanted: dict) -> str | None:
         ("tensorrt_version", "TensorRT version"),
         ("onnx_sha256", "ONNX graph"),
         ("profiles", "optimisation profiles"),
-        ("fp16", "precision"),
+        ("precision", "precision"),
     ):
         if have.get(key) != wanted.get(key):
             return f"{label} changed ({have.get(key)} -> {wanted.get(key)})"
@@ -112,7 +113,12 @@ def rebuild_reason(meta_path: Path, wanted: dict) -> str | None:
 
 
 def build_plan(
-    onnx_path: Path, plan_path: Path, profile: Profile, cache_path: Path, fp16: bool = True, workspace_gb: float = 8.0
+    onnx_path: Path,
+    plan_path: Path,
+    profile: Profile,
+    cache_path: Path,
+    precision: str = "fp16",
+    workspace_gb: float = 8.0,
 ) -> None:
     """Build one serialized engine with one optimisation profile, reusing and updating the timing cache."""
     trt = import_tensorrt()
@@ -128,8 +134,12 @@ def build_plan(
         raise UserError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if fp16:
+    if precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "bf16":
+        if not hasattr(trt.BuilderFlag, "BF16"):
+            raise UserError(f"TensorRT {trt.__version__} has no bf16: pass --precision fp16")
+        config.set_flag(trt.BuilderFlag.BF16)
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     opt_profile = builder.create_optimization_profile()
@@ -152,24 +162,30 @@ class PlanResult:
     seconds: float
 
 
-def build_plans(onnx_dir: Path, out: Path, batch_sizes: list[int], fp16: bool = True, log=print) -> list[PlanResult]:
-    """Plans for every component of an ONNX export, for the GPU of this machine; up-to-date plans are kept."""
+def build_plans(
+    onnx_dir: Path, out: Path, batch_sizes: list[int], precision: str = "auto", log=print
+) -> list[PlanResult]:
+    """Plans for every component of an ONNX export, for the GPU of this machine; up-to-date plans are kept.
+    `precision`: auto (bf16 on a GPU of compute capability 8.0 or later, else fp16), fp32, fp16 or bf16."""
     meta = load_export_meta(onnx_dir)
     profiles = component_profiles(meta, batch_sizes)
     gpu = detect_gpu()
+    precision = resolve_precision(
+        precision, gpu=True, bf16=gpu.compute_capability >= (8, 0), choices=("auto", "fp32", "fp16", "bf16")
+    )
     trt = import_tensorrt()
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for component, profile in profiles.items():
         onnx_path = onnx_dir / f"{component}.onnx"
         plan = out / plan_name(component, gpu, trt.__version__)
-        wanted = plan_meta(component, gpu, trt.__version__, graph_sha256(onnx_path), profile, fp16)
+        wanted = plan_meta(component, gpu, trt.__version__, graph_sha256(onnx_path), profile, precision)
         reason = rebuild_reason(plan.with_suffix(".json"), wanted)
         t0 = time.perf_counter()
         if reason is not None:
             log(f"building {plan.name}: {reason}")
             plan.with_suffix(".json").unlink(missing_ok=True)  # a crash mid-build leaves no metadata: rebuilt
-            build_plan(onnx_path, plan, profile, out / timing_cache_name(gpu), fp16)
+            build_plan(onnx_path, plan, profile, out / timing_cache_name(gpu), precision)
             write_atomic(plan.with_suffix(".json"), json.dumps(wanted, indent=1).encode())
         results.append(
             PlanResult(

@@ -123,7 +123,8 @@ def pipeline_config(
     )
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path) -> None:
+    """`dst` as a hard link to `src` (a copy across file systems), replacing what was there."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.exists():
         dst.unlink()
@@ -137,9 +138,9 @@ def _link_graph(graph: Path, folder: Path, name: str | None = None) -> None:
     """Link a graph into `folder` (renamed to `name` if given) with its external-weight files under their own
     names, where the graph looks for them."""
     first, *weights = graph_files(graph)
-    _link_or_copy(first, folder / (name or first.name))
+    link_or_copy(first, folder / (name or first.name))
     for path in weights:
-        _link_or_copy(path, folder / path.name)
+        link_or_copy(path, folder / path.name)
 
 
 def _plans(engines: Path | None, onnx_dir: Path, components: list[str], max_batch: int | None):
@@ -154,8 +155,8 @@ def _plans(engines: Path | None, onnx_dir: Path, components: list[str], max_batc
     limit = min(p.max_images for p in plans.values())
     if max_batch is not None and max_batch > limit:
         raise UserError(
-            f"--max-batch {max_batch} is larger than the TensorRT plans' profile allows ({limit} images): rebuild "
-            f"them with `rf-export engines --batch-sizes ...,{max_batch}` or lower --max-batch"
+            f"--max-batch-size {max_batch} is larger than the TensorRT plans' profile allows ({limit} images): "
+            f"rebuild them with `rf-export engines --batch-sizes ...,{max_batch}` or lower --max-batch-size"
         )
     return {name: p.path for name, p in plans.items()}, max_batch or limit
 
@@ -165,14 +166,38 @@ def _check_openvino(onnx_dir: Path, dtype: str) -> None:
     from realfake.serving.openvino_components import DTYPES
 
     if dtype != "auto" and dtype not in DTYPES:
-        raise UserError(f"--runtime openvino takes --dtype {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, not {dtype!r}")
+        raise UserError(f"--runtime openvino takes --precision {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, not {dtype!r}")
     if dtype != "int8":
         return
     report = onnx_dir / QUANTIZE_REPORT
     if not (onnx_dir / INT8_UNET).is_file() or not report.is_file():
-        raise UserError(f"--dtype int8 needs the int8 UNet: run `rf-export quantize {onnx_dir}` first")
+        raise UserError(
+            f"--precision int8 needs the int8 UNet: run `rf-export quantize {onnx_dir} --out {onnx_dir}` first, "
+            "or point at the directory quantize wrote"
+        )
     if json.loads(report.read_text()).get("unet_onnx_sha256") != graph_sha256(onnx_dir / "unet.onnx"):
         raise UserError(f"the int8 UNet in {onnx_dir} was made from another unet.onnx: run `rf-export quantize` again")
+
+
+def _resolved_precision(runtime: str, device: str, precision: str) -> str:
+    """The precision a pipeline of `runtime` on `device` computes in (the one `auto` rule; realfake.core.precision).
+    A pytorch pipeline on a GPU asks the GPU this machine sees (the serving node writes its repository: the Docker
+    entrypoint does), so the engine identity names the precision that computes; with none visible, fp16, which
+    every GPU runs."""
+    from realfake.core.precision import resolve_precision
+
+    gpu = not device.startswith("cpu")
+    if runtime == "pytorch" and gpu and precision == "auto":
+        try:
+            import torch
+
+            bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        except ImportError:
+            bf16 = False
+        return resolve_precision(precision, gpu=True, bf16=bf16)
+    if runtime == "pytorch" and precision == "int8":
+        raise UserError("--runtime pytorch takes --precision auto, fp32, fp16 or bf16, not int8")
+    return resolve_precision(precision, gpu=gpu and runtime == "pytorch", bf16=False)
 
 
 def engine_identity(
@@ -189,14 +214,14 @@ def engine_identity(
     if runtime == "tensorrt":
         meta = json.loads(next(iter(plans.values())).with_suffix(".json").read_text())
         arch = "sm" + "".join(str(n) for n in meta["compute_capability"])
-        precision = "fp16" if meta.get("fp16", True) else "fp32"
+        precision = meta.get("precision") or ("fp16" if meta.get("fp16", True) else "fp32")  # older plans: a flag
         label = f"tensorrt-{meta['tensorrt_version']} {arch} {precision} {digest(plans[k] for k in sorted(plans))}"
     elif runtime == "openvino":
         label = f"openvino-cpu {dtype}"
         if dtype == "int8":
             label += f" {digest([onnx_dir / INT8_UNET, onnx_dir / INT8_UNET.with_suffix('.bin')])}"
     elif runtime == "pytorch":
-        label = f"pytorch-{where} {dtype if dtype != 'auto' else ('fp16' if where == 'cuda' else 'fp32')}"
+        label = f"pytorch-{where} {dtype}"
     else:  # python-ort (CPU, or CUDA in-process) and onnxruntime (native, GPU)
         label = f"onnxruntime-{'cuda' if runtime == 'onnxruntime' else where} fp32"
     return f"{label}, {scheduler}"
@@ -216,7 +241,7 @@ def write_repository(
     bundle: str | Path | None = None,
     preferred: tuple[int, ...] = (4, 8, 16),
     device: str | None = None,
-    dtype: str = "auto",
+    precision: str = "auto",
 ) -> Path:
     """Fill `out` with the component models and the `pipeline` model for `runtime`.
 
@@ -225,7 +250,7 @@ def write_repository(
     run inside each pipeline instance, on that instance's GPU). Runtimes: `python-ort`
     (CPU), `onnxruntime` and `tensorrt` (native GPU component models; tensorrt takes the plans from `engines`),
     `pytorch` (the bundle's modules on the GPU in fp16 inside the pipeline model; needs `bundle`), `openvino`
-    (CPU, the graphs inside the pipeline model; `dtype` fp32, bf16, or int8 after `rf-export quantize`).
+    (CPU, the graphs inside the pipeline model; `precision` fp32, bf16, or int8 after `rf-export quantize`).
     openvino and pytorch always run inside the pipeline model, whatever `placement` says; onnxruntime only as
     component models (realfake.serving.pipeline_params.SERVED).
     `max_batch`: the largest batch the pipeline's dynamic batcher forms; default 32, or for `tensorrt` the
@@ -233,6 +258,11 @@ def write_repository(
     """
     onnx_dir, out = Path(onnx_dir), Path(out)
     check_runtime(runtime)
+    dtype = precision
+    fixed = {"python-ort": ("fp32", "the fp32 graphs"), "onnxruntime": ("fp32", "the fp32 graphs")}
+    fixed["tensorrt"] = ("auto", "the plans' own precision (`rf-export engines --precision`)")
+    if runtime in fixed and precision not in ("auto", fixed[runtime][0]):
+        raise UserError(f"--runtime {runtime} runs {fixed[runtime][1]}: leave --precision out, not {precision!r}")
     meta = load_export_meta(onnx_dir)
     placement = served_placement(runtime, placement)
     if runtime == "openvino":
@@ -243,14 +273,14 @@ def write_repository(
         if bundle is None or not (Path(bundle) / "model_index.json").is_file():
             raise UserError("--runtime pytorch needs --bundle: the diffusers-layout directory the ONNX came from")
     if max_batch is not None and max_batch < 1:
-        raise UserError(f"--max-batch must be >= 1, got {max_batch}")
+        raise UserError(f"--max-batch-size must be >= 1, got {max_batch}")
     plans = {}
     if runtime == "tensorrt":
         plans, max_batch = _plans(engines, onnx_dir, meta["components"], max_batch)
     max_batch = max_batch or DEFAULT_MAX_BATCH
     threads = threads or os.cpu_count() or 1
     device = device or ("cpu" if runtime in ("python-ort", "openvino") else "cuda")
-    resolved = "fp32" if runtime == "openvino" and dtype == "auto" else dtype
+    resolved = _resolved_precision(runtime, device, dtype)
     params = PipelineParams(
         placement=placement,
         runtime=runtime,
@@ -278,7 +308,7 @@ def write_repository(
         version.mkdir(parents=True)
         (out / name / "config.pbtxt").write_text(component_config(name, inputs, outputs, threads, runtime))
         if runtime == "tensorrt":
-            _link_or_copy(plans[name], version / "model.plan")
+            link_or_copy(plans[name], version / "model.plan")
         else:
             _link_graph(graph, version, "model.onnx")
         if runtime == "python-ort":
@@ -295,11 +325,11 @@ def write_repository(
             _link_graph(onnx_dir / f"{name}.onnx", files)
         if kind == "openvino" and dtype == "int8":
             for path in (INT8_UNET, INT8_UNET.with_suffix(".bin")):
-                _link_or_copy(onnx_dir / path, files / path)
+                link_or_copy(onnx_dir / path, files / path)
     if kind == "tensorrt":
         for name, plan in plans.items():
-            _link_or_copy(plan, files / "engines" / f"{name}.plan")
-            _link_or_copy(plan.with_suffix(".json"), files / "engines" / f"{name}.json")
+            link_or_copy(plan, files / "engines" / f"{name}.plan")
+            link_or_copy(plan.with_suffix(".json"), files / "engines" / f"{name}.json")
     if kind != "bls":  # the pipeline holds the components: a rewritten repository keeps no stale models
         for name in meta["components"]:
             if (out / name).is_dir():

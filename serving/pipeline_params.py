@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from realfake.core.defaults import DEFAULT_SCHEDULER
+from realfake.core.defaults import DEFAULT_SCHEDULER, PLACEMENTS, RUNTIMES
 from realfake.core.errors import UserError
 from realfake.core.protocol import (
     PARAM_BUNDLE_IDENTITY,
@@ -26,8 +26,6 @@ from realfake.core.protocol import (
     PARAM_TRAINED_WITH_GUIDANCE_TOKEN,
 )
 
-PLACEMENTS = ("bls", "inprocess")
-RUNTIMES = ("python-ort", "openvino", "onnxruntime", "tensorrt", "pytorch")
 # the placements each runtime is served with
 SERVED = {
     "python-ort": ("bls", "inprocess"),

@@ -20,10 +20,14 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from realfake.core.defaults import DEFAULT_GUIDANCE_SCALE, DEFAULT_SCHEDULER, DEFAULT_STEPS, TEXT_ONLY_STRENGTH
+from realfake.core.defaults import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_SCHEDULER,
+    DEFAULT_STEPS,
+    SCHEDULERS,
+    TEXT_ONLY_STRENGTH,
+)
 from realfake.core.images import clip_preprocess
-
-SCHEDULERS = ("unipc", "ddim", "euler", "dpm")
 
 
 class Components(Protocol):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from realfake.core.precision import resolve_precision
 from realfake.serving.components import ComponentCalls
 
 
@@ -26,8 +27,10 @@ class TorchComponents(ComponentCalls):
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("the pytorch runtime was asked for CUDA but no GPU is visible")
         dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-        if dtype == "auto":
-            self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        if dtype == "auto":  # the one rule (realfake.core.precision), on the GPU this pipeline runs on
+            gpu = self.device.type == "cuda"
+            bf16 = gpu and torch.cuda.is_bf16_supported()
+            self.dtype = dtypes[resolve_precision("auto", gpu=gpu, bf16=bf16)]
         elif dtype in dtypes:
             self.dtype = dtypes[dtype]
         else:

@@ -126,7 +126,7 @@ def fake_plans(onnx_dir: Path, folder: Path, batch_sizes=(1, 4, 8, 16), gpu=H100
     for name, profile in eng.component_profiles(meta, list(batch_sizes)).items():
         plan = folder / eng.plan_name(name, gpu, "10.13.0")
         plan.write_bytes(b"plan " + name.encode())
-        wanted = eng.plan_meta(name, gpu, "10.13.0", digest or graph_sha256(onnx_dir / f"{name}.onnx"), profile, True)
+        wanted = eng.plan_meta(name, gpu, "10.13.0", digest or graph_sha256(onnx_dir / f"{name}.onnx"), profile, "fp16")
         plan.with_suffix(".json").write_text(json.dumps(wanted))
     return folder
 

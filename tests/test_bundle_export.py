@@ -37,7 +37,7 @@ def test_bundle_missing_component_is_one_clear_line(tiny_bundle, tmp_path):
     shutil.rmtree(broken / "unet")
     with pytest.raises(UserError, match="missing component.*unet"):
         check_bundle(broken)
-    result = rf("rf-export", "onnx", str(broken), str(tmp_path / "onnx"))
+    result = rf("rf-export", "onnx", str(broken), "--out", str(tmp_path / "onnx"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: bundle {broken} is missing component(s): unet"]
 

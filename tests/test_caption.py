@@ -165,7 +165,7 @@ def test_undecodable_images_are_skipped_and_named(blip2, real, tmp_path):
 def test_cli_bad_input_is_one_line(blip2, real, tmp_path):
     """One process runs the command three times: a good run, a model without weights, another's file."""
     out = tmp_path / "caps.jsonl"
-    args = ["rf-train", "caption", "--data", str(real), "--out", str(out), "--max-new-tokens", "2"]
+    args = ["rf-train", "caption", "--real", str(real), "--out", str(out), "--max-new-tokens", "2"]
     t0 = time.perf_counter()
     r = rf(*args, "--model", str(blip2), "--classes", "cifar10")
     assert r.returncode == 0, r.stderr
@@ -183,7 +183,7 @@ def test_cli_bad_input_is_one_line(blip2, real, tmp_path):
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(f"error: --data {real}: folder(s) ")
     foreign = tmp_path / "foreign.jsonl"
     foreign.write_text('{"image": "cat/cat0.png", "caption": "hand-written"}\n')
-    r = rf("rf-train", "caption", "--data", str(real), "--out", str(foreign), "--model", str(blip2))
+    r = rf("rf-train", "caption", "--real", str(real), "--out", str(foreign), "--model", str(blip2))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "was not written by rf-train caption" in r.stderr
 
@@ -210,7 +210,7 @@ def test_captions_reach_finetune_and_generation_prompts(blip2, real, tmp_path, t
         result = run_finetune(
             FinetuneConfig(
                 bundle=tiny_bundle,
-                data=real,
+                real=real,
                 out=tmp_path / "ft",
                 classes="cifar10",
                 captions=caps,

@@ -17,7 +17,7 @@ from conftest import VENV_BIN, cli_args, generate_args, rf
 
 pytestmark = pytest.mark.slow
 
-JOB = dict(per_class=12, steps=20, seed=3, batch=2, quiet=True)  # with generate_args: cifar10, 120 images
+JOB = dict(per_class=12, steps=20, seed=3, batch_size=2, quiet=True)  # with generate_args: cifar10, 120 images
 
 
 def _pngs(out):
@@ -202,7 +202,7 @@ def test_resume_with_changed_settings_is_refused_then_forced(tmp_path, triton):
     job = dict(per_class=1, steps=3, quiet=True)
     assert rf("rf-client", *generate_args(out, triton.url, **job)).returncode == 0
     before = _pngs(out)
-    r = rf("rf-client", *generate_args(out, triton.url, **job), "--guidance", "3.0")
+    r = rf("rf-client", *generate_args(out, triton.url, **job), "--guidance-scale", "3.0")
     # the old spelling --guidance on purpose: this checks the alias still reaches --guidance-scale
     assert r.returncode == 2 and "other settings (guidance_scale)" in r.stderr
     assert _pngs(out) == before  # nothing finished was touched
@@ -253,7 +253,7 @@ def test_servers_on_other_engines_are_refused_unless_mixed(triton, tiny_onnx, tm
     from realfake.export.triton_repo import write_repository
 
     other_repo = write_repository(tiny_onnx, tmp_path / "ddim_repo", scheduler="ddim")
-    small = dict(per_class=2, steps=4, batch=2, quiet=True)
+    small = dict(per_class=2, steps=4, batch_size=2, quiet=True)
     with LocalServer(other_repo) as other:
         mine, theirs = PipelineClient(triton.url).card(), PipelineClient(other.url).card()
         assert mine.identity == theirs.identity
@@ -289,7 +289,7 @@ def test_servers_on_other_engines_are_refused_unless_mixed(triton, tiny_onnx, tm
         late = tmp_path / "late"
         late.mkdir()
         writer = ds.ManifestWriter(late / "manifest.jsonl")
-        summary = Runner(late, spec, items, [other.url, triton.url], writer, batch=2).run()
+        summary = Runner(late, spec, items, [other.url, triton.url], writer, batch_size=2).run()
         writer.close()
         by_url = {s["url"]: s for s in summary.servers}
         assert summary.images == 6 and by_url[triton.url]["images"] == 6 and by_url[other.url]["images"] == 0

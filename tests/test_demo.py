@@ -91,7 +91,10 @@ def test_missing_and_corrupt_data(tmp_path):
     r = rf("rf-demo", *REDUCED, "--out", str(tmp_path / "b"), "--fmnist", str(bad))
     assert r.returncode == 2 and "stage data failed" in r.stderr and "is not a valid idx file" in r.stderr
     r = rf("rf-demo", *REDUCED, "--out", str(tmp_path / "c"), "--runtime", "openvino-int4")
-    assert r.returncode == 2 and "unknown --runtime 'openvino-int4'" in r.stderr and not (tmp_path / "c").exists()
+    assert r.returncode == 2 and "'openvino-int4' is not one of 'python-ort', 'openvino'" in r.stderr
+    r = rf("rf-demo", *REDUCED, "--out", str(tmp_path / "c"), "--runtime", "python-ort", "--precision", "int8")
+    assert r.stderr.strip().splitlines() == ["error: --runtime python-ort takes --precision auto, fp32, not 'int8'"]
+    assert r.returncode == 2 and not (tmp_path / "c").exists()
 
 
 def test_busy_port_fails_the_generate_stage_and_rerun_resumes(tmp_path, rf_home_demo):

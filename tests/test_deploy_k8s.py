@@ -75,7 +75,7 @@ def test_overlay_renders_the_fleet(rendered, overlay):
         assert resources["limits"]["nvidia.com/gpu"] == "1" and runtime == "tensorrt"
         assert allowed >= 30 * 60  # the first start builds TensorRT plans
     else:
-        assert not gpus and runtime == "openvino" and env_of(triton)["RF_DTYPE"]["value"] == "int8"
+        assert not gpus and runtime == "openvino" and env_of(triton)["RF_PRECISION"]["value"] == "int8"
         assert allowed >= 2 * 3600  # the first start quantizes the UNet on CPU
     # probes: Triton's own health endpoints on its HTTP port
     for probe, path in (("startupProbe", "/v2/health/ready"), ("readinessProbe", "/v2/health/ready")):

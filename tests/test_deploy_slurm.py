@@ -187,7 +187,7 @@ def test_slurm_array_then_finish_equals_one_process(cluster, tiny_repo, triton, 
 
     reference = tmp_path / "reference"
     generate_dataset(
-        GenerateConfig(classes="cifar10", out=reference, per_class=4, steps=4, batch=2, urls=[triton.url]),
+        GenerateConfig(classes="cifar10", out=reference, per_class=4, steps=4, batch_size=2, urls=[triton.url]),
         log=lambda _m: None,
     )
     out = tmp_path / "out"
@@ -219,7 +219,8 @@ def test_slurm_array_then_finish_equals_one_process(cluster, tiny_repo, triton, 
     assert len(made) == 40
     assert rf("rf-client", "verify", str(out)).returncode == 0
     # each task stopped its server: the address it served is free again and nothing answers there
-    serve_logs = sorted((out / "logs").glob("serve-*.log"))
+    serve_logs = sorted(Path(f"{out}.logs").glob("serve-*.log"))
+    assert not (out / "logs").exists()  # nothing in the dataset that ImageFolder would take for a class
     urls = [re.search(r"^Triton ready: HTTP ([^,]+),", log.read_text(), re.M)[1] for log in serve_logs]
     assert len(urls) == 2
     for url in urls:

@@ -137,7 +137,7 @@ def test_chunks_other_processes_wrote_out_of_sight_is_one_clear_error(tmp_path):
 def test_two_torchrun_processes_compute_each_image_once(tiny_bundle, tmp_path):
     real = make_real_set(tmp_path / "real", per=5)
     out = tmp_path / "run"
-    args = ["--bundle", tiny_bundle, "--data", real, "--classes", "cifar10", "--out", out, "--max-steps", "1"]
+    args = ["--bundle", tiny_bundle, "--real", real, "--classes", "cifar10", "--out", out, "--max-steps", "1"]
     r = subprocess.run(
         [VENV_BIN / "torchrun", "--nproc-per-node", "2", "-m", "realfake.training.cli", "finetune", *map(str, args)],
         capture_output=True,

@@ -88,7 +88,7 @@ def test_training_lowers_the_loss_and_only_lora_changes(tiny_bundle, real_set):
     params = lora_parameters(m.unet)
     assert params and all("lora" in n for n, p in m.unet.named_parameters() if p.requires_grad)
     opt = torch.optim.AdamW(params, lr=1e-2)
-    cfg = FinetuneConfig(bundle=tiny_bundle, data=real_set, out=real_set, classes="cifar10")
+    cfg = FinetuneConfig(bundle=tiny_bundle, real=real_set, out=real_set, classes="cifar10")
     losses = []
     for _ in range(30):  # the same batch, noise and timesteps every step: the loss must go down
         loss, _, _ = training_step_loss(m, m.unet, pixels, context, torch.Generator().manual_seed(0), cfg)
@@ -124,7 +124,7 @@ def _finetune_args(bundle, data, out, *extra):
         "finetune",
         "--bundle",
         str(bundle),
-        "--data",
+        "--real",
         str(data),
         "--classes",
         "cifar10",
@@ -219,13 +219,13 @@ def test_precision_defaults():
     from realfake.core.errors import UserError
     from realfake.training.finetune import FinetuneConfig, resolve_precision
 
-    assert FinetuneConfig.mixed_precision == "auto"
-    assert resolve_precision("auto", cuda=False) == resolve_precision("bf16", cuda=False) == "no"  # fp32 on CPU
+    assert FinetuneConfig.precision == "auto"
+    assert resolve_precision("auto", cuda=False) == resolve_precision("bf16", cuda=False) == "fp32"  # fp32 on CPU
     assert resolve_precision("auto", cuda=True, bf16=True) == "bf16"
     assert resolve_precision("auto", cuda=True, bf16=False) == "fp16"
-    assert resolve_precision("no", cuda=True, bf16=True) == "no"
-    with pytest.raises(UserError, match="--mixed-precision must be one of auto, no, fp16, bf16"):
-        FinetuneConfig(bundle=".", data=".", out=".", classes="cifar10", mixed_precision="fp8").validate()
+    assert resolve_precision("fp32", cuda=True, bf16=True) == "fp32"
+    with pytest.raises(UserError, match="--precision must be one of auto, fp32, fp16, bf16"):
+        FinetuneConfig(bundle=".", real=".", out=".", classes="cifar10", precision="fp8").validate()
 
 
 def _lora_step(tiny_bundle, real_set, dtype=torch.float32, checkpointing=False):
@@ -261,7 +261,7 @@ def _lora_step(tiny_bundle, real_set, dtype=torch.float32, checkpointing=False):
     samples = collect_samples(real_set, load_classes("cifar10"))[:2]
     data = FinetuneDataset(real_set, samples, 32)
     pixels = torch.stack([data.item(i, 0)["pixels"] for i in range(2)])
-    cfg = FinetuneConfig(bundle=tiny_bundle, data=real_set, out=real_set, classes="cifar10")
+    cfg = FinetuneConfig(bundle=tiny_bundle, real=real_set, out=real_set, classes="cifar10")
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         context = conditioning(m, [s.prompt for s in samples], torch.ones(2, 32))
         loss, _, _ = training_step_loss(m, m.unet, pixels, context, torch.Generator().manual_seed(0), cfg)

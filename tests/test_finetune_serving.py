@@ -54,7 +54,7 @@ def finetuned(tiny_bundle, tmp_path_factory):
     _unlist_image_encoder(base)  # the folder is there, the index does not name it
     real = make_real_set(tmp_path_factory.mktemp("real") / "train", per=2)
     out = tmp_path_factory.mktemp("ft") / "run"
-    cfg = FinetuneConfig(bundle=base, data=real, out=out, classes="cifar10", batch_size=2, max_steps=2, lr=1e-3)
+    cfg = FinetuneConfig(bundle=base, real=real, out=out, classes="cifar10", batch_size=2, max_steps=2, lr=1e-3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = run_finetune(cfg, log=lambda *_: None)

@@ -75,7 +75,7 @@ def test_real_images_that_all_fail_to_decode_are_refused(tmp_path):
 
 
 def test_cli_bad_inputs_are_one_line_before_any_request(tmp_path):
-    for extra in (["--url", "localhost:99999"], ["--url", "127.0.0.1:9", "--guidance", "nan"]):
+    for extra in (["--url", "localhost:99999"], ["--url", "127.0.0.1:9", "--guidance-scale", "nan"]):
         r = rf("rf-client", "generate", "--classes", "cifar10", "--per-class", "1", "--out", str(tmp_path), *extra)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr

@@ -17,7 +17,7 @@ from conftest import VENV_BIN, generate_args, rf
 
 pytestmark = pytest.mark.slow
 
-JOB = dict(classes="imagenet", per_class=2, steps=1, seed=5, batch=8, concurrency=2, quiet=True)
+JOB = dict(classes="imagenet", per_class=2, steps=1, seed=5, batch_size=8, concurrency=2, quiet=True)
 TOTAL = 2000
 
 

@@ -34,7 +34,9 @@ def int8_onnx(tiny_onnx, tmp_path_factory) -> tuple[Path, dict]:
 
     onnx_dir = tmp_path_factory.mktemp("int8") / "onnx"
     shutil.copytree(tiny_onnx, onnx_dir)
-    report = quantize_unet(onnx_dir, PROMPTS, "", calibration_images=2, check_images=2, steps=8, log=lambda *_: None)
+    report = quantize_unet(
+        onnx_dir, onnx_dir, PROMPTS, "", calibration_images=2, check_images=2, steps=8, log=lambda *_: None
+    )
     return onnx_dir, report
 
 
@@ -93,16 +95,18 @@ def test_quantize_over_budget_keeps_nothing(tiny_onnx, tmp_path):
     onnx_dir = tmp_path / "onnx"
     shutil.copytree(tiny_onnx, onnx_dir)
     with pytest.raises(UserError, match="budget 0.0"):
-        quantize_unet(onnx_dir, PROMPTS, "", calibration_images=1, check_images=1, steps=4, budget=0.0, log=print)
+        quantize_unet(
+            onnx_dir, onnx_dir, PROMPTS, "", calibration_images=1, check_images=1, steps=4, budget=0.0, log=print
+        )
     assert not (onnx_dir / "unet.int8.xml").exists() and not (onnx_dir / "unet.int8.bin").exists()
     assert json.loads((onnx_dir / "quantize.json").read_text())["check"]["mean_abs_pixel_diff"] > 0
 
 
 def test_repo_refuses_missing_stale_or_unknown_int8(tiny_onnx, int8_onnx, tmp_path):
     with pytest.raises(UserError, match="rf-export quantize"):
-        write_repository(tiny_onnx, tmp_path / "r1", runtime="openvino", dtype="int8")
+        write_repository(tiny_onnx, tmp_path / "r1", runtime="openvino", precision="int8")
     with pytest.raises(UserError, match="fp32, bf16 or int8"):
-        write_repository(tiny_onnx, tmp_path / "r2", runtime="openvino", dtype="fp16")
+        write_repository(tiny_onnx, tmp_path / "r2", runtime="openvino", precision="fp16")
     with pytest.raises(UserError, match="CPU"):
         write_repository(tiny_onnx, tmp_path / "r3", runtime="openvino", device="cuda")
     stale = tmp_path / "stale"
@@ -111,11 +115,11 @@ def test_repo_refuses_missing_stale_or_unknown_int8(tiny_onnx, int8_onnx, tmp_pa
     report["unet_onnx_sha256"] = "0" * 64
     (stale / "quantize.json").write_text(json.dumps(report))
     with pytest.raises(UserError, match="another unet.onnx"):
-        write_repository(stale, tmp_path / "r4", runtime="openvino", dtype="int8")
+        write_repository(stale, tmp_path / "r4", runtime="openvino", precision="int8")
 
 
 def test_quantize_cli_errors(tmp_path):
-    r = rf("rf-export", "quantize", str(tmp_path))
+    r = rf("rf-export", "quantize", str(tmp_path), "--out", str(tmp_path))
     assert r.returncode == 2 and "rf-export onnx" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -127,7 +131,15 @@ def test_int8_served_through_triton(int8_onnx, fp32_images, tmp_path):
 
     onnx_dir, _ = int8_onnx
     r = rf(
-        "rf-export", "repo", str(onnx_dir), "--out", str(tmp_path / "repo"), "--runtime", "openvino", "--dtype", "int8"
+        "rf-export",
+        "repo",
+        str(onnx_dir),
+        "--out",
+        str(tmp_path / "repo"),
+        "--runtime",
+        "openvino",
+        "--precision",
+        "int8",
     )
     assert r.returncode == 0, r.stderr
     files = tmp_path / "repo" / "pipeline" / "1" / "model_files"
@@ -150,7 +162,7 @@ def test_int8_served_through_triton(int8_onnx, fp32_images, tmp_path):
 
 @pytest.mark.slow
 def test_serving_image_entrypoint_on_a_cpu_host(tiny_bundle, tmp_path):
-    """The Docker entrypoint with RF_RUNTIME=openvino RF_DTYPE=int8 on a mounted bundle: export, quantize once,
+    """The Docker entrypoint with RF_RUNTIME=openvino RF_PRECISION=int8 on a mounted bundle: export, quantize once,
     write the repository, exec a real tritonserver (this install's, found on PATH as in the official image)
     that answers requests with the int8 sampler's images; a restart keeps the quantized UNet."""
     import os
@@ -179,7 +191,7 @@ def test_serving_image_entrypoint_on_a_cpu_host(tiny_bundle, tmp_path):
         "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]]),
         "RF_MODELS": str(models),
         "RF_RUNTIME": "openvino",
-        "RF_DTYPE": "int8",
+        "RF_PRECISION": "int8",
         "RF_CLASSES": "cifar10",
     }
     request = {"PROMPT": np.array([[b"photo of a cat"]], dtype=object), "SEED": np.array([[3]])}
@@ -224,9 +236,15 @@ def test_demo_export_stage_with_the_int8_runtime(tiny_bundle, tmp_path):
     openvino int8 repository."""
     from realfake.training.demo import Demo, DemoConfig
 
-    demo = Demo(DemoConfig(out=tmp_path / "demo", steps=6, runtime="openvino-int8"), tmp_path / "cache", log=print)
+    demo = Demo(
+        DemoConfig(out=tmp_path / "demo", steps=6, runtime="openvino", precision="int8"), tmp_path / "cache", log=print
+    )
     result = demo.export(str(tiny_bundle), "finetuned")
-    assert result["runtime"] == "openvino-int8" and 0 < result["int8_mean_abs_pixel_diff"] <= 6
+    assert (
+        result["runtime"] == "openvino"
+        and result["precision"] == "int8"
+        and 0 < result["int8_mean_abs_pixel_diff"] <= 6
+    )
     report = json.loads((tmp_path / "demo" / "onnx_finetuned" / "quantize.json").read_text())
     assert report["calibration"]["unet_calls"] == 10 * 6  # one image per Fashion-MNIST class x 6 steps
     assert "photo of Ankle boot, best quality" in report["calibration"]["prompts"]

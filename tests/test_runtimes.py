@@ -55,7 +55,7 @@ def test_repository_per_runtime(tiny_onnx, tiny_bundle, tmp_path):
         / "config.pbtxt"
     )
     assert smaller.max_batch_size == 8 and list(smaller.dynamic_batching.preferred_batch_size) == [4, 8]
-    with pytest.raises(UserError, match=r"--max-batch 32 is larger than the TensorRT plans' profile allows \(16"):
+    with pytest.raises(UserError, match=r"--max-batch-size 32 is larger than the TensorRT plans' profile allows \(16"):
         write_repository(tiny_onnx, tmp_path / "trt32", runtime="tensorrt", engines=plans, max_batch=32)
     inproc = write_repository(tiny_onnx, tmp_path / "trt_in", runtime="tensorrt", engines=plans, placement="inprocess")
     assert sorted(p.name for p in inproc.iterdir()) == ["pipeline"]
@@ -156,10 +156,10 @@ def test_repo_cli_wires_runtime_options(tiny_onnx, tiny_bundle, tmp_path):
     assert parse_config(tmp_path / "trt" / "unet" / "config.pbtxt").platform == "tensorrt_plan"
     assert parse_config(tmp_path / "trt" / "pipeline" / "config.pbtxt").max_batch_size == 16
     r = rf("rf-export", "repo", str(tiny_onnx), "--out", str(tmp_path / "t2"), "--runtime", "tensorrt",
-           "--engines", str(plans), "--max-batch", "64")  # fmt: skip
+           "--engines", str(plans), "--max-batch-size", "64")  # fmt: skip
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "error: --max-batch 64 is larger than the TensorRT plans' profile allows (16 images): rebuild them with "
-        "`rf-export engines --batch-sizes ...,64` or lower --max-batch"
+        "error: --max-batch-size 64 is larger than the TensorRT plans' profile allows (16 images): rebuild them with "
+        "`rf-export engines --batch-sizes ...,64` or lower --max-batch-size"
     ]
     r = rf(
         "rf-export",
@@ -173,7 +173,7 @@ def test_repo_cli_wires_runtime_options(tiny_onnx, tiny_bundle, tmp_path):
         str(tiny_bundle),
         "--device",
         "cpu",
-        "--dtype",
+        "--precision",
         "bf16",
     )
     assert r.returncode == 0, r.stderr
@@ -190,7 +190,7 @@ def test_pytorch_bf16_runtime_served_on_cpu(tiny_onnx, tiny_bundle, tmp_path):
     from realfake.client.triton import PipelineClient
 
     repo = write_repository(
-        tiny_onnx, tmp_path / "pt", runtime="pytorch", bundle=tiny_bundle, device="cpu", dtype="bf16"
+        tiny_onnx, tmp_path / "pt", runtime="pytorch", bundle=tiny_bundle, device="cpu", precision="bf16"
     )
     request = {
         "PROMPT": np.array([[b"photo of a cat"]] * 2, dtype=object),

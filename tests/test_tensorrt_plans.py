@@ -38,7 +38,7 @@ def test_profiles_double_the_guided_components():
 def test_plan_names_and_rebuild_decision(tmp_path):
     assert eng.plan_name("unet", H100, "10.13.0") == "unet.sm90.10.13.0.plan"
     profile = eng.component_profiles(TINY_META, [1, 8])["unet"]
-    wanted = eng.plan_meta("unet", H100, "10.13.0", "abc", profile, True)
+    wanted = eng.plan_meta("unet", H100, "10.13.0", "abc", profile, "fp16")
     meta_path = tmp_path / "unet.sm90.10.13.0.json"
     assert eng.rebuild_reason(meta_path, wanted) == "no plan yet"
     meta_path.with_suffix(".plan").write_bytes(b"plan")
@@ -49,7 +49,7 @@ def test_plan_names_and_rebuild_decision(tmp_path):
         "tensorrt_version": ("10.14.0", "TensorRT version changed"),
         "onnx_sha256": ("def", "ONNX graph changed"),
         "profiles": (eng.component_profiles(TINY_META, [1, 16])["unet"].to_json(), "optimisation profiles changed"),
-        "fp16": (False, "precision changed"),
+        "precision": ("fp32", "precision changed"),
     }
     for key, (value, message) in changes.items():
         assert eng.rebuild_reason(meta_path, {**wanted, key: value}).startswith(message), key
@@ -137,9 +137,9 @@ def test_tensorrt_engines_serve_the_pipeline(tiny_onnx, tmp_path):
     from realfake.client.server import LocalServer
     from realfake.client.triton import PipelineClient
 
-    results = eng.build_plans(tiny_onnx, tmp_path / "engines", [1, 4])
+    results = eng.build_plans(tiny_onnx, tmp_path / "engines", [1, 4], precision="fp16")
     assert all(r.built for r in results)
-    again = eng.build_plans(tiny_onnx, tmp_path / "engines", [1, 4])
+    again = eng.build_plans(tiny_onnx, tmp_path / "engines", [1, 4], precision="fp16")
     assert not any(r.built for r in again)  # kept: same GPU, TensorRT, graphs, profiles
     repo = write_repository(tiny_onnx, tmp_path / "repo", runtime="tensorrt", engines=tmp_path / "engines")
     cpu_repo = write_repository(tiny_onnx, tmp_path / "cpu_repo")

@@ -13,7 +13,9 @@ from conftest import generate_args, rf
 
 pytestmark = pytest.mark.slow
 
-JOB = dict(per_class=40, steps=2, seed=3, batch=4, quiet=True)  # 400 images of ~3 KB: about 1.5 MB with the manifest
+JOB = dict(
+    per_class=40, steps=2, seed=3, batch_size=4, quiet=True
+)  # 400 images of ~3 KB: about 1.5 MB with the manifest
 
 INJECT = """
 import errno, sys, threading

@@ -20,17 +20,18 @@ from pathlib import Path
 from realfake.core.classes import ClassInfo, load_classes
 from realfake.core.errors import UserError
 from realfake.core.files import write_atomic
+from realfake.core.precision import resolve_precision
 from realfake.core.real_folder import scan_real
 from realfake.training.image_batches import image_batches
 
-PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # auto: realfake.core.precision
 # settings that change the captions: a file is only continued under the same ones
 CAPTION_SETTINGS = ("prompt", "max_new_tokens", "num_beams")
 
 
 @dataclass
 class CaptionConfig:
-    data: Path  # real ImageFolder: one folder per class
+    real: Path  # real ImageFolder: one folder per class
     model: Path  # local transformers image-to-text model directory (BLIP-2, BLIP, ...)
     out: Path  # captions JSONL
     classes: str | None = None  # class set the folders must match (as finetune/generate read them); None: any
@@ -39,7 +40,7 @@ class CaptionConfig:
     max_new_tokens: int = 20
     num_beams: int = 1  # greedy decoding: deterministic, so a resumed file reads like an uninterrupted one
     batch_size: int = 16
-    precision: str = "auto"  # fp16 on a GPU, fp32 on CPU
+    precision: str = "auto"  # PRECISIONS
     workers: int | None = None  # image-decoding threads (default: up to 4)
 
     def validate(self) -> None:
@@ -153,8 +154,8 @@ class Captioner:
 
         quiet_loading()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if precision == "auto":
-            precision = "fp16" if self.device.type == "cuda" else "fp32"
+        gpu = self.device.type == "cuda"
+        precision = resolve_precision(precision, gpu=gpu, bf16=gpu and torch.cuda.is_bf16_supported())
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
         auto = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
         dtype_arg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
@@ -182,11 +183,11 @@ class Captioner:
 
 
 def run_caption(cfg: CaptionConfig, log=print) -> dict:
-    """Caption every image of `cfg.data` the captions file does not name yet; returns the run's summary."""
+    """Caption every image of `cfg.real` the captions file does not name yet; returns the run's summary."""
     from tqdm.auto import tqdm
 
     cfg.validate()
-    data, out, model_dir = Path(cfg.data), Path(cfg.out), Path(cfg.model)
+    data, out, model_dir = Path(cfg.real), Path(cfg.out), Path(cfg.model)
     # 1. what there is to do, and whether this file may be continued
     identity = captioner_identity(model_dir)
     images = folder_images(data, cfg.classes)

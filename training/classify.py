@@ -26,6 +26,7 @@ import torch
 from realfake.core.classes import ClassInfo, load_classes
 from realfake.core.errors import UserError
 from realfake.core.files import atomic_file, write_atomic
+from realfake.core.precision import resolve_precision
 from realfake.training.classify_config import MODELS, RESUME_KEYS, RUN_FILES, ClassifyConfig, default_workers
 from realfake.training.image_sets import (
     Ref,
@@ -222,6 +223,17 @@ def _batches(indices: np.ndarray, size: int) -> list[list[int]]:
 
 
 @torch.no_grad()
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `--precision` on `device` (None: fp32, no autocast), by the one `auto` rule."""
+    gpu = device.type == "cuda"
+    resolved = resolve_precision(
+        precision, gpu=gpu, bf16=gpu and torch.cuda.is_bf16_supported(), choices=("auto", "fp32", "fp16", "bf16")
+    )
+    if resolved == "fp16" and not gpu:
+        raise UserError("--precision fp16 needs a GPU (its loss scaling is CUDA's); on the CPU use bf16 or fp32")
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(resolved)
+
+
 def evaluate(
     model: torch.nn.Module,
     dataset: torch.utils.data.Dataset,
@@ -232,7 +244,7 @@ def evaluate(
     rank: int = 0,
     world: int = 1,
     scored_over: list[int] | None = None,
-    amp: bool = False,
+    amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Per class: top-1 hits, top-5 hits and images (a 3 x n_classes tensor) over the whole set, each rank taking
     every world-th image. Outputs outside `scored_over` (when given) are never predictions."""
@@ -248,7 +260,7 @@ def evaluate(
         offset[scored_over] = 0.0
     k = min(5, n_classes if scored_over is None else len(scored_over))
     for images, labels in loader:
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = model(images.to(device, non_blocking=True))
         top = (logits.float() + offset).topk(k, dim=1).indices.cpu()
         hits = torch.stack([top[:, 0] == labels, (top == labels[:, None]).any(dim=1), torch.ones_like(labels) > 0])
@@ -313,8 +325,9 @@ def run_classify(cfg: ClassifyConfig, log=print, on_epoch: Callable[[dict], None
     per_rank_batch = max(1, cfg.batch_size // world)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestone_epochs(), gamma=cfg.gamma)
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    amp_dtype = autocast_dtype(cfg.precision, device)
+    use_amp = amp_dtype is not None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)  # bf16 needs no loss scaling
     sampler = EpochBatches(len(train_set), per_rank_batch, cfg.seed, rank, world)
     loader = torch.utils.data.DataLoader(
         train_set,
@@ -376,7 +389,7 @@ def run_classify(cfg: ClassifyConfig, log=print, on_epoch: Callable[[dict], None
             with ddp.join() if ddp is not None else contextlib.nullcontext():
                 for images, labels in bar:
                     images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                    with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
                         logits = net(images)
                         loss = torch.nn.functional.cross_entropy(logits, labels)
                     optimizer.zero_grad(set_to_none=True)
@@ -413,7 +426,7 @@ def run_classify(cfg: ClassifyConfig, log=print, on_epoch: Callable[[dict], None
                         rank,
                         world,
                         v.scored_over,
-                        use_amp,
+                        amp_dtype,
                     )
                     run["evals"][v.spec.name] = summarize(counts, classes)
                 row["val"] = {name: {"top1": e["top1"], "top5": e["top5"]} for name, e in run["evals"].items()}

@@ -33,7 +33,7 @@ RESUME_KEYS = (
     "milestones",
     "gamma",
     "seed",
-    "amp",
+    "precision",
 )
 
 
@@ -65,7 +65,7 @@ class ClassifyConfig:
     gamma: float = 0.2
     workers: int | None = None  # None: default_workers()
     seed: int = 0
-    amp: bool = True  # GPU only
+    precision: str = "auto"  # auto (realfake.core.precision: fp32 on the CPU), fp32, fp16, bf16
     eval_every: int = 1  # epochs between validations (the last epoch is always validated)
     val_labels: Sequence[str | Path] = ()  # [NAME=]FILE: labels of a flat validation folder
     devkit_classes: Path | None = None  # ILSVRC2012_ID -> wnid, for the devkit's ground-truth file

@@ -8,8 +8,9 @@ from typing import Annotated
 
 import typer
 
-from realfake.core.cli import Debug, make_app, run_cli
+from realfake.core.cli import CpuPrecision, Debug, DemoRuntime, GuidanceToken, Precision, make_app, run_cli
 from realfake.core.errors import UserError
+from realfake.core.precision import AUTO_RULE
 from realfake.training.caption import CaptionConfig
 from realfake.training.classify_config import ClassifyConfig
 from realfake.training.demo import RUNTIMES, DemoConfig
@@ -27,7 +28,7 @@ def _root() -> None:
 @app.command()
 def finetune(
     bundle: Annotated[Path, typer.Option(help="Base diffusers-layout bundle (local directory).")],
-    data: Annotated[Path, typer.Option(help="Real ImageFolder: one folder per class (class id or name).")],
+    real: Annotated[Path, typer.Option(help="Real ImageFolder: one folder per class (class id or name).")],
     classes: Annotated[
         str,
         typer.Option(help="Class set: imagenet, cifar10, cifar100, fashion-mnist, a class file, or an ImageFolder."),
@@ -36,7 +37,9 @@ def finetune(
     captions: Annotated[Path | None, typer.Option(help='JSONL {"image": <path or stem>, "caption": ...}.')] = None,
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = FinetuneConfig.rank,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (constant).")] = FinetuneConfig.lr,
-    batch_size: Annotated[int, typer.Option(help="Images per step per process.")] = FinetuneConfig.batch_size,
+    batch_size: Annotated[
+        int, typer.Option(help="Images per step, per process (the global batch is this x processes x --grad-accum).")
+    ] = FinetuneConfig.batch_size,
     grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = FinetuneConfig.grad_accum,
     max_steps: Annotated[
         int, typer.Option(help="Optimizer steps in total (a resumed run counts on).")
@@ -49,14 +52,16 @@ def finetune(
     merge_scale: Annotated[
         float, typer.Option(help="LoRA scale fused into the merged bundle.")
     ] = FinetuneConfig.merge_scale,
-    mixed_precision: Annotated[
-        str, typer.Option(help="auto (bf16 on a GPU that has it, else fp16; fp32 on the CPU), no, fp16 or bf16.")
-    ] = FinetuneConfig.mixed_precision,
+    precision: Annotated[
+        Precision,
+        typer.Option(help=f"Mixed precision of the frozen parts ({AUTO_RULE}); LoRA trains in fp32."),
+    ] = FinetuneConfig.precision,
     gradient_checkpointing: Annotated[
         bool, typer.Option(help="Recompute the UNet's activations in backward: less memory, slower steps.")
     ] = FinetuneConfig.gradient_checkpointing,
     guidance_token: Annotated[
-        bool, typer.Option(help="Use the image-embedding guidance token when possible.")
+        GuidanceToken,
+        typer.Option(help="The image-embedding guidance token: auto (when the bundle has an image encoder), on, off."),
     ] = FinetuneConfig.guidance_token,
     seed: Annotated[int, typer.Option(help="Seed of data order, augmentation and noise.")] = FinetuneConfig.seed,
     debug: Debug = False,
@@ -67,7 +72,7 @@ def finetune(
     warnings.filterwarnings("ignore", category=FutureWarning)
     cfg = FinetuneConfig(
         bundle=bundle,
-        data=data,
+        real=real,
         out=out,
         classes=classes,
         captions=captions,
@@ -80,7 +85,7 @@ def finetune(
         snr_gamma=snr_gamma,
         checkpoint_every=checkpoint_every,
         merge_scale=merge_scale,
-        mixed_precision=mixed_precision,
+        precision=precision,
         gradient_checkpointing=gradient_checkpointing,
         guidance_token=guidance_token,
         seed=seed,
@@ -108,7 +113,7 @@ def classify(
     image_size: Annotated[int | None, typer.Option(help="Input side (default 224, or 32 for resnet-small).")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs.")] = ClassifyConfig.epochs,
     batch_size: Annotated[
-        int, typer.Option(help="Global batch size (split over DDP processes).")
+        int, typer.Option(help="Images per step, global: split over the DDP processes.")
     ] = ClassifyConfig.batch_size,
     lr: Annotated[float, typer.Option(help="SGD learning rate.")] = ClassifyConfig.lr,
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = ClassifyConfig.momentum,
@@ -124,7 +129,9 @@ def classify(
     seed: Annotated[
         int, typer.Option(help="Seed of data order, augmentation, subsets and init.")
     ] = ClassifyConfig.seed,
-    amp: Annotated[bool, typer.Option(help="Mixed precision (GPU only).")] = ClassifyConfig.amp,
+    precision: Annotated[
+        Precision, typer.Option(help=f"Mixed precision of the forward pass ({AUTO_RULE}).")
+    ] = ClassifyConfig.precision,
     eval_every: Annotated[
         int, typer.Option(help="Epochs between validations (the last is always validated).")
     ] = ClassifyConfig.eval_every,
@@ -139,13 +146,14 @@ def classify(
         Path | None,
         typer.Option(help="The devkit's class order (from meta.mat): one wnid a line, line n = ILSVRC2012_ID n."),
     ] = None,
-    resume: Annotated[
+    fresh: Annotated[
         bool,
         typer.Option(
-            "--resume/--fresh",
-            help="Continue the run in OUT after its last finished epoch; --fresh deletes it and starts over.",
+            "--fresh",
+            help="Delete the run in OUT and start over (without it, re-running continues after the last finished "
+            "epoch).",
         ),
-    ] = ClassifyConfig.resume,
+    ] = False,
     debug: Debug = False,
 ) -> None:
     """Train a classifier from scratch on synthetic (and/or real) images; top-1/top-5 and per-class top-1 on
@@ -173,18 +181,18 @@ def classify(
         gamma=gamma,
         workers=workers,
         seed=seed,
-        amp=amp,
+        precision=precision,
         eval_every=eval_every,
         val_labels=val_labels or (),
         devkit_classes=devkit_classes,
-        resume=resume,
+        resume=not fresh,
     )
     run_classify(cfg, log=lambda m: typer.echo(m, err=True))
 
 
 @app.command()
 def caption(
-    data: Annotated[Path, typer.Option(help="Real ImageFolder: one folder per class.")],
+    real: Annotated[Path, typer.Option(help="Real ImageFolder: one folder per class.")],
     model: Annotated[Path, typer.Option(help="Local image-to-text model directory (BLIP-2, BLIP, ...).")],
     out: Annotated[Path, typer.Option(help='Captions JSONL {"image": <relative path>, "caption": ...}.')],
     classes: Annotated[
@@ -195,7 +203,7 @@ def caption(
     num_beams: Annotated[int, typer.Option(help="Beam search width (1: greedy).")] = CaptionConfig.num_beams,
     batch_size: Annotated[int, typer.Option(help="Images per generate call.")] = CaptionConfig.batch_size,
     precision: Annotated[
-        str, typer.Option(help="auto (fp16 on GPU, fp32 on CPU), fp16, bf16 or fp32.")
+        Precision, typer.Option(help=f"The captioner's precision ({AUTO_RULE}).")
     ] = CaptionConfig.precision,
     debug: Debug = False,
 ) -> None:
@@ -204,7 +212,7 @@ def caption(
 
     warnings.filterwarnings("ignore")
     cfg = CaptionConfig(
-        data=data,
+        real=real,
         model=model,
         out=out,
         classes=classes,
@@ -297,21 +305,28 @@ def demo(
     ] = DemoConfig.base_unet_steps,
     finetune_steps: Annotated[int, typer.Option(help="Real-Fake finetuning steps.")] = DemoConfig.finetune_steps,
     steps: Annotated[int, typer.Option(help="Sampler steps at generation.")] = DemoConfig.steps,
-    guidance_scale: Annotated[
-        float, typer.Option("--guidance-scale", "--guidance", help="Classifier-free guidance scale.")
-    ] = DemoConfig.guidance_scale,
+    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = DemoConfig.guidance_scale,
     strength: Annotated[
         float, typer.Option(help="Latent prior strength (the paper's 0.75 needs a stronger base model).")
     ] = DemoConfig.strength,
     epochs: Annotated[int, typer.Option(help="Classifier epochs.")] = DemoConfig.epochs,
-    ablate: Annotated[bool, typer.Option(help="Add ablation rows (text-only base, + finetune, + prior).")] = False,
+    ablate: Annotated[
+        bool, typer.Option("--ablate", help="Add ablation rows (text-only base, + finetune, + prior).")
+    ] = False,
     runtime: Annotated[
-        str,
+        DemoRuntime,
         typer.Option(
-            help="How Triton runs the models: onnxruntime (fp32, exact), openvino-fp32, openvino-bf16, or "
-            "openvino-int8 (UNet quantized on the class prompts first; fastest on CPU)."
+            help="How Triton runs the models (as `rf-export repo --runtime`): python-ort (ONNX Runtime, fp32, "
+            "exact) or openvino (with --precision)."
         ),
     ] = DemoConfig.runtime,
+    precision: Annotated[
+        CpuPrecision,
+        typer.Option(
+            help="auto: fp32 (the CPU). openvino: fp32, bf16, or int8 (the UNet quantized on the class prompts "
+            "first; fastest on CPU). python-ort: fp32."
+        ),
+    ] = DemoConfig.precision,
     http_port: Annotated[int | None, typer.Option(help="Port of the local Triton (default: a free one).")] = None,
     real: Annotated[
         Path | None,
@@ -334,7 +349,7 @@ def demo(
             "the captions go into the finetune and the generation prompts."
         ),
     ] = None,
-    fresh: Annotated[bool, typer.Option(help="Forget finished stages of OUT and start over.")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Forget finished stages of OUT and start over.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of everything.")] = DemoConfig.seed,
     debug: Debug = False,
 ) -> None:
@@ -348,8 +363,8 @@ def demo(
     from realfake.training.demo import Demo
 
     warnings.filterwarnings("ignore")
-    if runtime not in RUNTIMES:
-        raise UserError(f"unknown --runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if precision not in RUNTIMES[runtime]:
+        raise UserError(f"--runtime {runtime} takes --precision {', '.join(RUNTIMES[runtime])}, not {precision!r}")
     if real_test and not real:
         raise UserError("--real-test needs --real (the Fashion-MNIST demo has its own test split)")
     if fresh and out.exists():
@@ -370,6 +385,7 @@ def demo(
         ablate=ablate,
         seed=seed,
         runtime=runtime,
+        precision=precision,
         http_port=http_port,
         real=real,
         real_test=real_test,
@@ -379,12 +395,16 @@ def demo(
     Demo(cfg, home() / "demo", log=lambda m: typer.echo(m, err=True)).run()
 
 
+demo_app = make_app("The whole Real-Fake loop on CPU.", no_args_is_help=False)
+demo_app.command()(demo)
+
+
 def demo_main() -> None:
-    run_cli(lambda: typer.run(demo))
+    run_cli(demo_app, "rf-demo", has_commands=False)
 
 
 def main() -> None:
-    run_cli(app)
+    run_cli(app, "rf-train")
 
 
 if __name__ == "__main__":

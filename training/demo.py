@@ -33,8 +33,9 @@ from realfake.training.idx import DEBIAN_DIR, balanced_subset, load_split, write
 
 CLASS_SET = "fashion-mnist"
 BASE_SIZE = 32  # the side of the images the small base model trains on (its VAE's sample size x 2)
-# how the demo's Triton runs the models: ONNX Runtime fp32 (exact), or OpenVINO (fp32, bf16, int8 UNet)
-RUNTIMES = ("onnxruntime", "openvino-fp32", "openvino-bf16", "openvino-int8")
+# how the demo's Triton runs the models (the names of `rf-export repo --runtime`): python-ort (ONNX Runtime fp32,
+# exact), or openvino with --precision fp32, bf16 or int8 (the UNet quantized on the class prompts first)
+RUNTIMES = {"python-ort": ("auto", "fp32"), "openvino": ("auto", "fp32", "bf16", "int8")}
 
 
 @dataclass
@@ -55,7 +56,8 @@ class DemoConfig:
     model: str = "resnet-small"
     ablate: bool = False
     seed: int = 0
-    runtime: str = "onnxruntime"
+    runtime: str = "python-ort"  # RUNTIMES
+    precision: str = "auto"  # one of RUNTIMES[runtime]; auto: fp32 (the CPU)
     http_port: int | None = None
     # your own data instead of Fashion-MNIST: an ImageFolder of real images (the classes are its folder names); the
     # test images are held out from it unless `real_test` (an ImageFolder of the same classes) is given
@@ -212,7 +214,7 @@ class Demo:
 
         out = self.out / "captions.jsonl"
         run_caption(
-            CaptionConfig(data=self.out / "real_train", model=Path(self.cfg.captioner), out=out),
+            CaptionConfig(real=self.out / "real_train", model=Path(self.cfg.captioner), out=out),
             log=lambda m: self.log("  " + m),
         )
         return {"captions": str(out), "captioner": str(self.cfg.captioner)}
@@ -222,7 +224,7 @@ class Demo:
 
         cfg = FinetuneConfig(
             bundle=Path(base_bundle),
-            data=self.out / "real_train",
+            real=self.out / "real_train",
             out=self.out / "finetune",
             classes=self.class_set,
             captions=Path(captions) if captions else None,
@@ -242,16 +244,18 @@ class Demo:
         report = export_onnx(bundle, onnx_dir, log=lambda m: self.log("  " + m))
         worst = max(v for row in report["components"].values() for v in row.values())
         result = {"repo": str(repo), "parity_max_abs": worst, "runtime": self.cfg.runtime}
-        if self.cfg.runtime == "onnxruntime":
+        if self.cfg.runtime == "python-ort":
             write_repository(onnx_dir, repo)
             return result
-        dtype = self.cfg.runtime.removeprefix("openvino-")
+        dtype = self.cfg.precision
+        result["precision"] = dtype
         if dtype == "int8":
             from realfake.core.defaults import DEFAULT_NEGATIVE
             from realfake.export.quantize import class_prompts, quantize_unet
 
             prompts = class_prompts(self.class_set)
             check = quantize_unet(
+                onnx_dir,
                 onnx_dir,
                 prompts,
                 DEFAULT_NEGATIVE,
@@ -261,7 +265,7 @@ class Demo:
                 log=lambda m: self.log("  " + m),
             )["check"]
             result["int8_mean_abs_pixel_diff"] = check["mean_abs_pixel_diff"]
-        write_repository(onnx_dir, repo, runtime="openvino", dtype=dtype)
+        write_repository(onnx_dir, repo, runtime="openvino", precision=dtype)
         return result
 
     def generate(self, url: str, gen: Generation, captions: str | None = None) -> dict:
@@ -276,7 +280,7 @@ class Demo:
             steps=self.cfg.steps,
             guidance_scale=self.cfg.guidance_scale,
             seed=self.cfg.seed,
-            batch=8,
+            batch_size=8,
             concurrency=2,
         )
         if gen.conditioned:

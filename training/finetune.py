@@ -20,15 +20,16 @@ import torch
 from realfake.core.classes import load_classes
 from realfake.core.errors import UserError
 from realfake.core.files import write_atomic
+from realfake.core.precision import resolve_precision as core_precision
 from realfake.serving.model_bundle import TRAINING_RECORD, TrainingRecord, check_bundle
 from realfake.training.data import FinetuneDataset, RealSample, collect_samples, jsonable, load_rgb
 from realfake.training.embeddings import KEY_DTYPE, EmbeddingCache, ImageEmbeddings, file_key, fill_cache
-from realfake.training.finetune_config import FinetuneConfig
+from realfake.training.finetune_config import PRECISIONS, FinetuneConfig
 from realfake.training.objective import realfake_loss, snr
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+WEIGHT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -69,15 +70,14 @@ def load_models(bundle: Path, with_image_encoder: bool) -> Models:
 
 
 def resolve_precision(requested: str, cuda: bool | None = None, bf16: bool | None = None) -> str:
-    """The mixed precision a run uses (`no`, `fp16` or `bf16`): on the CPU always `no` (fp32); on a GPU `auto` is
-    bf16 where the GPU has it, else fp16. `cuda`/`bf16` default to what this machine has."""
+    """The mixed precision a run uses (`fp32`, `fp16` or `bf16`): on the CPU always fp32 (mixed precision is for
+    GPUs here); on a GPU `auto` is the one rule (realfake.core.precision). `cuda`/`bf16` default to what this
+    machine has."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if not cuda:
-        return "no"
-    if requested != "auto":
-        return requested
-    bf16 = torch.cuda.is_bf16_supported() if bf16 is None else bf16
-    return "bf16" if bf16 else "fp16"
+        return "fp32"
+    bf16 = (torch.cuda.is_bf16_supported() if bf16 is None else bf16) if requested == "auto" else False
+    return core_precision(requested, gpu=True, bf16=bf16, choices=PRECISIONS)
 
 
 def place_frozen(models: Models, device, dtype: torch.dtype) -> None:
@@ -287,16 +287,18 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
     bundle, out = Path(cfg.bundle), Path(cfg.out)
     info = check_bundle(bundle)
     classes = load_classes(cfg.classes)
-    samples = collect_samples(Path(cfg.data), classes, cfg.captions)
+    samples = collect_samples(Path(cfg.real), classes, cfg.captions)
     out.mkdir(parents=True, exist_ok=True)
-    precision = resolve_precision(cfg.mixed_precision)
+    precision = resolve_precision(cfg.precision)
     accelerator = Accelerator(
-        mixed_precision=precision,
+        mixed_precision="no" if precision == "fp32" else precision,  # accelerate's name for fp32
         gradient_accumulation_steps=cfg.grad_accum,
         cpu=not torch.cuda.is_available(),
     )
     say = log if accelerator.is_main_process else (lambda *_: None)
-    use_token = cfg.guidance_token and info.has_image_encoder
+    if cfg.guidance_token == "on" and not info.has_image_encoder:
+        raise UserError(f"--guidance-token on needs a bundle with image_encoder/; {cfg.bundle} has none")
+    use_token = cfg.guidance_token != "off" and info.has_image_encoder
     models = load_models(bundle, use_token)
     if not use_token:
         say(
@@ -308,7 +310,7 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
     place_frozen(models, device, WEIGHT_DTYPES[precision])
     embeds, encoder_size = None, None
     if use_token:
-        embeds = image_embeddings(models, bundle, Path(cfg.data), samples, out / "cache", say, accelerator)
+        embeds = image_embeddings(models, bundle, Path(cfg.real), samples, out / "cache", say, accelerator)
         encoder_size = int(models.image_encoder.config.image_size)
         models.image_encoder = None  # its embeddings are cached: training does not need its memory
     add_lora(models.unet, cfg.rank, cfg.lora_alpha)
@@ -328,7 +330,7 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
         say(f"resuming from checkpoint {checkpoints[-1].name} (step {step})")
     (out / "finetune_config.json").write_text(json.dumps(jsonable(asdict(cfg)), indent=1))
 
-    dataset = FinetuneDataset(Path(cfg.data), samples, info.image_size, cfg.seed)
+    dataset = FinetuneDataset(Path(cfg.real), samples, info.image_size, cfg.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = cfg.batch_size * world
     metrics = open(out / "metrics.jsonl", "a") if accelerator.is_main_process else None

@@ -6,15 +6,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from realfake.core.defaults import GUIDANCE_TOKEN_MODES
 from realfake.core.errors import UserError
 
-PRECISIONS = ("auto", "no", "fp16", "bf16")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # auto: realfake.core.precision
 
 
 @dataclass
 class FinetuneConfig:
     bundle: Path
-    data: Path
+    real: Path  # the real ImageFolder
     out: Path
     classes: str
     captions: Path | None = None
@@ -29,9 +30,9 @@ class FinetuneConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     merge_scale: float = 0.5
-    mixed_precision: str = "auto"  # PRECISIONS; auto: bf16 on a GPU that has it, else fp16; fp32 on the CPU
+    precision: str = "auto"  # PRECISIONS, of the frozen parts under mixed precision (LoRA trains in fp32)
     gradient_checkpointing: bool = False  # recompute the UNet's activations in backward: less memory, ~1/3 slower
-    guidance_token: bool = True  # used when the bundle has an image encoder
+    guidance_token: str = "auto"  # GUIDANCE_TOKEN_MODES: auto (when the bundle has an image encoder), on, off
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -41,5 +42,7 @@ class FinetuneConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.dm_weight < 0 or self.snr_gamma <= 0:
             raise UserError("--lr and --snr-gamma must be > 0 and --dm-weight >= 0")
-        if self.mixed_precision not in PRECISIONS:
-            raise UserError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.guidance_token not in GUIDANCE_TOKEN_MODES:
+            raise UserError(f"--guidance-token must be auto, on or off, got {self.guidance_token!r}")
