@@ -228,7 +228,7 @@ class ProgressBar:
 
 @app.command()
 def verify(
-    out: Annotated[Path, typer.Argument(metavar="DATASET", help="An rf-client output directory.")],
+    dataset: Annotated[Path, typer.Argument(metavar="DATASET", help="An rf-client output directory.")],
     no_decode: Annotated[bool, typer.Option("--no-decode", help="Check hashes only, skip decoding.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the full report as JSON.")] = False,
     debug: Debug = False,
@@ -239,13 +239,13 @@ def verify(
     """
     from realfake.client.verify import verify as run_verify
 
-    report = run_verify(out, decode=not no_decode)
+    report = run_verify(dataset, decode=not no_decode)
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=1))
     else:
         counts = sorted(report.class_counts.values())
         spread = f"{counts[0]}..{counts[-1]} per class" if counts else "no classes"
-        typer.echo(f"{out}: {report.rows} manifest rows, {report.images} images, {len(counts)} classes ({spread})")
+        typer.echo(f"{dataset}: {report.rows} manifest rows, {report.images} images, {len(counts)} classes ({spread})")
         for label in ("missing", "undecodable", "hash_mismatch", "duplicate_rows", "unlisted"):
             items = getattr(report, label)
             if items:
@@ -257,19 +257,20 @@ def verify(
 
 @app.command()
 def merge(
-    out: Annotated[
+    dataset: Annotated[
         Path, typer.Argument(metavar="DATASET", help="An rf-client output directory made by --shard I/N processes.")
     ],
     debug: Debug = False,
 ) -> None:
-    """Fold the shards' manifests into OUT/manifest.jsonl once every shard has finished (safe to run again after
-    a crash). `verify` and `pack` read either layout; this is for tools that read one manifest."""
+    """Fold the shards' manifests into DATASET/manifest.jsonl once every shard has finished (safe to run again
+    after a crash), and write the loaders' files (classes.txt, class_to_idx.json, Hugging Face metadata.jsonl).
+    `verify` and `pack` read either layout."""
     from realfake.core.dataset import merge_manifests
 
-    if not out.is_dir():
-        raise UserError(f"{out} is not a directory")
-    rows, shards = merge_manifests(out)
-    typer.echo(f"{rows} rows in {out / 'manifest.jsonl'} ({shards} shard manifests merged)")
+    if not dataset.is_dir():
+        raise UserError(f"{dataset} is not a directory")
+    rows, shards = merge_manifests(dataset)
+    typer.echo(f"{rows} rows in {dataset / 'manifest.jsonl'} ({shards} shard manifests merged)")
 
 
 @app.command()
