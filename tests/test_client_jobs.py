@@ -289,7 +289,7 @@ def test_servers_on_other_engines_are_refused_unless_mixed(triton, tiny_onnx, tm
         late = tmp_path / "late"
         late.mkdir()
         writer = ds.ManifestWriter(late / "manifest.jsonl")
-        summary = Runner(late, spec, items, [other.url, triton.url], writer, batch_size=2).run()
+        summary = Runner(late, spec, items, [other.url, triton.url], writer, batch=2).run()
         writer.close()
         by_url = {s["url"]: s for s in summary.servers}
         assert summary.images == 6 and by_url[triton.url]["images"] == 6 and by_url[other.url]["images"] == 0

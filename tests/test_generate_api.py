@@ -42,7 +42,7 @@ def test_api_and_cli_make_the_same_dataset_and_the_api_resumes(triton, tmp_path)
     [
         ({}, "--per-class is required"),
         ({"per_class": 0}, "--per-class must be >= 1"),
-        ({"per_class": 1, "batch": 0}, "must be >= 1"),
+        ({"per_class": 1, "batch_size": 0}, "--batch-size must be >= 1, got 0"),
         ({"per_class": 1, "strength": 1.5}, "--strength must be in (0, 1]"),
         ({"per_class": 1, "guidance_token": "maybe"}, "--guidance-token must be auto, on or off"),
         ({"per_class": 1, "shard": "3/2"}, "--shard 3/2"),
