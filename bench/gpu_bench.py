@@ -30,41 +30,9 @@ PROMPT = "photo of tench, best quality"
 
 def sd15_bundle(out: Path) -> Path:
     """SD 1.5's UNet, VAE and text-encoder shapes, random weights, real CLIP tokenizer."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from realfake.export.tiny_bundle import build_sd15_shape_bundle
 
-    from realfake.export.tiny_bundle import save_bundle
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=2,
-        sample_size=512,
-    )
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            vocab_size=49408,
-        )
-    )
-    save_bundle(out, unet=unet, vae=vae, text_encoder=text)
-    return out
+    return build_sd15_shape_bundle(out, image_encoder=False)
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:

@@ -68,7 +68,8 @@ def parity(
     tolerance: Annotated[float, typer.Option(help="Max |ONNX - PyTorch| allowed per component.")] = 1e-3,
     debug: Debug = False,
 ) -> None:
-    """Re-check an ONNX export against its bundle at batch 1 and 8 (exit 2 above the tolerance)."""
+    """Re-check an ONNX export against its bundle, one component at a time, at batch 1 and 2 (UNet, VAE) or 1 and 8
+    (the encoders); exit 2 above the tolerance."""
     from realfake.export.onnx_export import check_parity
 
     _quiet_tracer_warnings()

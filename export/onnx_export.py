@@ -22,12 +22,29 @@ import numpy as np
 
 from realfake.core.errors import UserError
 from realfake.serving.export_files import graph_files
-from realfake.serving.model_bundle import TEXT_MAX_LENGTH, BundleInfo, bundle_identity, check_bundle, load_torch_modules
+from realfake.serving.model_bundle import (
+    TEXT_MAX_LENGTH,
+    BundleInfo,
+    bundle_identity,
+    check_bundle,
+    component_names,
+    load_torch_modules,
+)
 
 OPSET = 17
 # fp32 ONNX vs fp32 PyTorch differ only by kernel order; anything above this is a broken export.
 DEFAULT_TOLERANCE = 1e-3
-PARITY_BATCHES = (1, 8)
+# Parity proves the dynamic batch axis at two batch sizes. The image-sized components (UNet, VAE) are checked at 1
+# and 2: at SD-1.5 size the 512-px VAE decoder's batch-8 fp32 activations, held by ONNX Runtime and PyTorch at
+# once, were most of a 23 GB peak; the encoders are small at any batch and are checked at 1 and 8.
+PARITY_BATCHES = {"unet": (1, 2), "vae_decoder": (1, 2), "vae_encoder": (1, 2)}
+DEFAULT_PARITY_BATCHES = (1, 8)
+
+
+def parity_batches(name: str) -> tuple[int, ...]:
+    return PARITY_BATCHES.get(name, DEFAULT_PARITY_BATCHES)
+
+
 # A protobuf holds at most 2 GiB, so graphs with more weights than this (SD-1.5's fp32 UNet: 3.4 GB) keep them in
 # one `<component>.onnx.data` file beside the graph; smaller ones stay a single file.
 EXTERNAL_DATA_ABOVE = 1 << 30
@@ -105,9 +122,33 @@ def example_inputs(name: str, info: BundleInfo, batch: int, seed: int = 0, image
     raise KeyError(name)
 
 
-def _image_encoder_size(modules: dict) -> int:
-    vision = modules.get("image_encoder")
-    return int(vision.vision.config.image_size) if vision is not None else 224
+def _image_encoder_size(info: BundleInfo) -> int:
+    """The image encoder's input side, from its config (no weights loaded); 224 when there is none."""
+    config = info.path / "image_encoder" / "config.json"
+    if not info.has_image_encoder or not config.is_file():
+        return 224
+    return int(json.loads(config.read_text()).get("image_size", 224))
+
+
+def _vae_scaling_factor(info: BundleInfo) -> float:
+    return float(json.loads((info.path / "vae" / "config.json").read_text()).get("scaling_factor", 0.18215))
+
+
+def _free(*objects) -> None:
+    """Let go of a component's module or session now: the next component must not find it still resident."""
+    import gc
+
+    del objects
+    gc.collect()
+
+
+def _session(path: Path):
+    """An ONNX Runtime CPU session that returns its memory when it goes (no arena holding the peak)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = False
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _place_graph(raw: Path, target: Path, external_above: int) -> None:
@@ -151,10 +192,11 @@ def export_onnx(
     external_data_above: int = EXTERNAL_DATA_ABOVE,
 ) -> dict:
     """Export every component of `bundle` into `out/<component>.onnx` (weights above `external_data_above` bytes
-    in `<component>.onnx.data`), then check parity; returns the report."""
+    in `<component>.onnx.data`) and check each one's parity; returns the report. One component is in memory at a
+    time: loaded, exported, checked against ONNX Runtime, then freed before the next is loaded."""
     import torch
 
-    info, modules = load_torch_modules(bundle)
+    info = check_bundle(bundle)
     if info.trained_with_guidance_token and not info.has_image_encoder:
         log(
             f"warning: {info.path} was finetuned with the guidance token but has no image_encoder/: the export "
@@ -162,10 +204,14 @@ def export_onnx(
         )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    img_size = _image_encoder_size(modules)
-    for name, module in modules.items():
+    img_size = _image_encoder_size(info)
+    names = component_names(info)
+    rows = {}
+    for name in names:
         spec = SPECS[name]
         t0 = time.perf_counter()
+        _, loaded = load_torch_modules(bundle, only=[name])
+        module = loaded.pop(name)
         inputs = example_inputs(name, info, batch=2, image_encoder_size=img_size)
         args = tuple(torch.from_numpy(inputs[k]) for k in spec.inputs)
         target = out / f"{name}.onnx"
@@ -186,24 +232,29 @@ def export_onnx(
                 dynamo=False,  # the TorchScript exporter's graphs ran ~1.5x faster under ONNX Runtime here
             )
             _place_graph(raw, target, external_data_above)
+        del args, inputs
+        _free()
         size = sum(p.stat().st_size for p in graph_files(target))
         log(f"exported {name:<13} -> {target} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f}s)")
+        rows[name] = _component_parity(name, module, target, info, img_size, log)
+        del module
+        _free()
     meta = {
         "bundle": str(info.path),
         "bundle_identity": bundle_identity(info.path),
         "image_size": info.image_size,
         "latent_channels": info.latent_channels,
         "vae_scale_factor": info.vae_scale_factor,
-        "vae_scaling_factor": float(modules["vae_decoder"].vae.config.scaling_factor),
+        "vae_scaling_factor": _vae_scaling_factor(info),
         "text_hidden_size": info.text_hidden_size,
-        "image_encoder_size": img_size if "image_encoder" in modules else None,
+        "image_encoder_size": img_size if "image_encoder" in names else None,
         "trained_with_guidance_token": info.trained_with_guidance_token,
-        "components": sorted(modules),
+        "components": sorted(names),
         "opset": OPSET,
     }
     (out / "export.json").write_text(json.dumps(meta, indent=2))
     _copy_sampler_files(info.path, out)
-    return check_parity(bundle, out, tolerance=tolerance, modules=modules, log=log)
+    return _parity_report(rows, out, tolerance)
 
 
 def _copy_sampler_files(bundle: Path, out: Path) -> None:
@@ -214,49 +265,63 @@ def _copy_sampler_files(bundle: Path, out: Path) -> None:
         shutil.copytree(bundle / sub, out / sub)
 
 
-def check_parity(
-    bundle: str | Path,
-    onnx_dir: str | Path,
-    *,
-    tolerance: float = DEFAULT_TOLERANCE,
-    modules: dict | None = None,
-    log=print,
-) -> dict:
-    """max |ONNX - PyTorch| per component at batch 1 and 8; writes parity.json; raises ParityError above tol."""
-    import onnxruntime as ort
+def _component_parity(name: str, module, path: Path, info: BundleInfo, img_size: int, log=print) -> dict:
+    """max |ONNX - PyTorch| of one component at each of its parity batches (None where the shapes differ)."""
     import torch
 
-    if modules is None:
-        info, modules = load_torch_modules(bundle)
-    else:
-        info = check_bundle(bundle)
-    onnx_dir = Path(onnx_dir)
-    img_size = _image_encoder_size(modules)
-    report = {"tolerance": tolerance, "components": {}}
+    session = _session(path)
+    row = {}
+    for batch in parity_batches(name):
+        inputs = example_inputs(name, info, batch, seed=100 + batch, image_encoder_size=img_size)
+        onnx_out = session.run(None, inputs)[0]
+        with torch.no_grad():
+            ref = module(*(torch.from_numpy(inputs[k]) for k in SPECS[name].inputs)).numpy()
+        row[f"batch{batch}"] = float(np.max(np.abs(onnx_out - ref))) if onnx_out.shape == ref.shape else None
+        if onnx_out.shape != ref.shape:
+            row[f"batch{batch}_shapes"] = [list(onnx_out.shape), list(ref.shape)]
+        del onnx_out, ref, inputs
+    del session
+    _free()
+    worst = max((v for k, v in row.items() if k.startswith("batch") and isinstance(v, float)), default=0.0)
+    log(f"parity {name:<13} max|ONNX-PyTorch| = {worst:.2e} (batch {', '.join(map(str, parity_batches(name)))})")
+    return row
+
+
+def _parity_report(rows: dict, onnx_dir: Path, tolerance: float) -> dict:
+    """parity.json from the components' rows; ParityError naming each component above `tolerance`."""
     failures = []
-    for name, module in modules.items():
-        path = onnx_dir / f"{name}.onnx"
-        if not path.is_file():
-            raise UserError(f"{path} is missing: run `rf-export onnx` first")
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        row = {}
-        for batch in PARITY_BATCHES:
-            inputs = example_inputs(name, info, batch, seed=100 + batch, image_encoder_size=img_size)
-            onnx_out = session.run(None, inputs)[0]
-            with torch.no_grad():
-                ref = module(*(torch.from_numpy(inputs[k]) for k in SPECS[name].inputs)).numpy()
-            if onnx_out.shape != ref.shape:
-                failures.append(f"{name}: shape {onnx_out.shape} != PyTorch {ref.shape} at batch {batch}")
-                row[f"batch{batch}"] = None
-                continue
-            row[f"batch{batch}"] = float(np.max(np.abs(onnx_out - ref)))
-        report["components"][name] = row
-        worst = max((v for v in row.values() if v is not None), default=0.0)
-        log(f"parity {name:<13} max|ONNX-PyTorch| = {worst:.2e} (batch {', '.join(map(str, PARITY_BATCHES))})")
+    for name, row in rows.items():
+        for key, value in row.items():
+            if key.endswith("_shapes"):
+                failures.append(f"{name}: shape {value[0]} != PyTorch {value[1]} at {key.removesuffix('_shapes')}")
+        values = [v for k, v in row.items() if not k.endswith("_shapes") and v is not None]
+        worst = max(values, default=0.0)
         if worst > tolerance or not np.isfinite(worst):
             failures.append(f"{name}: max |ONNX - PyTorch| = {worst:.3g} > tolerance {tolerance:g}")
-    report["ok"] = not failures
+    report = {
+        "tolerance": tolerance,
+        "components": {n: {k: v for k, v in r.items() if not k.endswith("_shapes")} for n, r in rows.items()},
+        "ok": not failures,
+    }
     (onnx_dir / "parity.json").write_text(json.dumps(report, indent=2))
     if failures:
         raise ParityError(f"ONNX parity failed ({'; '.join(failures)}); report: {onnx_dir / 'parity.json'}")
     return report
+
+
+def check_parity(bundle: str | Path, onnx_dir: str | Path, *, tolerance: float = DEFAULT_TOLERANCE, log=print) -> dict:
+    """max |ONNX - PyTorch| per component at its parity batches (PARITY_BATCHES), one component in memory at a
+    time; writes parity.json; raises ParityError above the tolerance."""
+    info = check_bundle(bundle)
+    onnx_dir = Path(onnx_dir)
+    img_size = _image_encoder_size(info)
+    rows = {}
+    for name in component_names(info):
+        path = onnx_dir / f"{name}.onnx"
+        if not path.is_file():
+            raise UserError(f"{path} is missing: run `rf-export onnx` first")
+        _, loaded = load_torch_modules(bundle, only=[name])
+        rows[name] = _component_parity(name, loaded.pop(name), path, info, img_size, log)
+        del loaded
+        _free()
+    return _parity_report(rows, onnx_dir, tolerance)

@@ -157,3 +157,65 @@ def build_tiny_bundle(
     out = save_bundle(out, unet=unet, vae=vae, text_encoder=text_encoder, image_encoder=vision)
     check_bundle(out)
     return out
+
+
+def build_sd15_shape_bundle(out: str | Path, *, seed: int = 0, image_encoder: bool = True) -> Path:
+    """A bundle of Stable Diffusion 1.5's exact shapes with seeded random weights (no download): UNet 860 M
+    parameters, VAE 84 M at 512 px, the CLIP ViT-L/14 text encoder (123 M) and, for the guidance token, a CLIP
+    ViT-L/14 image encoder with a 768-d projection (304 M). For measuring time and memory at the real size
+    (bench/sd15_bench.py); its images are noise."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+    )
+    torch.manual_seed(seed + 2)
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=TEXT_MAX_LENGTH,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    vision = None
+    if image_encoder:
+        torch.manual_seed(seed + 3)
+        vision = CLIPVisionModelWithProjection(
+            CLIPVisionConfig(
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_hidden_layers=24,
+                num_attention_heads=16,
+                image_size=224,
+                patch_size=14,
+                projection_dim=768,
+                hidden_act="quick_gelu",
+            )
+        )
+    out = save_bundle(out, unet=unet, vae=vae, text_encoder=text, image_encoder=vision)
+    check_bundle(out)
+    return out

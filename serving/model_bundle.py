@@ -171,27 +171,48 @@ def quiet_loading() -> None:
     dlog.disable_progress_bar()
 
 
-def load_torch_modules(bundle: str | Path) -> tuple[BundleInfo, dict]:
-    """The bundle's modules as small torch wrappers whose signatures are the graph contracts above."""
+def component_names(info: BundleInfo) -> list[str]:
+    """The graphs a bundle exports to, in export order (the image encoder only where the bundle has one)."""
+    return ["text_encoder", "unet", "vae_decoder", "vae_encoder"] + (
+        ["image_encoder"] if info.has_image_encoder else []
+    )
+
+
+def load_torch_modules(bundle: str | Path, only: tuple[str, ...] | list[str] | None = None) -> tuple[BundleInfo, dict]:
+    """The bundle's modules as small torch wrappers whose signatures are the graph contracts above. `only`: load
+    just these components (the export holds one at a time: SD-1.5's UNet alone is 3.4 GB in fp32)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPVisionModelWithProjection
 
     info = check_bundle(bundle)
     root = info.path
+    wanted = set(component_names(info) if only is None else only)
     quiet_loading()
     try:
-        unet = UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True).eval()
-        vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True).eval()
-        text = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True).eval()
+        unet = (
+            UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True).eval()
+            if "unet" in wanted
+            else None
+        )
+        vae = (
+            AutoencoderKL.from_pretrained(root / "vae", local_files_only=True).eval()
+            if wanted & {"vae_decoder", "vae_encoder"}
+            else None
+        )
+        text = (
+            CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True).eval()
+            if "text_encoder" in wanted
+            else None
+        )
         vision = (
             CLIPVisionModelWithProjection.from_pretrained(root / "image_encoder", local_files_only=True).eval()
-            if info.has_image_encoder
+            if info.has_image_encoder and "image_encoder" in wanted
             else None
         )
     except (OSError, ValueError) as exc:
         raise UserError(f"bundle {root}: could not load weights ({exc})") from exc
-    scaling = float(vae.config.scaling_factor)
+    scaling = float(vae.config.scaling_factor) if vae is not None else 1.0
 
     class TextEncoder(torch.nn.Module):
         def __init__(self):
@@ -236,12 +257,12 @@ def load_torch_modules(bundle: str | Path) -> tuple[BundleInfo, dict]:
         def forward(self, pixel_values):
             return self.vision(pixel_values=pixel_values).image_embeds
 
-    modules = {
-        "text_encoder": TextEncoder().eval(),
-        "unet": Unet().eval(),
-        "vae_decoder": VaeDecoder().eval(),
-        "vae_encoder": VaeEncoder().eval(),
+    build = {
+        "text_encoder": TextEncoder,
+        "unet": Unet,
+        "vae_decoder": VaeDecoder,
+        "vae_encoder": VaeEncoder,
+        "image_encoder": ImageEncoder,
     }
-    if vision is not None:
-        modules["image_encoder"] = ImageEncoder().eval()
+    modules = {name: build[name]().eval() for name in component_names(info) if name in wanted}
     return info, modules
