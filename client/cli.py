@@ -488,7 +488,7 @@ def serve(
         except KeyboardInterrupt:
             typer.echo("stopping")
             return
-        raise UserError(f"Triton exited with code {server.process.returncode}; log: {server.log_path}")
+        raise UserError(f"{server.exit_reason()}; log: {server.log_path}")
 
 
 serve_app = make_app("Start a local Triton server on a model repository.")

@@ -168,14 +168,32 @@ class LocalServer:
             raise
         return self
 
+    def exit_reason(self) -> str:
+        """Why the server's process ended, in words: a death by signal mid-work is most often the kernel's
+        out-of-memory killer (it ends a process before Python sees a MemoryError), said with the repository's
+        memory settings so the user knows what to change."""
+        code = self.process.returncode if self.process is not None else None
+        text = f"Triton exited with code {code}"
+        if code is None or (code >= 0 and code not in (137, 139)):
+            return text
+        params = {}
+        config = self.repo / "pipeline" / "config.pbtxt"
+        if config.is_file():
+            params = dict(re.findall(r'key: "(\w+)"\s*value: \{ string_value: "([^"]*)" \}', config.read_text()))
+        limit = params.get("max_images_per_run", "0")
+        budget = params.get("memory_budget_gb")
+        where = f" for a memory budget of {budget} GB" if budget else ""
+        bound = f"samples at most {limit} images per call{where}" if limit != "0" else "has no images-per-call bound"
+        return (
+            f"{text} (killed by a signal): most often the kernel's out-of-memory killer; this repository {bound}: "
+            "write it again with a lower `rf-export repo --memory-budget` (or send a smaller --batch-size)"
+        )
+
     def wait_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise UserError(
-                    f"Triton exited with code {self.process.returncode} while starting"
-                    f"{self._failure_hint()}; log: {self.log_path}"
-                )
+                raise UserError(f"{self.exit_reason()} while starting{self._failure_hint()}; log: {self.log_path}")
             if server_ready(self.url):
                 return
             time.sleep(0.25)

@@ -117,6 +117,14 @@ def repo(
             "fp32 graphs; tensorrt the plans' own precision (`rf-export engines --precision`)."
         ),
     ] = "auto",
+    memory_budget: Annotated[
+        float | None,
+        typer.Option(
+            help="CPU servers: GB the server may use (default: this machine's memory). The pipeline samples at "
+            "most the images that fit per call, splitting larger batches before they run, and decodes one "
+            "image per VAE call."
+        ),
+    ] = None,
     debug: Debug = False,
 ) -> None:
     """Write the Triton model repository: component models plus the `pipeline` model."""
@@ -134,6 +142,7 @@ def repo(
         bundle=bundle,
         device=device,
         precision=precision,
+        memory_budget_gb=memory_budget,
     )
     typer.echo(f"model repository written: {out}")
 

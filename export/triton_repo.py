@@ -242,6 +242,7 @@ def write_repository(
     preferred: tuple[int, ...] = (4, 8, 16),
     device: str | None = None,
     precision: str = "auto",
+    memory_budget_gb: float | None = None,
 ) -> Path:
     """Fill `out` with the component models and the `pipeline` model for `runtime`.
 
@@ -255,6 +256,9 @@ def write_repository(
     component models (realfake.serving.pipeline_params.SERVED).
     `max_batch`: the largest batch the pipeline's dynamic batcher forms; default 32, or for `tensorrt` the
     largest image batch the plans' profiles allow (a larger value is refused).
+    `memory_budget_gb` (CPU servers; default this machine's memory): the pipeline samples at most the images
+    that fit it per call (export.memory), splitting a larger batch before it runs, and decodes one image per VAE
+    call; a model that does not fit one image is refused.
     """
     onnx_dir, out = Path(onnx_dir), Path(out)
     check_runtime(runtime)
@@ -295,6 +299,16 @@ def write_repository(
         dtype=resolved if runtime in ("openvino", "pytorch") else None,
         bundle=str(Path(bundle).resolve()) if runtime == "pytorch" else None,
     )
+    if device == "cpu":
+        from dataclasses import replace
+
+        from realfake.export.memory import images_per_run, machine_memory
+
+        if memory_budget_gb is not None and memory_budget_gb <= 0:
+            raise UserError(f"--memory-budget must be > 0 GB, got {memory_budget_gb}")
+        budget = memory_budget_gb * 1e9 if memory_budget_gb else machine_memory()
+        fit = images_per_run(onnx_dir, budget, processes=len(meta["components"]) + 1 if placement == "bls" else 1)
+        params = replace(params, vae_slice=1, max_images_per_run=min(fit, max_batch), memory_budget_gb=budget / 1e9)
     kind = params.components_kind()
     out.mkdir(parents=True, exist_ok=True)
     for name in meta["components"] if kind == "bls" else []:

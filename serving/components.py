@@ -41,6 +41,9 @@ def make_session(path: str | Path, threads: int | None = None, device: str | tor
         providers = [("CUDAExecutionProvider", {"device_id": torch.device(device).index or 0}), "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
+        # no CPU arena: it keeps a batch's peak activations (GBs at 512 px) for the life of the server; without it
+        # they go back after each call, which costs little next to the convolutions at these sizes
+        opts.enable_cpu_mem_arena = False
     return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
 
 

@@ -43,6 +43,9 @@ PARAM_DTYPE = "dtype"
 PARAM_INTRA_OP_THREADS = "intra_op_threads"
 PARAM_SCHEDULER = "scheduler"
 PARAM_BUNDLE = "bundle"
+PARAM_VAE_SLICE = "vae_slice"
+PARAM_MAX_IMAGES = "max_images_per_run"
+PARAM_MEMORY_BUDGET = "memory_budget_gb"
 
 
 def check_runtime(runtime: str) -> None:
@@ -89,6 +92,11 @@ class PipelineParams:
     scheduler: str = DEFAULT_SCHEDULER
     dtype: str | None = None  # openvino: fp32, bf16, int8; pytorch: auto, fp32, fp16, bf16; unused otherwise
     bundle: str | None = None  # pytorch: the bundle's directory
+    vae_slice: int = 0  # images per VAE call; 0: the whole batch (GPU servers)
+    # images per sampler call, from the memory budget (export.memory); 0: the dynamic batcher's max batch. A larger
+    # batch is split before it runs, since the kernel kills a process that runs out before Python sees MemoryError
+    max_images_per_run: int = 0
+    memory_budget_gb: float | None = None  # the budget max_images_per_run was derived from (CPU servers)
 
     def __post_init__(self) -> None:
         check_runtime(self.runtime)
@@ -97,6 +105,8 @@ class PipelineParams:
             raise UserError(_not_served(self.runtime, self.placement))
         if self.runtime == "pytorch" and not self.bundle:
             raise UserError(f"runtime pytorch needs the {PARAM_BUNDLE!r} parameter: the bundle's directory")
+        if self.vae_slice < 0 or self.max_images_per_run < 0:
+            raise UserError(f"{PARAM_VAE_SLICE} and {PARAM_MAX_IMAGES} must be >= 0")
         if self.intra_op_threads < 0:
             raise UserError(f"{PARAM_INTRA_OP_THREADS} must be >= 0, got {self.intra_op_threads}")
 
@@ -122,6 +132,9 @@ class PipelineParams:
             PARAM_ENGINE: self.engine,
             PARAM_DTYPE: self.dtype,
             PARAM_BUNDLE: self.bundle,
+            PARAM_VAE_SLICE: str(self.vae_slice),
+            PARAM_MAX_IMAGES: str(self.max_images_per_run),
+            PARAM_MEMORY_BUDGET: None if self.memory_budget_gb is None else f"{self.memory_budget_gb:.1f}",
         }
         return {k: v for k, v in values.items() if v is not None}
 
@@ -167,6 +180,10 @@ class PipelineParams:
             scheduler=need(PARAM_SCHEDULER),
             dtype=raw.get(PARAM_DTYPE),
             bundle=raw.get(PARAM_BUNDLE),
+            # repositories written before these existed: no slicing, the batcher's bound
+            vae_slice=int(raw.get(PARAM_VAE_SLICE, "0") or 0),
+            max_images_per_run=int(raw.get(PARAM_MAX_IMAGES, "0") or 0),
+            memory_budget_gb=float(raw[PARAM_MEMORY_BUDGET]) if raw.get(PARAM_MEMORY_BUDGET) else None,
         )
 
 

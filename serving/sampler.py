@@ -100,11 +100,17 @@ def make_scheduler(name: str, config: dict):
 
 
 class Sampler:
-    def __init__(self, components: Components, model_dir: str | Path, scheduler: str = DEFAULT_SCHEDULER):
+    def __init__(
+        self, components: Components, model_dir: str | Path, scheduler: str = DEFAULT_SCHEDULER, vae_slice: int = 0
+    ):
+        """`vae_slice`: images per VAE call (0: the whole batch). The VAE works at full image size, so on a CPU
+        server its activations dominate a batch's memory; decoding in slices (diffusers' VAE slicing) bounds them
+        at one slice, whatever the batch."""
         from transformers import CLIPTokenizer
 
         model_dir = Path(model_dir)
         self.components = components
+        self.vae_slice = vae_slice
         self.info = ModelInfo.load(model_dir)
         self.tokenizer = CLIPTokenizer.from_pretrained(model_dir / "tokenizer", local_files_only=True)
         self.scheduler_name = scheduler
@@ -160,10 +166,16 @@ class Sampler:
                 noise_pred = uncond + settings.guidance_scale * (text - uncond)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
         # 4. decode
-        image = self.components.vae_decoder(latents.to(torch.float32).contiguous())
+        image = self._sliced(self.components.vae_decoder, latents.to(torch.float32))
         return to_uint8(image)
 
     # -- steps ----------------------------------------------------------------------------------------------
+
+    def _sliced(self, call, tensor: torch.Tensor) -> torch.Tensor:
+        """`call` over `tensor` in slices of `vae_slice` images, concatenated (one call when slicing is off)."""
+        if not self.vae_slice or tensor.shape[0] <= self.vae_slice:
+            return call(tensor.contiguous())
+        return torch.cat([call(part.contiguous()) for part in tensor.split(self.vae_slice)])
 
     def _encode_text(self, texts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(
@@ -181,7 +193,7 @@ class Sampler:
     def _encode_images(self, images: np.ndarray, generators: list[torch.Generator]) -> torch.Tensor:
         """Real images -> latents sampled from the VAE posterior (one draw per image's generator), scaled."""
         pixels = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(self.components.device)
-        moments = self.components.vae_encoder(pixels.to(torch.float32) / 127.5 - 1.0)
+        moments = self._sliced(self.components.vae_encoder, pixels.to(torch.float32) / 127.5 - 1.0)
         mean, logvar = moments.chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
         eps = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g) for g in generators]).to(mean.device)

@@ -169,3 +169,65 @@ def _raised_from(inner: Exception) -> Exception:
 )
 def test_is_out_of_memory(exc, oom):
     assert is_out_of_memory(exc) is oom
+
+
+def test_vae_in_slices_gives_the_unsliced_images(tiny_onnx, ort, unsplit):
+    """vae_slice=1 (CPU servers): each VAE call sees one image, whatever the batch, and the images are those of
+    whole-batch VAE calls within 1/255 (only the kernels' batch differs)."""
+    watched = Refusing(ort, "vae_decoder", 1, MemoryError)  # any call above one image would fail the test
+    sampler = Sampler(watched, tiny_onnx, vae_slice=1)
+    results = run_batch(sampler, _requests())
+    assert watched.calls == [1] * 6
+    for got, want in zip(results, unsplit, strict=True):
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+def test_a_batch_over_the_budget_is_split_before_it_runs(tiny_onnx, ort, unsplit):
+    """The pipeline's max images per run (from the memory budget) splits a batch before any call: no failed
+    attempt, and the same images as one call within 2/255."""
+    sampler = Sampler(ort, tiny_onnx)
+    calls = count_sampler_calls(sampler)
+    before = OOM_STATS.splits
+    results = run_batch(sampler, _requests(), max_batch=4)
+    assert calls == [4, 2] and OOM_STATS.splits == before
+    for got, want in zip(results, unsplit, strict=True):
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
+
+
+def test_repository_max_images_from_a_memory_budget(tiny_onnx, tmp_path):
+    from realfake.core.errors import UserError
+    from realfake.export.memory import SAFETY, server_memory
+    from realfake.export.triton_repo import write_repository
+    from realfake.serving.pipeline_params import PipelineParams
+
+    from conftest import parse_config
+
+    def params(repo):
+        config = parse_config(repo / "pipeline" / "config.pbtxt")
+        return PipelineParams.from_parameters({k: v.string_value for k, v in config.parameters.items()})
+
+    model = server_memory(tiny_onnx, processes=6)  # bls: five component processes and the pipeline
+    assert model.base_bytes > 0 and model.per_image_bytes > 0 and model.at(3) > model.at(2)
+    for images in (1, 3, 7):
+        budget = (model.at(images) + 0.5 * model.per_image_bytes) / SAFETY
+        p = params(write_repository(tiny_onnx, tmp_path / f"b{images}", memory_budget_gb=budget / 1e9))
+        assert (p.max_images_per_run, p.vae_slice) == (images, 1)
+    with pytest.raises(UserError, match=r"needs about .* GB to sample one image .* raise --memory-budget"):
+        write_repository(tiny_onnx, tmp_path / "tiny", memory_budget_gb=model.base_bytes / 2e9)
+    roomy = params(write_repository(tiny_onnx, tmp_path / "roomy", memory_budget_gb=1e4, max_batch=16))
+    assert roomy.max_images_per_run == 16 and roomy.memory_budget_gb == 1e4  # never above the batcher's bound
+    gpu = params(write_repository(tiny_onnx, tmp_path / "gpu", runtime="onnxruntime"))
+    assert (gpu.max_images_per_run, gpu.vae_slice) == (0, 0)  # GPU servers: their own OOM halving, whole batches
+
+    # a server killed mid-work says what the repository allows and what to change
+    from types import SimpleNamespace
+
+    from realfake.client.server import LocalServer
+
+    server = LocalServer(tmp_path / "b3")
+    server.process = SimpleNamespace(returncode=-9)
+    reason = server.exit_reason()
+    assert reason.startswith("Triton exited with code -9 (killed by a signal): most often the kernel's out-of-memory")
+    assert "samples at most 3 images per call for a memory budget of" in reason and "--memory-budget" in reason
+    server.process = SimpleNamespace(returncode=1)
+    assert server.exit_reason() == "Triton exited with code 1"

@@ -76,8 +76,9 @@ class TritonPythonModel:
             components = OrtComponents(model_dir, threads, device)
         else:
             components = BlsComponents({name: name for name in COMPONENT_IO}, torch.device(device))
-        self.sampler = Sampler(components, model_dir, scheduler=params.scheduler)
-        self.max_batch = int(config.get("max_batch_size", 64)) or 64
+        self.sampler = Sampler(components, model_dir, scheduler=params.scheduler, vae_slice=params.vae_slice)
+        # the memory budget's bound: a larger batch of the dynamic batcher is sampled in parts of this size
+        self.max_batch = params.max_images_per_run or int(config.get("max_batch_size", 64)) or 64
 
     def execute(self, requests):
         arrays = []
