@@ -32,9 +32,11 @@ STAGES = ("build", "finetune", "export", "repo", "serve")
 
 
 class PeakRss:
-    """The peak summed resident memory of a process and all its descendants, sampled every `every` seconds."""
+    """The peak memory of a process and all its descendants, sampled every `every` seconds: proportional set
+    size (PSS), so pages the processes share (torch, ONNX Runtime, Python) count once, as the kernel counts them
+    against the machine; summed RSS counts them once per process (6 Triton stubs: GBs too many)."""
 
-    def __init__(self, pid: int, every: float = 0.2):
+    def __init__(self, pid: int, every: float = 0.5):
         self.pid, self.every, self.peak, self._stop = pid, every, 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -48,7 +50,7 @@ class PeakRss:
         total = 0
         for p in procs:
             try:
-                total += p.memory_info().rss
+                total += p.memory_full_info().pss
             except psutil.NoSuchProcess:
                 pass
         return total
@@ -71,11 +73,11 @@ def run_stage(name: str, argv: list[str], log: Path) -> dict:
         rss = PeakRss(proc.pid)
         code = proc.wait()
     peak = rss.stop()
-    row = {"stage": name, "seconds": round(time.perf_counter() - t0, 1), "peak_rss_gb": round(peak / 1e9, 2)}
+    row = {"stage": name, "seconds": round(time.perf_counter() - t0, 1), "peak_gb": round(peak / 1e9, 2)}
     row["exit"] = code
     if code != 0:
         row["error"] = (log.read_text().strip().splitlines() or ["no output"])[-1]
-    print(f"{name:<9} {row['seconds']:>8.1f} s  peak {row['peak_rss_gb']:6.2f} GB  exit {code}", flush=True)
+    print(f"{name:<9} {row['seconds']:>8.1f} s  peak {row['peak_gb']:6.2f} GB  exit {code}", flush=True)
     return row
 
 
@@ -121,7 +123,7 @@ def serve(work: Path, batches: list[int], steps: int) -> list[dict]:
                 except Exception:  # noqa: BLE001 - not ready yet
                     time.sleep(2)
             rows.append({"stage": "serve ready", "seconds": round(time.perf_counter() - t0, 1),
-                         "peak_rss_gb": round(rss.peak / 1e9, 2), "rss_gb": round(rss.now() / 1e9, 2)})  # fmt: skip
+                         "peak_gb": round(rss.peak / 1e9, 2), "now_gb": round(rss.now() / 1e9, 2)})  # fmt: skip
             real = sorted((work / "real").rglob("*.png"))
             for b in batches:
                 t1 = time.perf_counter()
@@ -131,7 +133,7 @@ def serve(work: Path, batches: list[int], steps: int) -> list[dict]:
                 items = [SimpleNamespace(prompt=f"photo of a cat, {i}", seed=i) for i in range(b)]
                 client.generate(spec, items, np.stack(images))  # fmt: skip
                 rows.append({"stage": f"serve batch {b}", "seconds": round(time.perf_counter() - t1, 1),
-                             "peak_rss_gb": round(rss.peak / 1e9, 2), "rss_gb": round(rss.now() / 1e9, 2)})  # fmt: skip
+                             "peak_gb": round(rss.peak / 1e9, 2), "now_gb": round(rss.now() / 1e9, 2)})  # fmt: skip
                 print(f"serve batch {b}: {rows[-1]}", flush=True)
         finally:
             proc.terminate()
@@ -146,6 +148,7 @@ def main() -> None:
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--batch-sizes", default="1,2,4", help="serve: images per request measured")
     ap.add_argument("--steps", type=int, default=4, help="serve: sampler steps (about 3 run at strength 0.75)")
+    ap.add_argument("--memory-budget", help="repo: rf-export repo --memory-budget GB (default: the machine's)")
     ap.add_argument("--out", type=Path, default=Path("sd15-bench.json"))
     args = ap.parse_args()
     work, stages = args.work, [s for s in args.stages.split(",") if s]
@@ -174,7 +177,8 @@ def main() -> None:
             "on",
         ],  # fmt: skip
         "export": [str(BIN / "rf-export"), "onnx", str(work / "bundle"), "--out", str(work / "onnx")],
-        "repo": [str(BIN / "rf-export"), "repo", str(work / "onnx"), "--out", str(work / "repo")],
+        "repo": [str(BIN / "rf-export"), "repo", str(work / "onnx"), "--out", str(work / "repo")]
+        + (["--memory-budget", args.memory_budget] if args.memory_budget else []),
     }
     for stage in stages:
         if stage == "serve":

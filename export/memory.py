@@ -4,9 +4,11 @@ call (the UNet's activations for both guidance halves). The repository writer tu
 batch one sampler call may take, so the default configuration cannot be killed by the kernel's out-of-memory
 killer, which on Linux ends a process before Python ever sees a MemoryError.
 
-The constants were measured at SD-1.5 shapes on this project's 2-core, 24 GB workstation (bench/sd15_bench.py:
-the server's resident memory at batch 1 and 2; README, "The real model's size") and hold for the Stable
-Diffusion 1.x layout; they scale with the graphs' weights and with the latent and image sizes.
+The constants were measured at SD-1.5 shapes (512 px, python-ort, BLS) on this project's 2-core, 24 GB
+workstation with bench/sd15_bench.py: the server's processes held 8.66 GB (PSS) ready, 14.88 GB after one image
+and 23.06 GB after a batch of two (README, "The real model's size"). An image's cost is the UNet's attention
+scores over the 64 x 64 latent for both guidance halves, which grow with the square of the latent's area, so the
+per-image constant is per squared latent pixel; the base grows with the graphs' weights.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from pathlib import Path
 from realfake.core.errors import UserError
 from realfake.serving.export_files import graph_files, load_export_meta
 
-# resident bytes per byte of graph weights: the weights, ONNX Runtime's prepacked copies and the process
-WEIGHT_FACTOR = 1.6
-# UNet activation bytes per image, per latent pixel and channel of its first block (both guidance halves)
-UNET_BYTES_PER_LATENT_CHANNEL_PIXEL = 900.0
+# resident bytes per byte of graph weights when ready: (8.66 GB - the processes - one VAE slice) / 5.48 GB of graphs
+WEIGHT_FACTOR = 1.05
+# bytes per image of one sampler call, per squared latent pixel: (23.06 - 14.88) GB / (64 * 64) ** 2
+UNET_BYTES_PER_SQUARED_LATENT_PIXEL = 488.0
 # VAE activation bytes per image pixel and channel of its widest full-resolution block, for one image
 VAE_BYTES_PER_PIXEL_CHANNEL = 24.0
 # what each Python-backend process holds before any model (Python, torch, ONNX Runtime)
@@ -65,16 +67,27 @@ def server_memory(
     weights = sum(p.stat().st_size for n in names for p in graph_files(onnx_dir / f"{n}.onnx"))
     side = int(meta["image_size"])
     latent = side // int(meta["vae_scale_factor"])
-    unet_channels = _first_dim(onnx_dir / "unet.onnx", "conv_in.weight", 0) or 320
     vae_channels = _first_dim(onnx_dir / "vae_decoder.onnx", "conv_out.weight", 1) or 128
     vae_one = VAE_BYTES_PER_PIXEL_CHANNEL * side * side * vae_channels
     base = WEIGHT_FACTOR * weights + PROCESS_BYTES * (processes or len(names) + 1) + vae_one
-    return ServerMemory(base, UNET_BYTES_PER_LATENT_CHANNEL_PIXEL * latent * latent * unet_channels)
+    return ServerMemory(base, UNET_BYTES_PER_SQUARED_LATENT_PIXEL * (latent * latent) ** 2)
 
 
-def machine_memory() -> int:
-    """This machine's physical memory in bytes (what a server on it may use at the most)."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+
+
+def machine_memory(limits: tuple[Path, ...] = CGROUP_LIMITS) -> int:
+    """What a server here may use at the most, in bytes: the physical memory, or the container's memory limit
+    (cgroup v2 or v1: a Kubernetes `limits.memory`) where that is lower."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in limits:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            return min(physical, int(text))
+    return physical
 
 
 def images_per_run(onnx_dir: str | Path, budget_bytes: float, processes: int | None = None) -> int:

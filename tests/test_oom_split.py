@@ -231,3 +231,25 @@ def test_repository_max_images_from_a_memory_budget(tiny_onnx, tmp_path):
     assert "samples at most 3 images per call for a memory budget of" in reason and "--memory-budget" in reason
     server.process = SimpleNamespace(returncode=1)
     assert server.exit_reason() == "Triton exited with code 1"
+
+
+def test_sd15_memory_model_picks_the_batch_that_fits():
+    """The model as measured at SD-1.5 shapes (8.66 GB ready, 8.19 GB per image of a sampler call): a 24 GB
+    machine samples one image a call (two measured 23.06 GB, within reach of the OOM killer), 32 GB two."""
+    from realfake.export.memory import ServerMemory
+
+    sd15 = ServerMemory(base_bytes=8.66e9, per_image_bytes=8.19e9)
+    assert [sd15.images_within(gb * 1e9) for gb in (16, 24, 25.3, 32, 64)] == [0, 1, 1, 2, 5]
+
+
+def test_the_budget_default_is_the_containers_limit(tmp_path):
+    from realfake.export.memory import machine_memory
+
+    physical = machine_memory(limits=())
+    v2, v1 = tmp_path / "memory.max", tmp_path / "limit_in_bytes"
+    v2.write_text("max\n")  # no limit (cgroup v2 says so in words)
+    v1.write_text(f"{48 * 2**30}\n")
+    assert machine_memory(limits=(v2,)) == physical
+    assert machine_memory(limits=(tmp_path / "absent", v1)) == min(physical, 48 * 2**30)
+    v2.write_text(f"{8 * 2**30}\n")
+    assert machine_memory(limits=(v2, v1)) == 8 * 2**30
