@@ -11,6 +11,8 @@ Usage: python bench/sd15_bench.py --work DIR [--stages build,finetune,export,rep
   export    rf-export onnx (one component in memory at a time; parity at batch 1 and 2 for UNet and VAE)
   repo      rf-export repo (python-ort)
   serve     rf-serve on the repository, its memory idle and after a conditioned request at each --batch-sizes
+  quantize  (only when named) rf-export quantize: the int8 UNet for OpenVINO into DIR/onnx_int8 (2 calibration
+            images, 1 checked, --steps steps)
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 import psutil
 
 BIN = Path(sys.executable).parent
-STAGES = ("build", "finetune", "export", "repo", "serve")
+STAGES = ("build", "finetune", "export", "repo", "serve")  # and, asked by name: quantize
 
 
 class PeakRss:
@@ -177,6 +179,19 @@ def main() -> None:
             "on",
         ],  # fmt: skip
         "export": [str(BIN / "rf-export"), "onnx", str(work / "bundle"), "--out", str(work / "onnx")],
+        "quantize": [
+            str(BIN / "rf-export"),
+            "quantize",
+            str(work / "onnx"),
+            "--out",
+            str(work / "onnx_int8"),
+            "--calibration-images",
+            "2",
+            "--check-images",
+            "1",
+            "--steps",
+            str(args.steps),
+        ],  # fmt: skip
         "repo": [str(BIN / "rf-export"), "repo", str(work / "onnx"), "--out", str(work / "repo")]
         + (["--memory-budget", args.memory_budget] if args.memory_budget else []),
     }
