@@ -74,6 +74,26 @@ def save_bundle(out: str | Path, *, unet, vae, text_encoder, image_encoder=None)
     return out
 
 
+def clip_text_encoder(hidden: int, intermediate: int, *, layers: int, heads: int, **config):
+    """A CLIP text encoder of the given width and depth with random weights, on CLIP's vocabulary and token ids."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=TEXT_MAX_LENGTH,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            **config,
+        )
+    )
+
+
 def build_tiny_bundle(
     out: str | Path,
     *,
@@ -92,8 +112,6 @@ def build_tiny_bundle(
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
         CLIPVisionConfig,
         CLIPVisionModelWithProjection,
     )
@@ -127,19 +145,7 @@ def build_tiny_bundle(
         mid_block_add_attention=vae_attention,
     )
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=text_hidden,
-            intermediate_size=2 * text_hidden,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=TEXT_MAX_LENGTH,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
+    text_encoder = clip_text_encoder(text_hidden, 2 * text_hidden, layers=2, heads=4)
     vision = None
     if image_encoder:
         torch.manual_seed(seed + 3)
@@ -166,7 +172,7 @@ def build_sd15_shape_bundle(out: str | Path, *, seed: int = 0, image_encoder: bo
     (bench/sd15_bench.py); its images are noise."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -186,21 +192,7 @@ def build_sd15_shape_bundle(out: str | Path, *, seed: int = 0, image_encoder: bo
         sample_size=512,
     )
     torch.manual_seed(seed + 2)
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=TEXT_MAX_LENGTH,
-            hidden_act="quick_gelu",
-            projection_dim=768,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
+    text = clip_text_encoder(768, 3072, layers=12, heads=12, hidden_act="quick_gelu")
     vision = None
     if image_encoder:
         torch.manual_seed(seed + 3)
