@@ -262,9 +262,11 @@ def write_repository(
     """
     onnx_dir, out = Path(onnx_dir), Path(out)
     check_runtime(runtime)
-    dtype = precision
-    fixed = {"python-ort": ("fp32", "the fp32 graphs"), "onnxruntime": ("fp32", "the fp32 graphs")}
-    fixed["tensorrt"] = ("auto", "the plans' own precision (`rf-export engines --precision`)")
+    fixed = {  # runtimes that compute in one precision: the one they take besides auto, and why
+        "python-ort": ("fp32", "the fp32 graphs"),
+        "onnxruntime": ("fp32", "the fp32 graphs"),
+        "tensorrt": ("auto", "the plans' own precision (`rf-export engines --precision`)"),
+    }
     if runtime in fixed and precision not in ("auto", fixed[runtime][0]):
         raise UserError(f"--runtime {runtime} runs {fixed[runtime][1]}: leave --precision out, not {precision!r}")
     meta = load_export_meta(onnx_dir)
@@ -272,7 +274,7 @@ def write_repository(
     if runtime == "openvino":
         if device not in (None, "cpu"):
             raise UserError("--runtime openvino runs on the CPU: leave --device out or pass cpu")
-        _check_openvino(onnx_dir, dtype)
+        _check_openvino(onnx_dir, precision)
     elif runtime == "pytorch":
         if bundle is None or not (Path(bundle) / "model_index.json").is_file():
             raise UserError("--runtime pytorch needs --bundle: the diffusers-layout directory the ONNX came from")
@@ -284,7 +286,7 @@ def write_repository(
     max_batch = max_batch or DEFAULT_MAX_BATCH
     threads = threads or os.cpu_count() or 1
     device = device or ("cpu" if runtime in ("python-ort", "openvino") else "cuda")
-    resolved = _resolved_precision(runtime, device, dtype)
+    resolved = _resolved_precision(runtime, device, precision)
     params = PipelineParams(
         placement=placement,
         runtime=runtime,
@@ -337,7 +339,7 @@ def write_repository(
     if kind in ("ort", "openvino"):
         for name in meta["components"]:
             _link_graph(onnx_dir / f"{name}.onnx", files)
-        if kind == "openvino" and dtype == "int8":
+        if kind == "openvino" and precision == "int8":
             for path in (INT8_UNET, INT8_UNET.with_suffix(".bin")):
                 link_or_copy(onnx_dir / path, files / path)
     if kind == "tensorrt":
