@@ -66,6 +66,9 @@ def generate(
     captions: Annotated[
         Path | None, typer.Option(help='JSONL captions: {"image": <path or stem>, "caption": <text>} per line.')
     ] = None,
+    partial_captions: Annotated[
+        bool, typer.Option(help="Accept a --captions file that covers only some real images (the rest: class prompt).")
+    ] = False,
     guidance_token: Annotated[
         GuidanceToken,
         typer.Option(help="Image-embedding guidance token (with --real): auto (when the model has one), on, off."),
@@ -150,6 +153,7 @@ def generate(
         versions=versions,
         strength=strength,
         captions=captions,
+        partial_captions=partial_captions,
         guidance_token=guidance_token,
         seed=seed,
         prompt_template=prompt_template,
@@ -279,14 +283,16 @@ def pack(
     target: Annotated[Path | None, typer.Argument(hidden=True)] = None,  # the old positional TARGET
     out: Annotated[Path | None, typer.Option(help="Directory for the WebDataset shards.")] = None,
     shard_size: Annotated[int, typer.Option(help="Images per tar shard.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the shuffle across classes (the same seed, the same shards).")] = 0,
     debug: Debug = False,
 ) -> None:
     """Write a finished dataset as WebDataset tar shards: per image <key>.<png|jpg|webp> (the dataset's own
-    files, not re-encoded), <key>.cls (the class set's index) and <key>.json (its manifest row)."""
+    files, not re-encoded), <key>.cls (the class set's index) and <key>.json (its manifest row). Samples are
+    shuffled across classes (seeded), so each shard mixes the classes as a streaming loader needs."""
     from realfake.client.verify import pack_webdataset
 
     target = moved_to_out(target, out, "TARGET")
-    shards = pack_webdataset(dataset, target, shard_size)
+    shards = pack_webdataset(dataset, target, shard_size, seed)
     typer.echo(f"{len(shards)} shards written to {target}")
 
 

@@ -39,7 +39,8 @@ from realfake.core.defaults import (
 from realfake.core.errors import UserError
 from realfake.core.files import file_sha256, write_atomic
 from realfake.core.images import FORMATS, check_decodes, load_real_image
-from realfake.core.real_folder import caption_for, load_captions, scan_real
+from realfake.core.protocol import denoising_steps
+from realfake.core.real_folder import caption_for, check_caption_coverage, load_captions, scan_real
 
 # (images done, images failed or skipped, images to make in this run, per-server (images, images/s, healthy))
 ProgressCallback = Callable[[int, int, int, dict], None]
@@ -57,6 +58,7 @@ class GenerateConfig:
     versions: int = 1
     strength: float = DEFAULT_STRENGTH  # latent prior strength (with `real`)
     captions: Path | None = None  # JSONL {"image": <path or stem>, "caption": <text>}
+    partial_captions: bool = False  # accept a captions file that covers only some real images
     guidance_token: str = "auto"  # auto (when the served model has an image encoder), on, off
     seed: int = 0
     prompt_template: str = DEFAULT_TEMPLATE
@@ -93,6 +95,12 @@ class GenerateConfig:
                 raise UserError(f"{option} must be >= 1, got {value}")
         if not 0.0 < self.strength <= 1.0:
             raise UserError(f"--strength must be in (0, 1], got {self.strength}")
+        if self.real is not None and self.strength < 1.0 and denoising_steps(self.steps, self.strength) < 1:
+            raise UserError(
+                f"--steps {self.steps} with --strength {self.strength} leaves no step to denoise: the latent prior "
+                f"runs int(steps x strength) = {denoising_steps(self.steps, self.strength)} steps; raise --steps to "
+                f"at least {math.ceil(1 / self.strength)} or --strength to at least {1 / self.steps:g}"
+            )
         if self.guidance_token not in GUIDANCE_TOKEN_MODES:
             raise UserError(f"--guidance-token must be auto, on or off, got {self.guidance_token!r}")
         if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
@@ -125,14 +133,14 @@ class Inputs:
     captions: dict[str, str]
 
 
-def read_inputs(cfg: GenerateConfig) -> Inputs:
+def read_inputs(cfg: GenerateConfig, log: Callable[[str], None] = print) -> Inputs:
     class_list = load_classes(cfg.classes)
     captions = load_captions(cfg.captions) if cfg.captions else {}
     real = scan_real(cfg.real, class_list) if cfg.real else {}
     if real and cfg.per_class is not None:
         real = {k: v[: cfg.per_class] for k, v in real.items()}
     if captions and real:
-        _check_captions(captions, real, cfg.captions)
+        check_caption_coverage(captions, real, cfg.captions, cfg.partial_captions, log)
     if real:
         _check_some_real_image_decodes(cfg.real, real)
     return Inputs(class_list, real, captions)
@@ -231,14 +239,6 @@ def _real_items(inputs: Inputs, spec: ds.JobSpec) -> list[ds.WorkItem]:
                 index = r * spec.versions + v
                 items.append(ds.WorkItem(c, index, ds.image_seed(spec.seed, c.id, index), prompt, rel, caption))
     return items
-
-
-def _check_captions(caption_map: dict, real_map: dict, path: Path) -> None:
-    known = {rel for rels in real_map.values() for rel in rels}
-    known |= {Path(rel).stem for rel in known}
-    unknown = [k for k in caption_map if k not in known]
-    if len(unknown) == len(caption_map):
-        raise UserError(f"captions file {path} names none of the real images (e.g. {unknown[0]!r})")
 
 
 def check_writable(out: Path) -> None:
@@ -352,7 +352,7 @@ def generate_dataset(
     # 1. the options
     cfg.check()
     # 2. classes, real images, captions
-    inputs = read_inputs(cfg)
+    inputs = read_inputs(cfg, log)
     check_writable(cfg.out)
     with serving_urls(cfg.urls, log, local=cfg.local) as given:
         # 3. the servers (a --url name stands for every address it resolves to): one model, one engine

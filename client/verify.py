@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -82,15 +83,18 @@ def verify(out: Path, decode: bool = True) -> Report:
     return report
 
 
-def pack_webdataset(out: Path, target: Path, shard_size: int = 1000) -> list[Path]:
+def pack_webdataset(out: Path, target: Path, shard_size: int = 1000, seed: int = 0) -> list[Path]:
     """Write the verified dataset as tar shards: <key>.<png|jpg|webp>, <key>.cls (class index), <key>.json (the
-    manifest row)."""
+    manifest row). The samples are shuffled across classes with `seed` (the same seed, the same shards): a
+    streaming loader shuffles only within a buffer of a few thousand samples, so shards in class order would feed
+    it one class at a time."""
     report = verify(out, decode=False)
     if not report.ok:
         raise UserError(f"{out} is not whole (run `rf-client verify {out}`); refusing to pack it")
     if shard_size < 1:
         raise UserError("--shard-size must be >= 1")
     rows = sorted({r["path"]: r for r in load_rows(out)}.values(), key=lambda r: (r["class_index"], r["index"]))
+    random.Random(seed).shuffle(rows)
     target.mkdir(parents=True, exist_ok=True)
     shards = []
     for n, start in enumerate(range(0, len(rows), shard_size)):

@@ -33,6 +33,7 @@ VOCABULARY = {
     "where the graphs run": "--placement",
     "classifier-free guidance scale": "--guidance-scale",
     "a model served on this machine": "--local",  # a repository, a diffusers bundle, or `tiny` (said explicitly)
+    "accept captions for only some real images": "--partial-captions",
 }
 
 # Fixed choices as types: --help lists the values, a wrong one is one line naming them, and the value is a plain

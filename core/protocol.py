@@ -31,3 +31,9 @@ PARAM_TRAINED_WITH_GUIDANCE_TOKEN = "trained_with_guidance_token"
 # What computes the images from those weights (runtime, precision, its artifacts, scheduler): two servers with
 # the same bundle but other engines draw slightly (or, with another scheduler, entirely) different images.
 PARAM_ENGINE = "engine"
+
+
+def denoising_steps(steps: int, strength: float) -> int:
+    """How many of `steps` sampler steps run when the latent prior noises the real image by `strength` (diffusers'
+    img2img rule: int(steps x strength), at most steps). 0 means nothing would be denoised: a request refused."""
+    return min(int(steps * strength), steps)

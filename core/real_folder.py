@@ -74,6 +74,33 @@ def load_captions(path: Path) -> dict[str, str]:
     return captions
 
 
+def check_caption_coverage(
+    captions: dict[str, str], real: dict[str, list[str]], path: Path, accept_partial: bool, log=print
+) -> None:
+    """Every real image should have its caption: an image without one falls back to the class prompt, so a
+    captions file made for another folder (or cut short by a crash) would silently change what is generated or
+    trained. Refused, saying how many matched and which did not, unless `accept_partial` (--partial-captions),
+    when it is one note instead."""
+    images = [rel for rels in real.values() for rel in rels]
+    missing = [rel for rel in images if rel not in captions and Path(rel).stem not in captions]
+    if not missing:
+        return
+    matched = len(images) - len(missing)
+    shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+    text = (
+        f"captions file {path} captions {matched} of the {len(images)} real images; {len(missing)} have no "
+        f"caption ({shown})"
+    )
+    if matched == 0:
+        raise UserError(f"{text}: it names none of them (is it the captions file of this --real?)")
+    if not accept_partial:
+        raise UserError(
+            f"{text}: caption the rest (`rf-train caption` resumes where it stopped), or pass --partial-captions "
+            "to accept that those use the class prompt alone"
+        )
+    log(f"note: {text}; those use the class prompt alone (--partial-captions)")
+
+
 def caption_for(captions: dict[str, str], relpath: str) -> str:
     if relpath in captions:
         return captions[relpath]

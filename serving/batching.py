@@ -22,7 +22,8 @@ from realfake.core.defaults import (
     MAX_STEPS,
     TEXT_ONLY_STRENGTH,
 )
-from realfake.serving.sampler import Sampler, Settings
+from realfake.core.protocol import denoising_steps
+from realfake.serving.sampler import BadImages, Sampler, Settings
 
 
 @dataclass
@@ -77,6 +78,10 @@ def parse_request(index: int, arrays: dict, image_size: int) -> list[tuple[Setti
             raise ValueError(f"STRENGTH must be in (0, 1], got {strengths[r]}")
         if init is None and (strengths[r] < 1.0 or tokens[r]):
             raise ValueError("STRENGTH < 1 and GUIDANCE_TOKEN need INIT_IMAGE")
+        if init is not None and strengths[r] < 1.0 and denoising_steps(steps[r], strengths[r]) < 1:
+            raise ValueError(
+                f"STEPS {steps[r]} x STRENGTH {strengths[r]} leaves no step to denoise (int(steps x strength) = 0)"
+            )
         if seeds[r] < 0:
             raise ValueError(f"SEED must be >= 0, got {seeds[r]}")
         settings = Settings(steps[r], scales[r], strengths[r], tokens[r])
@@ -137,6 +142,13 @@ def _sample(sampler: Sampler, chunk: list[Item], settings: Settings, has_init: b
             settings,
             init_images=np.stack([it.init_image for it in chunk]) if has_init else None,
         )
+    except BadImages as exc:  # the sound images stand; the requests of the others fail, saying why
+        for k, (it, img) in enumerate(zip(chunk, exc.images, strict=True)):
+            if exc.problems[k]:
+                results[it.request] = ValueError(exc.message(k, it.seed))
+            else:
+                images[(it.request, it.row)] = img
+        return
     except Exception as exc:  # noqa: BLE001 - reported to the requests of this chunk, server lives on
         error: Exception | None = exc
         if is_out_of_memory(exc):

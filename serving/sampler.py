@@ -28,6 +28,7 @@ from realfake.core.defaults import (
     TEXT_ONLY_STRENGTH,
 )
 from realfake.core.images import clip_preprocess
+from realfake.core.protocol import denoising_steps
 
 
 class Components(Protocol):
@@ -167,7 +168,11 @@ class Sampler:
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
         # 4. decode
         image = self._sliced(self.components.vae_decoder, latents.to(torch.float32))
-        return to_uint8(image)
+        pixels = to_uint8(image)
+        problems = image_problems(image, pixels)
+        if any(problems):
+            raise BadImages(pixels, problems, list(seeds))
+        return pixels
 
     # -- steps ----------------------------------------------------------------------------------------------
 
@@ -201,7 +206,7 @@ class Sampler:
 
     @staticmethod
     def _truncate_timesteps(scheduler, settings: Settings) -> torch.Tensor:
-        init_steps = min(int(settings.steps * settings.strength), settings.steps)
+        init_steps = denoising_steps(settings.steps, settings.strength)
         start = max(settings.steps - init_steps, 0) * scheduler.order
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start)
@@ -212,6 +217,38 @@ class Sampler:
             raise ValueError("this model has no image encoder, so it cannot compute the guidance token")
         pixels = torch.from_numpy(clip_preprocess(images, self.info.image_encoder_size))
         return self.components.image_encoder(pixels.to(self.components.device))
+
+
+class BadImages(ValueError):
+    """Some images of a batch are not images (NaN or inf in the decoder's output, or one flat colour): they
+    fail their requests instead of being written as valid-looking files. `images` holds the whole batch and
+    `problems` one entry per image (None: the image is sound)."""
+
+    def __init__(self, images: np.ndarray, problems: list[str | None], seeds: list[int]):
+        self.images, self.problems = images, problems
+        bad = [f"seed {seed}: {p}" for seed, p in zip(seeds, problems, strict=True) if p]
+        super().__init__(f"{len(bad)} of {len(problems)} images are not images ({'; '.join(bad[:3])})")
+
+    def message(self, k: int, seed: int) -> str:
+        return f"the image of seed {seed} is not an image: {self.problems[k]}"
+
+
+def image_problems(image: torch.Tensor, pixels: np.ndarray) -> list[str | None]:
+    """Per image of the decoder's output [B,3,H,W] (and its uint8 form): why it is not an image, or None. A
+    non-finite value (an fp16 overflow in an engine, typically) would be clamped into a valid-looking file; a
+    constant image (all black, say) is what such an overflow or a broken engine decodes to."""
+    finite = torch.isfinite(image.float()).flatten(1).all(dim=1).tolist()
+    flat = pixels.reshape(len(pixels), -1)
+    constant = (flat.max(axis=1) == flat.min(axis=1)).tolist()
+    problems: list[str | None] = []
+    for k in range(len(pixels)):
+        if not finite[k]:
+            problems.append("NaN or inf in the VAE decoder's output (an fp16 overflow? try --precision fp32 or bf16)")
+        elif constant[k]:
+            problems.append(f"every pixel is the same value ({int(flat[k, 0])}): a constant image")
+        else:
+            problems.append(None)
+    return problems
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:

@@ -114,17 +114,19 @@ def test_manifest_torn_last_line_is_dropped_other_damage_is_an_error(tmp_path):
         ds.read_manifest_rows(path)
 
 
-def _fake_dataset(out, n=4):
+def _fake_dataset(out, n=4, classes=("c",), fmt="png"):
     writer = ds.ManifestWriter(out / "manifest.jsonl")
+    suffix = {"png": "png", "jpeg": "jpg", "webp": "webp"}[fmt]
     for i in range(n):
-        png = encode_image(np.full((8, 8, 3), i * 40, np.uint8), "png")
-        rel = f"c/{i:05d}.png"
+        png = encode_image(np.full((8, 8, 3), i * 40, np.uint8), fmt)
+        cls = classes[i * len(classes) // n]
+        rel = f"{cls}/{i:05d}.{suffix}"
         write_atomic(out / rel, png)
         writer.append(
             {
                 "path": rel,
-                "class_id": "c",
-                "class_index": 0,
+                "class_id": cls,
+                "class_index": classes.index(cls),
                 "index": i,
                 "sha256": __import__("hashlib").sha256(png).hexdigest(),
             }
@@ -162,17 +164,44 @@ def test_pack_webdataset(tmp_path):
     _fake_dataset(tmp_path / "d", n=5)
     shards = pack_webdataset(tmp_path / "d", tmp_path / "wds", shard_size=2)
     assert [p.name for p in shards] == ["shard-00000.tar", "shard-00001.tar", "shard-00002.tar"]
-    with tarfile.open(shards[0]) as tar:
-        names = tar.getnames()
-        assert names == [
-            "c__00000.png",
-            "c__00000.cls",
-            "c__00000.json",
-            "c__00001.png",
-            "c__00001.cls",
-            "c__00001.json",
-        ]
-        assert tar.extractfile("c__00001.png").read() == (tmp_path / "d/c/00001.png").read_bytes()
+    keys = []
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            names = tar.getnames()
+            keys += [n[: -len(".png")] for n in names if n.endswith(".png")]
+            for key in keys[-2:] if shard != shards[-1] else keys[-1:]:
+                assert [n for n in names if n.startswith(key + ".")] == [f"{key}.png", f"{key}.cls", f"{key}.json"]
+                rel = key.replace("__", "/") + ".png"
+                assert tar.extractfile(f"{key}.png").read() == (tmp_path / "d" / rel).read_bytes()
+    assert sorted(keys) == [f"c__{i:05d}" for i in range(5)]
+
+
+def test_pack_mixes_the_classes_in_every_shard_and_every_format_reads_back(tmp_path):
+    """Packed in class order, a shard would hold one class (a streaming shuffle buffer then feeds one class at a
+    time); and classify read only .png members, so a JPEG set packed into shards it read as empty."""
+    import tarfile
+
+    from realfake.training.image_sets import synthetic_refs
+
+    classes = [ClassInfo(0, "a", "a"), ClassInfo(1, "b", "b")]
+    (tmp_path / "d").mkdir()
+    _fake_dataset(tmp_path / "d", n=8, classes=("a", "b"), fmt="jpeg")
+    shards = pack_webdataset(tmp_path / "d", tmp_path / "wds", shard_size=4, seed=3)
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            labels = {tar.extractfile(n).read() for n in tar.getnames() if n.endswith(".cls")}
+        assert labels == {b"0", b"1"}, f"{shard.name} holds one class: {labels}"
+    again = pack_webdataset(tmp_path / "d", tmp_path / "wds2", shard_size=4, seed=3)
+    assert [p.read_bytes() for p in shards] == [p.read_bytes() for p in again]
+    refs = synthetic_refs(tmp_path / "wds", classes)
+    assert len(refs) == 8 and sorted(r.label for r in refs) == [0] * 4 + [1] * 4
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with tarfile.open(empty / "shard-00000.tar", "w") as tar:
+        info = tarfile.TarInfo("x.txt")
+        tar.addfile(info)
+    with pytest.raises(UserError, match="hold no image member"):
+        synthetic_refs(empty, classes)
 
 
 def test_real_folder_scan_and_loading(tmp_path):

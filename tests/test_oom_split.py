@@ -253,3 +253,44 @@ def test_the_budget_default_is_the_containers_limit(tmp_path):
     assert machine_memory(limits=(tmp_path / "absent", v1)) == min(physical, 48 * 2**30)
     v2.write_text(f"{8 * 2**30}\n")
     assert machine_memory(limits=(v2, v1)) == 8 * 2**30
+
+
+class Corrupting:
+    """OrtComponents whose VAE decoder output is NaN for the image of seed 7 and all -1 (black) for seed 5."""
+
+    def __init__(self, inner: OrtComponents):
+        self.inner, self.device = inner, inner.device
+        self.seeds: list[int] = []
+
+    def __getattr__(self, attr):
+        component = getattr(self.inner, attr)
+        if attr != "vae_decoder":
+            return component
+
+        def call(latents):
+            out = component(latents).clone()
+            for k, seed in enumerate(self.seeds):
+                if seed == 7:
+                    out[k, :, 3, 3] = float("nan")
+                elif seed == 5:
+                    out[k] = -1.0
+            return out
+
+        return call
+
+
+def test_a_non_finite_or_constant_image_fails_its_request_not_the_others(tiny_onnx, ort, unsplit):
+    """to_uint8 clamps NaN into a valid-looking pixel: without the check both would be written and listed."""
+    corrupting = Corrupting(ort)
+    sampler = Sampler(corrupting, tiny_onnx)
+    generate = sampler.generate
+
+    def seeing_seeds(prompts, negatives, seeds, *a, **k):
+        corrupting.seeds = list(seeds)
+        return generate(prompts, negatives, seeds, *a, **k)
+
+    sampler.generate = seeing_seeds
+    results = run_batch(sampler, _requests())
+    assert isinstance(results[1], ValueError) and "seed 7" in str(results[1]) and "NaN or inf" in str(results[1])
+    assert isinstance(results[2], ValueError) and "seed 5" in str(results[2]) and "constant" in str(results[2])
+    assert np.array_equal(results[0], unsplit[0])  # the sound request of the same batch is served as before

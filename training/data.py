@@ -13,7 +13,7 @@ from realfake.core.dataset import render_prompt
 from realfake.core.defaults import DEFAULT_TEMPLATE
 from realfake.core.errors import UserError
 from realfake.core.images import IMAGE_SUFFIXES, resize_short_side
-from realfake.core.real_folder import caption_for, load_captions, scan_real
+from realfake.core.real_folder import caption_for, check_caption_coverage, load_captions, scan_real
 
 FINETUNE_TEMPLATE = DEFAULT_TEMPLATE  # "photo of {class}, {caption}, best quality"
 
@@ -29,7 +29,9 @@ class RealSample:
         return render_prompt(FINETUNE_TEMPLATE, self.cls.name, self.caption)
 
 
-def collect_samples(root: Path, classes: list[ClassInfo], captions: Path | None = None) -> list[RealSample]:
+def collect_samples(
+    root: Path, classes: list[ClassInfo], captions: Path | None = None, partial_captions: bool = False, log=print
+) -> list[RealSample]:
     """Every image of the ImageFolder with its class and caption; empty class folders and captions that
     name no image are errors (they mean the data is not what the user thinks it is)."""
     if root.is_dir():
@@ -48,6 +50,7 @@ def collect_samples(root: Path, classes: list[ClassInfo], captions: Path | None 
                 f"captions file {captions} names {len(unknown)} image(s) that do not exist under {root}"
                 f" (first: {unknown[0]!r})"
             )
+        check_caption_coverage(caption_map, found, captions, partial_captions, log)
     return [
         RealSample(rel, by_id[cid], caption_for(caption_map, rel))
         for cid, rels in sorted(found.items())

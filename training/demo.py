@@ -77,6 +77,28 @@ class DemoConfig:
         return {k: str(v) if isinstance(v, Path) else v for k, v in d.items() if k not in ("out", "http_port")}
 
 
+def check_own_data(root: Path, classes: list, has_test_set: bool) -> dict[str, list[str]]:
+    """`--real DIR` can make a demo: two classes or more (a classifier of one class measures nothing), and in
+    each class one image to train on and, unless --real-test is given, one to hold out for the test set. Checked
+    before any stage runs, so a folder that cannot make a demo is refused in a second, not after the base model
+    has trained for minutes."""
+    if len(classes) < 2:
+        raise UserError(
+            f"--real {root} holds {len(classes)} class folder(s); the demo compares classifiers, which needs at "
+            "least 2 classes (one folder per class)"
+        )
+    by_class = scan_real(root, classes)
+    need = 1 if has_test_set else 2
+    short = [(c.id, len(by_class.get(c.id, []))) for c in classes if len(by_class.get(c.id, [])) < need]
+    if short:
+        listed = ", ".join(f"{cid!r} has {n}" for cid, n in short[:5]) + (", ..." if len(short) > 5 else "")
+        raise UserError(
+            f"--real {root}: {len(short)} class(es) have fewer than {need} images ({listed}); each needs one to "
+            "train on" + ("" if has_test_set else " and one to hold out for the test set (or give --real-test DIR)")
+        )
+    return by_class
+
+
 class Demo:
     def __init__(self, cfg: DemoConfig, cache: Path, log: Callable[[str], None] = print):
         self.cfg, self.cache, self.log = cfg, cache, log
@@ -145,17 +167,12 @@ class Demo:
         """Your ImageFolder: `per_class` images of each class to OUT/real_train (seeded pick), and unless
         `real_test` is given, up to test_images / classes of the others to OUT/real_test."""
         root, per = Path(self.cfg.real), self.cfg.per_class
-        by_class = scan_real(root, self.classes)
+        by_class = check_own_data(root, self.classes, bool(self.cfg.real_test))
         held_out = 0 if self.cfg.real_test else max(1, self.cfg.test_images // len(self.classes))
         rng = np.random.default_rng(self.cfg.seed)
         train = test = 0
         for c in self.classes:
-            files = by_class.get(c.id, [])
-            if len(files) < 1 + min(held_out, 1):
-                raise UserError(
-                    f"--real {root}: class {c.id!r} has {len(files)} images; it needs at least "
-                    f"{1 + min(held_out, 1)} (one to train on{', one to test on' if held_out else ''})"
-                )
+            files = by_class[c.id]
             order = rng.permutation(len(files))
             n_train = min(per, len(files) - min(held_out, 1))
             picks = {"real_train": order[:n_train], "real_test": order[n_train : n_train + held_out]}
@@ -349,6 +366,8 @@ class Demo:
     def run(self) -> dict:
         from realfake.client.server import LocalServer
 
+        if self.cfg.real:
+            check_own_data(Path(self.cfg.real), self.classes, bool(self.cfg.real_test))
         self.check_settings()
         started = time.perf_counter()
         s = {}

@@ -287,7 +287,7 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
     bundle, out = Path(cfg.bundle), Path(cfg.out)
     info = check_bundle(bundle)
     classes = load_classes(cfg.classes)
-    samples = collect_samples(Path(cfg.real), classes, cfg.captions)
+    samples = collect_samples(Path(cfg.real), classes, cfg.captions, cfg.partial_captions, log)
     out.mkdir(parents=True, exist_ok=True)
     precision = resolve_precision(cfg.precision)
     accelerator = Accelerator(

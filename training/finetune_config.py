@@ -19,6 +19,7 @@ class FinetuneConfig:
     out: Path
     classes: str
     captions: Path | None = None
+    partial_captions: bool = False  # accept a captions file that covers only some real images
     rank: int = 4
     lora_alpha: float | None = None  # None: equal to rank
     lr: float = 1e-4

@@ -67,10 +67,18 @@ def synthetic_refs(root: Path, classes: list[ClassInfo]) -> list[Ref]:
         raise UserError(f"--synthetic {root} is not a directory")
     shards = sorted(root.glob("*.tar"))
     if shards:
-        return _webdataset_refs(shards, len(classes))
+        refs = _webdataset_refs(shards, len(classes))
+        if not refs:
+            raise UserError(
+                f"--synthetic {root}: its {len(shards)} .tar shards hold no image member "
+                f"({', '.join(sorted(IMAGE_SUFFIXES))}): nothing to train on"
+            )
+        return refs
     if not manifest_files(root):
         raise UserError(f"--synthetic {root} has no manifest*.jsonl and no .tar shards: is it an rf-client output?")
     rows = {r["path"]: r for f in manifest_files(root) for r in read_manifest_rows(f)}
+    if not rows:
+        raise UserError(f"--synthetic {root}: its manifests list no image: nothing to train on")
     unknown = sorted({r["class_id"] for r in rows.values()} - set(by_id))
     if unknown:
         raise UserError(f"--synthetic {root} has class ids that are not in the class set: {', '.join(unknown[:5])}")
@@ -83,9 +91,10 @@ def _webdataset_refs(shards: list[Path], n_classes: int) -> list[Ref]:
         with tarfile.open(shard) as tar:
             members = {m.name: m for m in tar.getmembers() if m.isfile()}
             for name, m in members.items():
-                if not name.endswith(".png"):
+                key, dot, ext = name.rpartition(".")
+                if not dot or "." + ext not in IMAGE_SUFFIXES:
                     continue
-                cls_member = members.get(name[:-4] + ".cls")
+                cls_member = members.get(key + ".cls")
                 if cls_member is None:
                     raise UserError(f"{shard}: {name} has no .cls label")
                 label = int(tar.extractfile(cls_member).read())

@@ -1,0 +1,102 @@
+"""The joints between the recipe's stages (issue 23) that are cheap to cross without a server: each is a test
+that failed on the code before the fix. The costlier joints have their tests beside the stage they belong to
+(test_oom_split: a non-finite image fails its request; test_client_units: every packed format reads back)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from realfake.client.generate import GenerateConfig, read_inputs
+from realfake.core.classes import load_classes
+from realfake.core.errors import UserError
+from realfake.serving.batching import parse_request
+from realfake.training.data import collect_samples
+
+from conftest import rf
+
+
+def _folder(root, classes=("cat", "dog"), per=3, size=16):
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per):
+            Image.new("RGB", (size, size), (40 * i, 90, 30)).save(root / c / f"{c}{i}.jpg")
+    return root
+
+
+# -- --steps x --strength that leaves nothing to denoise ----------------------------------------------------
+
+
+def test_steps_times_strength_under_one_is_one_line_naming_both(tmp_path):
+    """Before: the job ran and every image failed with "The size of tensor a (0) must match ... (3)"."""
+    real = _folder(tmp_path / "real")
+    cfg = GenerateConfig(classes=str(real), out=tmp_path / "out", real=real, steps=1, strength=0.5, urls=["x:1"])
+    with pytest.raises(UserError, match=r"--steps 1 with --strength 0.5 leaves no step.*--steps to at least 2"):
+        cfg.check()
+    GenerateConfig(classes=str(real), out=tmp_path / "o", real=real, steps=2, strength=0.5, urls=["x:1"]).check()
+    # through the command: exit 2, one line, before any server is asked (port 1 has none)
+    r = rf("rf-client", "generate", "--classes", str(real), "--real", str(real), "--steps", "1", "--strength",
+           "0.5", "--url", "127.0.0.1:1", "--out", str(tmp_path / "cli"))  # fmt: skip
+    assert r.returncode == 2 and "--steps 1 with --strength 0.5" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "cli").exists()
+    # and the server refuses such a request the same way, for clients that are not rf-client
+    request = {
+        "PROMPT": np.array([[b"a cat"]], dtype=object),
+        "SEED": np.array([[1]], np.int64),
+        "STEPS": np.array([[1]], np.int32),
+        "STRENGTH": np.array([[0.5]], np.float32),
+        "INIT_IMAGE": np.zeros((1, 32, 32, 3), np.uint8),
+    }
+    with pytest.raises(ValueError, match="leaves no step to denoise"):
+        parse_request(0, request, 32)
+
+
+# -- a captions file that matches only some images ----------------------------------------------------------
+
+
+def _captions(path, names):
+    path.write_text("".join(json.dumps({"image": n, "caption": f"a photo {n}"}) + "\n" for n in names))
+    return path
+
+
+def test_captions_for_some_images_only_are_reported_and_refused_unless_accepted(tmp_path):
+    """Before: images without a caption silently fell back to the class prompt, in generation and finetune."""
+    real = _folder(tmp_path / "real")
+    partial = _captions(tmp_path / "partial.jsonl", ["cat/cat0.jpg", "cat1", "dog/dog0.jpg", "dog2"])
+    cfg = GenerateConfig(classes=str(real), out=tmp_path / "out", real=real, captions=partial, urls=["x:1"])
+    with pytest.raises(UserError, match=r"captions 4 of the 6 real images; 2 have no caption \(cat/cat2.jpg"):
+        read_inputs(cfg, log=lambda m: None)
+    notes = []
+    cfg.partial_captions = True
+    inputs = read_inputs(cfg, log=notes.append)
+    assert inputs.captions["cat1"] == "a photo cat1"
+    assert len(notes) == 1 and "--partial-captions" in notes[0] and "4 of the 6" in notes[0]
+    classes = load_classes(str(real))
+    with pytest.raises(UserError, match="captions 4 of the 6 real images"):
+        collect_samples(real, classes, partial)
+    assert len(collect_samples(real, classes, partial, partial_captions=True, log=notes.append)) == 6
+    whole = _captions(tmp_path / "whole.jsonl", [f"{c}{i}" for c in ("cat", "dog") for i in range(3)])
+    assert all(s.caption for s in collect_samples(real, classes, whole))
+    # the command line carries the option
+    r = rf("rf-client", "generate", "--help")
+    assert "--partial-captions" in r.stdout
+
+
+# -- rf-demo --real DIR that cannot make a demo -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "classes, per, says",
+    [(("cat",), 20, "holds 1 class folder"), (("cat", "dog"), 1, "fewer than 2 images")],
+)
+def test_demo_refuses_own_data_that_cannot_make_a_demo_before_any_stage(tmp_path, classes, per, says):
+    """Before: one class trained the base model for minutes, then failed in the classifier."""
+    real = _folder(tmp_path / "real", classes, per)
+    out = tmp_path / "demo"
+    r = rf("rf-demo", "--real", str(real), "--out", str(out), timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert says in r.stderr and "Traceback" not in r.stderr
+    assert not (out / "stages").exists() and not (out / "real_train").exists()
