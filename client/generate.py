@@ -27,6 +27,7 @@ from realfake.client.triton import ModelCard, PipelineClient, normalise_url
 from realfake.core import dataset as ds
 from realfake.core.classes import ClassInfo, load_classes
 from realfake.core.defaults import (
+    ADD_IMAGE_ENCODER,
     DEFAULT_FORMAT,
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_NEGATIVE,
@@ -199,7 +200,11 @@ def build_job(
             "export its bundle with image_encoder/ in it, or pass --guidance-token off to generate without it"
         )
     if conditioned and not use_token and token == "auto":
-        log("the served model has no image encoder: generating without the guidance token")
+        raise UserError(
+            "the served model has no image encoder, so Real-Fake mode would generate without the guidance token "
+            f"(the method's core): give its bundle one (`{ADD_IMAGE_ENCODER}`), finetune and export that, or pass "
+            "--guidance-token off to generate without it"
+        )
     spec = ds.JobSpec(
         classes=[c.__dict__ for c in inputs.classes],
         per_class=max(len(v) for v in inputs.real.values()) if conditioned else cfg.per_class,

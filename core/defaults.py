@@ -21,5 +21,7 @@ SCHEDULERS = ("unipc", "ddim", "euler", "dpm")
 RUNTIMES = ("python-ort", "openvino", "onnxruntime", "tensorrt", "pytorch")
 PLACEMENTS = ("bls", "inprocess")  # the graphs as their own models called by BLS, or inside the pipeline model
 GUIDANCE_TOKEN_MODES = ("auto", "on", "off")  # the image-embedding guidance token with real images
+# the command that gives a bundle (a stock SD-1.5 has none) the CLIP image encoder the guidance token needs
+ADD_IMAGE_ENCODER = "rf-train add-image-encoder --bundle BASE --image-encoder CLIP_DIR --out BUNDLE"
 # precisions: `auto` is one rule everywhere (realfake.core.precision.resolve_precision)
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,3 +59,14 @@ def files_sha256(files) -> str:
     for path in files:
         digest.update(f"{Path(path).name}:{file_sha256(Path(path))}\n".encode())
     return digest.hexdigest()
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """`dst` as a hard link to `src` (a copy across file systems), replacing what was there."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

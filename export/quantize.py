@@ -46,7 +46,7 @@ def _calibration_prompts(prompts: list[str], count: int) -> list[str]:
 def mirror_export(onnx_dir: Path, out: Path) -> None:
     """`out` as a complete export directory beside `onnx_dir`: every file linked (a copy where links cannot be
     made), so the int8 UNet can be written there without touching `onnx_dir` or copying gigabytes of weights."""
-    from realfake.export.triton_repo import link_or_copy
+    from realfake.core.files import link_or_copy
 
     for src in onnx_dir.rglob("*"):
         if src.is_file() and src.name not in (INT8_UNET.name, INT8_UNET.with_suffix(".bin").name, QUANTIZE_REPORT):

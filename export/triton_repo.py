@@ -14,7 +14,7 @@ from pathlib import Path
 
 from realfake.core.defaults import DEFAULT_SCHEDULER
 from realfake.core.errors import UserError
-from realfake.core.files import files_sha256
+from realfake.core.files import files_sha256, link_or_copy
 from realfake.core.protocol import PIPELINE_INPUTS, PIPELINE_MODEL, PIPELINE_OUTPUTS
 from realfake.serving.export_files import INT8_UNET, QUANTIZE_REPORT, graph_files, graph_sha256, load_export_meta
 from realfake.serving.pipeline_params import (
@@ -121,17 +121,6 @@ def pipeline_config(
         + f"instance_group [ {{ count: 1, kind: {'KIND_GPU' if gpu else 'KIND_CPU'} }} ]\n"
         + _parameters(params.to_parameters())
     )
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    """`dst` as a hard link to `src` (a copy across file systems), replacing what was there."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists():
-        dst.unlink()
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def _link_graph(graph: Path, folder: Path, name: str | None = None) -> None:

@@ -100,3 +100,85 @@ def test_demo_refuses_own_data_that_cannot_make_a_demo_before_any_stage(tmp_path
     assert r.returncode == 2, r.stderr[-2000:]
     assert says in r.stderr and "Traceback" not in r.stderr
     assert not (out / "stages").exists() and not (out / "real_train").exists()
+
+
+# -- the guidance token on a stock SD-1.5 (no image_encoder/) -----------------------------------------------
+
+
+def _clip_model(path, projection_dim):
+    """A tiny whole CLIPModel (both towers), saved as a local copy of openai/clip-vit-large-patch14 is laid out."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),  # fmt: skip
+        projection_dim=projection_dim,
+    )
+    model = CLIPModel(config)
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+def test_a_bundle_without_image_encoder_gets_one_and_nothing_runs_without_it_unasked(tmp_path):
+    """Before: finetune and `--guidance-token auto` ran without the token on such a bundle (one log line)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPVisionModelWithProjection
+
+    from realfake.client.generate import build_job
+    from realfake.client.triton import ModelCard
+    from realfake.export.tiny_bundle import build_tiny_bundle
+    from realfake.serving.model_bundle import check_bundle
+    from realfake.training.finetune import run_finetune
+    from realfake.training.finetune_config import FinetuneConfig
+
+    base = build_tiny_bundle(tmp_path / "base", image_encoder=False)
+    real = _folder(tmp_path / "real", size=32)
+    # 1. finetune and generation refuse, naming the command that fixes it
+    cfg = FinetuneConfig(bundle=base, real=real, out=tmp_path / "ft", classes=str(real), max_steps=1)
+    with pytest.raises(UserError, match="has no image_encoder/.*rf-train add-image-encoder.*--guidance-token off"):
+        run_finetune(cfg, log=lambda m: None)
+    gen = GenerateConfig(classes=str(real), out=tmp_path / "gen", real=real, urls=["x:1"])
+    card = ModelCard("127.0.0.1:1", "tiny", 32, False, 4)
+    with pytest.raises(UserError, match="no image encoder.*rf-train add-image-encoder.*--guidance-token off"):
+        build_job(gen, read_inputs(gen), card, log=lambda m: None)
+    gen.guidance_token = "off"  # asked for explicitly: allowed
+    spec, _ = build_job(gen, read_inputs(gen), card, log=lambda m: None)
+    assert spec.guidance_token is False
+    # 2. the command: a whole CLIPModel's vision tower and projection, checked against the text width (32)
+    clip = _clip_model(tmp_path / "clip", projection_dim=32)
+    out = tmp_path / "with-encoder"
+    r = rf("rf-train", "add-image-encoder", "--bundle", str(base), "--image-encoder", str(tmp_path / "clip"),
+           "--out", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "image_encoder/ added" in r.stderr and check_bundle(out).has_image_encoder
+    assert (out / "unet").stat().st_ino == (base / "unet").stat().st_ino or (
+        (out / "unet" / "config.json").stat().st_ino == (base / "unet" / "config.json").stat().st_ino
+    )  # hard links, not copies of the base's GBs
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, local_files_only=True)
+    assert isinstance(pipe.image_encoder, CLIPVisionModelWithProjection)
+    assert torch.equal(pipe.image_encoder.visual_projection.weight, clip.visual_projection.weight)
+    assert torch.equal(
+        pipe.image_encoder.vision_model.embeddings.patch_embedding.weight,
+        clip.vision_model.embeddings.patch_embedding.weight,
+    )
+    # 3. refused: a projection of another width, a bundle that has one already, a folder that is no CLIP
+    _clip_model(tmp_path / "clip16", projection_dim=16)
+    r = rf("rf-train", "add-image-encoder", "--bundle", str(base), "--image-encoder", str(tmp_path / "clip16"),
+           "--out", str(tmp_path / "bad"))  # fmt: skip
+    assert r.returncode == 2 and "projects to 16" in r.stderr and "32 wide" in r.stderr
+    r = rf("rf-train", "add-image-encoder", "--bundle", str(out), "--image-encoder", str(tmp_path / "clip"),
+           "--out", str(tmp_path / "again"))  # fmt: skip
+    assert r.returncode == 2 and "already has an image_encoder" in r.stderr
+    r = rf("rf-train", "add-image-encoder", "--bundle", str(base), "--image-encoder", str(base / "unet"),
+           "--out", str(tmp_path / "notclip"))  # fmt: skip
+    assert r.returncode == 2 and "CLIP model" in r.stderr

@@ -194,6 +194,29 @@ def classify(
     run_classify(cfg, log=lambda m: typer.echo(m, err=True))
 
 
+@app.command("add-image-encoder")
+def add_image_encoder(
+    bundle: Annotated[Path, typer.Option(help="Base diffusers-layout bundle without image_encoder/ (e.g. SD-1.5).")],
+    image_encoder: Annotated[
+        Path,
+        typer.Option(
+            help="Local CLIP checkpoint: a CLIPVisionModelWithProjection, or a whole CLIPModel (e.g. a copy of "
+            "openai/clip-vit-large-patch14) whose vision tower and projection are taken."
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option(help="The bundle with image_encoder/ (files hard-linked from --bundle; may be --bundle).")
+    ],
+    debug: Debug = False,
+) -> None:
+    """Add the CLIP image encoder the guidance token needs to a bundle (a stock SD-1.5 has none). The projection
+    width must be the text encoder's (768 for SD-1.5 with ViT-L/14); every weight of the tower must be found."""
+    from realfake.training.image_encoder import add_image_encoder as run
+
+    warnings.filterwarnings("ignore")
+    run(bundle, image_encoder, out, log=lambda m: typer.echo(m, err=True))
+
+
 @app.command()
 def caption(
     real: Annotated[Path, typer.Option(help="Real ImageFolder: one folder per class.")],

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from realfake.core.classes import load_classes
+from realfake.core.defaults import ADD_IMAGE_ENCODER
 from realfake.core.errors import UserError
 from realfake.core.files import write_atomic
 from realfake.core.precision import resolve_precision as core_precision
@@ -286,6 +287,12 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
     cfg.validate()
     bundle, out = Path(cfg.bundle), Path(cfg.out)
     info = check_bundle(bundle)
+    if cfg.guidance_token != "off" and not info.has_image_encoder:
+        raise UserError(
+            f"--bundle {cfg.bundle} has no image_encoder/, so the finetune would run without the guidance token "
+            f"(the method's core; a stock SD-1.5 ships none): add one with `{ADD_IMAGE_ENCODER}`, or pass "
+            "--guidance-token off to train on text conditioning alone"
+        )
     classes = load_classes(cfg.classes)
     samples = collect_samples(Path(cfg.real), classes, cfg.captions, cfg.partial_captions, log)
     out.mkdir(parents=True, exist_ok=True)
@@ -296,16 +303,10 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
         cpu=not torch.cuda.is_available(),
     )
     say = log if accelerator.is_main_process else (lambda *_: None)
-    if cfg.guidance_token == "on" and not info.has_image_encoder:
-        raise UserError(f"--guidance-token on needs a bundle with image_encoder/; {cfg.bundle} has none")
-    use_token = cfg.guidance_token != "off" and info.has_image_encoder
+    use_token = cfg.guidance_token != "off"
     models = load_models(bundle, use_token)
     if not use_token:
-        say(
-            "guidance token: off ("
-            + ("disabled" if info.has_image_encoder else "the bundle has no image_encoder")
-            + "); training on text conditioning alone"
-        )
+        say("guidance token: off (--guidance-token off); training on text conditioning alone")
     device = accelerator.device
     place_frozen(models, device, WEIGHT_DTYPES[precision])
     embeds, encoder_size = None, None
