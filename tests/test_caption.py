@@ -229,3 +229,49 @@ def test_captions_reach_finetune_and_generation_prompts(blip2, real, tmp_path, t
     for item in items:
         assert item.caption == by_image[item.real_image]
         assert item.prompt == f"photo of {item.cls.name}, {item.caption}, best quality"
+
+
+def test_two_processes_one_killed_then_rerun_caption_every_image_once(blip2, tmp_path):
+    """`--shard I/N` over two processes: each writes its own part; one is SIGKILLed mid-way and re-run; the last to
+    finish merges the parts into OUT with every image once, the captions of an unsplit run."""
+    import os
+    import signal
+    import subprocess
+
+    from conftest import VENV_BIN
+
+    real = make_folder(tmp_path / "real", per=16)  # 48 images, 24 per process, batch 1
+    ref = tmp_path / "ref.jsonl"
+    run_caption(CaptionConfig(real, blip2, ref, batch_size=1, max_new_tokens=4), log=lambda m: None)
+    expected = {r["image"]: r["caption"] for r in rows(ref)}
+    out = tmp_path / "caps.jsonl"
+
+    def argv(k):
+        return [str(VENV_BIN / "rf-train"), "caption", "--real", str(real), "--model", str(blip2), "--out", str(out),
+                "--batch-size", "1", "--max-new-tokens", "4", "--shard", f"{k}/2"]  # fmt: skip
+
+    env = {**os.environ, "RF_PROGRESS_EVERY": "0"}
+    victim = subprocess.Popen(argv(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    part1 = out.with_name(out.name + ".part-00001-of-00002")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not part1.exists() or part1.read_text().count("\n") < 3):
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = part1.read_text().count("\n")
+    assert 3 <= killed_at < 24, f"the process was not killed mid-way ({killed_at} of 24 written)"
+    first = rf("rf-train", *argv(0)[1:], env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "still being captioned" in first.stderr and not out.exists()  # process 1 has not finished
+    assert "caption 0/2:" in first.stderr  # the plain progress lines of a log without a terminal
+    second = rf("rf-train", *argv(1)[1:], env=env)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert f"{killed_at} already captioned, {24 - killed_at} to do" in second.stderr
+    assert "merged 2 part(s)" in second.stderr
+    merged = rows(out)
+    assert [r["image"] for r in merged] == list(expected)  # every image once, in the folder's order
+    assert {r["image"]: r["caption"] for r in merged} == expected
+    assert not list(tmp_path.glob("caps.jsonl.part-*"))  # the parts are folded in and gone
+    # finetune and generate read the merged file as any captions file
+    again = rf("rf-train", *argv(0)[1:], env=env)
+    assert again.returncode == 0 and "0 to do" in again.stderr and rows(out) == merged

@@ -5,22 +5,32 @@ captions JSONL that `rf-train finetune --captions` and `rf-client generate --cap
 Resumable: lines are appended and fsync'd a batch at a time, so a crash loses at most the batch in flight, and
 re-running the same command captions only the images the file does not name yet. The captioner that wrote a file
 is recorded beside it (`<out>.captioner.json`); a file made by another captioner or other settings is refused.
+
+At ImageNet scale (1.28 M images) the work is split over processes: `--shard I/N` (a cluster array task each), or
+the ranks of `torchrun`/`accelerate launch` (RANK, WORLD_SIZE; each rank on its own GPU, LOCAL_RANK). Process I
+captions every N-th image of the folder's order into its own part file `<out>.part-I-of-N`, resumable as above;
+the process that finishes last merges every part into `<out>` (under a lock, atomically, each image once) and
+removes the parts. A crashed process is re-run with the same command; nothing another process wrote is redone.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from realfake.core.classes import ClassInfo, load_classes
+from realfake.core.dataset import parse_shard
 from realfake.core.errors import UserError
 from realfake.core.files import write_atomic
 from realfake.core.precision import resolve_precision
+from realfake.core.progress import ProgressLines, is_terminal
 from realfake.core.real_folder import scan_real
 from realfake.training.image_batches import image_batches
 
@@ -42,12 +52,24 @@ class CaptionConfig:
     batch_size: int = 16
     precision: str = "auto"  # PRECISIONS
     workers: int | None = None  # image-decoding threads (default: up to 4)
+    shard: str | None = None  # "I/N": this process's share (default: the torchrun rank, else the whole folder)
 
     def validate(self) -> None:
         if self.max_new_tokens < 1 or self.num_beams < 1 or self.batch_size < 1:
             raise UserError("--max-new-tokens, --num-beams and --batch-size must be >= 1")
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown --precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.shard is not None:
+            parse_shard(self.shard)
+
+    def part(self) -> tuple[int, int]:
+        """(I, N): --shard, else the launcher's RANK/WORLD_SIZE (torchrun, accelerate launch), else (0, 1)."""
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if self.shard is not None:
+            if world > 1:
+                raise UserError("--shard and a multi-process launch (WORLD_SIZE > 1) exclude each other: use one")
+            return parse_shard(self.shard)
+        return (int(os.environ.get("RANK", "0") or 0), world) if world > 1 else (0, 1)
 
     def settings(self) -> dict:
         return {k: getattr(self, k) for k in CAPTION_SETTINGS}
@@ -56,6 +78,29 @@ class CaptionConfig:
 def record_path(out: Path) -> Path:
     """Where the captioner that wrote `out` is recorded."""
     return out.with_name(out.name + ".captioner.json")
+
+
+def part_path(out: Path, index: int, count: int) -> Path:
+    """Process `index` of `count`'s captions file, beside `out`."""
+    return out.with_name(f"{out.name}.part-{index:05d}-of-{count:05d}")
+
+
+def part_files(out: Path) -> list[Path]:
+    """Every part beside `out` that a process began (its record exists; its file may not, when its whole share
+    was captioned already), of any split: a job re-split from N to M processes loses nothing."""
+    suffix = ".captioner.json"
+    return sorted(p.with_name(p.name[: -len(suffix)]) for p in out.parent.glob(f"{out.name}.part-*{suffix}"))
+
+
+@contextmanager
+def _locked(out: Path):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def captioner_identity(model_dir: Path) -> dict:
@@ -101,14 +146,15 @@ def folder_images(root: Path, classes: str | None) -> list[str]:
     return [rel for rels in scan_real(root, class_list, "--data").values() for rel in rels]
 
 
-def read_captions_file(out: Path) -> dict[str, str]:
-    """Captions already written. A torn last line (crash mid-write) is cut off the file; any other bad line is
-    an error, since then the file is not what this command wrote."""
+def read_captions_file(out: Path, repair: bool = True) -> dict[str, str]:
+    """Captions already written. A torn last line (crash mid-write) is ignored, and with `repair` (the file is
+    this process's own) cut off the file; any other bad line is an error, since then the file is not what this
+    command wrote."""
     if not out.exists():
         return {}
     data = out.read_bytes()
     whole = data[: data.rfind(b"\n") + 1]
-    if len(whole) < len(data):
+    if repair and len(whole) < len(data):
         with open(out, "r+b") as f:
             f.truncate(len(whole))
     done: dict[str, str] = {}
@@ -153,7 +199,9 @@ class Captioner:
         from realfake.serving.model_bundle import quiet_loading
 
         quiet_loading()
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # a launcher's process LOCAL_RANK has the GPU of that index (torchrun, accelerate launch)
+        local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
         gpu = self.device.type == "cuda"
         precision = resolve_precision(precision, gpu=gpu, bf16=gpu and torch.cuda.is_bf16_supported())
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
@@ -183,59 +231,125 @@ class Captioner:
 
 
 def run_caption(cfg: CaptionConfig, log=print) -> dict:
-    """Caption every image of `cfg.real` the captions file does not name yet; returns the run's summary."""
+    """Caption every image of this process's share of `cfg.real` that no captions file names yet (see the module
+    docstring for the split over processes); returns the run's summary."""
     from tqdm.auto import tqdm
 
     cfg.validate()
     data, out, model_dir = Path(cfg.real), Path(cfg.out), Path(cfg.model)
-    # 1. what there is to do, and whether this file may be continued
+    index, count = cfg.part()
+    mine = part_path(out, index, count) if count > 1 else out
+    # 1. what there is to do, and whether these files may be continued
     identity = captioner_identity(model_dir)
     images = folder_images(data, cfg.classes)
-    if out.exists():
-        check_record(out, identity, cfg)
-    done = read_captions_file(out)
-    todo = [rel for rel in images if rel not in done]
-    log(f"{len(images)} images in {data}: {len(images) - len(todo)} already captioned, {len(todo)} to do")
+    share = images[index::count]
+    with _locked(out):
+        done = _read_checked([out, *part_files(out)], identity, cfg, own=mine)
+    todo = [rel for rel in share if rel not in done]
+    where = f" (process {index} of {count}: every {count}th image)" if count > 1 else ""
+    log(f"{len(share)} images in {data}{where}: {len(share) - len(todo)} already captioned, {len(todo)} to do")
     record = {"captioner": {**identity, "path": str(model_dir.resolve())}, **cfg.settings()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(record_path(out), json.dumps(record, indent=1).encode())
+    mine.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(record_path(mine), json.dumps({**record, "complete": False}, indent=1).encode())
     # 2. caption batch by batch, each batch appended and fsync'd before the next starts
     unreadable: list[tuple[str, str]] = []
     written, seconds = 0, 0.0
     if todo:
         captioner = Captioner(model_dir, cfg.precision)
-        log(f"captioning on {captioner.device.type} ({str(captioner.dtype).removeprefix('torch.')})")
-        bar = tqdm(total=len(todo), unit="img", desc="caption", disable=not sys.stderr.isatty())
+        log(f"captioning on {captioner.device} ({str(captioner.dtype).removeprefix('torch.')})")
+        bar = tqdm(total=len(todo), unit="img", desc="caption", disable=not is_terminal())
+        lines = None if is_terminal() else ProgressLines(f"caption {index}/{count}", len(todo), write=log)
         t0 = time.perf_counter()
-        with open(out, "a", encoding="utf-8") as f:
+        with open(mine, "a", encoding="utf-8") as f:
             for batch in image_batches(data, todo, cfg.batch_size, cfg.workers):
                 unreadable += batch.unreadable
                 if batch.images:
                     texts = captioner.caption(batch.images, cfg.prompt, cfg.max_new_tokens, cfg.num_beams)
-                    lines = [
+                    rows = [
                         json.dumps({"image": k, "caption": t}) + "\n" for k, t in zip(batch.keys, texts, strict=True)
                     ]
-                    f.write("".join(lines))
+                    f.write("".join(rows))
                     f.flush()
                     os.fsync(f.fileno())
                     written += len(texts)
                 bar.update(len(batch.keys) + len(batch.unreadable))
+                if lines:
+                    lines.update(written, len(unreadable))
         seconds = time.perf_counter() - t0
         bar.close()
+        if lines:
+            lines.close()
     # 3. the summary; images that did not decode are named, and a re-run tries them again
     rate = written / seconds if seconds else 0.0
-    log(f"captioned {written} images in {seconds:.1f} s ({rate:.1f} images/sec) -> {out}")
+    log(f"captioned {written} images in {seconds:.1f} s ({rate:.1f} images/sec) -> {mine}")
     if unreadable:
         shown = "; ".join(f"{k} ({why})" for k, why in unreadable[:5])
         more = f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else ""
         log(f"warning: {len(unreadable)} image(s) did not decode and have no caption: {shown}{more}")
     summary = {
-        "images": len(images),
-        "captioned": len(done) + written,
+        "images": len(share),
+        "captioned": len(share) - len(todo) + written,
         "new": written,
         "unreadable": [k for k, _ in unreadable],
         "seconds": round(seconds, 2),
         "images_per_sec": round(rate, 2),
+        "part": [index, count],
     }
-    write_atomic(record_path(out), json.dumps({**record, "last_run": summary}, indent=1).encode())
+    write_atomic(record_path(mine), json.dumps({**record, "complete": True, "last_run": summary}, indent=1).encode())
+    # 4. the last process to finish merges every part into OUT (a single process folds in any earlier parts)
+    with _locked(out):
+        summary["merged"] = _merge_parts(out, images, record, identity, cfg, log, force=count == 1)
     return summary
+
+
+def _read_checked(paths: list[Path], identity: dict, cfg: CaptionConfig, own: Path | None = None) -> dict[str, str]:
+    """The captions of every file in `paths` that exists, each checked to be this captioner's with these settings.
+    Only `own` (this process's file) has a torn last line cut off: the others may be mid-write."""
+    done: dict[str, str] = {}
+    for path in paths:
+        if path.exists():
+            check_record(path, identity, cfg)
+            done.update(read_captions_file(path, repair=path == own))
+    return done
+
+
+def _merge_parts(
+    out: Path, images: list[str], record: dict, identity: dict, cfg: CaptionConfig, log, force: bool = False
+) -> bool:
+    """Fold every part file into `out` once each part's process has finished its share (its record says so):
+    one row per image, in the folder's order, written atomically, then the parts removed. Returns whether it
+    merged; a process that finishes before the others leaves the merge to the last one. `force`: a single
+    process that went over the whole folder (reading the parts) folds them in whatever their state."""
+    parts = part_files(out)
+    if not parts:
+        return False
+    unfinished = [p.name for p in parts if not _complete(p)]
+    if unfinished and not force:
+        log(f"{len(unfinished)} part(s) still being captioned ({unfinished[0]}, ...): the last to finish merges")
+        return False
+    counts = {p.name.rsplit("-of-", 1)[1] for p in parts}
+    expected = {int(n) for n in counts}
+    if not force and len(expected) == 1 and len(parts) < expected.pop():
+        log(f"{len(parts)} of {counts.pop().lstrip('0')} parts have finished: the last to finish merges")
+        return False
+    captions = _read_checked([out, *parts], identity, cfg)
+    order = [rel for rel in images if rel in captions] + sorted(set(captions) - set(images))
+    body = "".join(json.dumps({"image": k, "caption": captions[k]}) + "\n" for k in order)
+    write_atomic(out, body.encode("utf-8"), durable=True)
+    write_atomic(record_path(out), json.dumps({**record, "complete": True}, indent=1).encode())
+    for p in parts:
+        p.unlink()
+        record_path(p).unlink(missing_ok=True)
+    missing = len(images) - sum(1 for rel in images if rel in captions)
+    log(
+        f"merged {len(parts)} part(s) into {out}: {len(order)} captions"
+        + (f"; {missing} images have none (re-run to retry them)" if missing else "")
+    )
+    return True
+
+
+def _complete(part: Path) -> bool:
+    try:
+        return bool(json.loads(record_path(part).read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False

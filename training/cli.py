@@ -232,9 +232,18 @@ def caption(
     precision: Annotated[
         Precision, typer.Option(help=f"The captioner's precision ({AUTO_RULE}).")
     ] = CaptionConfig.precision,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="I/N: caption every N-th image from the I-th (a cluster array task). Under torchrun or accelerate "
+            "launch the rank and world size split the work instead, one GPU each. The last to finish merges."
+        ),
+    ] = None,
     debug: Debug = False,
 ) -> None:
-    """Caption every real image for the Real-Fake prompts; re-running continues where the file stops."""
+    """Caption every real image for the Real-Fake prompts; re-running continues where the file stops. Split over
+    processes (--shard I/N, or torchrun's ranks), each process writes its own part file and the last one to
+    finish merges them into --out, every image once."""
     from realfake.training.caption import run_caption
 
     warnings.filterwarnings("ignore")
@@ -248,6 +257,7 @@ def caption(
         num_beams=num_beams,
         batch_size=batch_size,
         precision=precision,
+        shard=shard,
     )
     run_caption(cfg, log=lambda m: typer.echo(m, err=True))
 
