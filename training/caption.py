@@ -19,7 +19,6 @@ import fcntl
 import hashlib
 import json
 import os
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
