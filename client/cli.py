@@ -21,6 +21,7 @@ from realfake.core.defaults import (
 )
 from realfake.core.errors import UserError
 from realfake.core.images import FORMATS
+from realfake.core.progress import ProgressLines, is_terminal
 
 app = make_app("Build labelled synthetic image datasets (Real-Fake) against one or many Triton servers.")
 
@@ -180,9 +181,11 @@ def generate(
         for line in plan_dataset(cfg, log=log).lines():
             typer.echo(line)
         return
-    bar = ProgressBar(disable=quiet)
+    # a terminal gets the live bar; a log (no terminal, or --quiet) gets a plain line every RF_PROGRESS_EVERY s
+    live = is_terminal() and not quiet
+    bar = ProgressBar(disable=not live)
     with bar.progress:
-        summary = generate_dataset(cfg, log=log, progress=bar.update)
+        summary = generate_dataset(cfg, log=log, progress=bar.update if live else PlainProgress().update)
     typer.echo(
         f"{summary.images} images in {summary.wall_seconds:.1f}s ({summary.images_per_sec:.2f} images/sec), "
         f"{summary.skipped} already done, {summary.failed} failed, {summary.retries} retries -> {out} "
@@ -195,6 +198,19 @@ def generate(
         )
     if summary.failed:
         raise UserError(f"{summary.failed} images failed (see {summary.path}); re-run the same command to retry them")
+
+
+class PlainProgress:
+    """Generation's progress as plain lines (done/total, rate, ETA, failures, servers up), for logs."""
+
+    def __init__(self):
+        self.lines: ProgressLines | None = None
+
+    def update(self, done: int, failed: int, total: int, rates: dict) -> None:
+        if self.lines is None:
+            self.lines = ProgressLines("generate", total)
+        up = sum(1 for _, _, healthy in rates.values() if healthy)
+        self.lines.update(done, failed, extra=f"servers up {up}/{len(rates)}")
 
 
 class ProgressBar:
@@ -243,7 +259,7 @@ def verify(
     """
     from realfake.client.verify import verify as run_verify
 
-    report = run_verify(dataset, decode=not no_decode)
+    report = run_verify(dataset, decode=not no_decode, progress=ProgressLines("verify", 0, unit="rows").update)
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=1))
     else:
@@ -273,7 +289,7 @@ def merge(
 
     if not dataset.is_dir():
         raise UserError(f"{dataset} is not a directory")
-    rows, shards = merge_manifests(dataset)
+    rows, shards = merge_manifests(dataset, progress=ProgressLines("merge", 0, unit="rows").update)
     typer.echo(f"{rows} rows in {dataset / 'manifest.jsonl'} ({shards} shard manifests merged)")
 
 
@@ -292,7 +308,7 @@ def pack(
     from realfake.client.verify import pack_webdataset
 
     target = moved_to_out(target, out, "TARGET")
-    shards = pack_webdataset(dataset, target, shard_size, seed)
+    shards = pack_webdataset(dataset, target, shard_size, seed, progress=ProgressLines("pack", 0).update)
     typer.echo(f"{len(shards)} shards written to {target}")
 
 

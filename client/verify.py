@@ -7,6 +7,7 @@ import json
 import random
 import tarfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,12 +56,18 @@ def load_rows(out: Path) -> list[dict]:
     return [row for f in files for row in read_manifest_rows(f)]
 
 
-def verify(out: Path, decode: bool = True) -> Report:
-    """Every manifest row has its image (decodable, same hash) and every image has exactly one row."""
+Progress = Callable[..., None]  # progress(done, problems, total=...): realfake.core.progress.ProgressLines.update
+
+
+def verify(out: Path, decode: bool = True, progress: Progress | None = None) -> Report:
+    """Every manifest row has its image (decodable, same hash) and every image has exactly one row.
+    `progress(done, problems)` is called after each row (a cheap callback: it decides when to print)."""
     rows = load_rows(out)
     report = Report(rows=len(rows))
     seen: set[str] = set()
-    for row in rows:
+    for n, row in enumerate(rows, 1):
+        if progress:
+            progress(n - 1, len(report.missing) + len(report.undecodable) + len(report.hash_mismatch), total=len(rows))
         rel = row["path"]
         if rel in seen:
             report.duplicate_rows.append(rel)
@@ -83,7 +90,9 @@ def verify(out: Path, decode: bool = True) -> Report:
     return report
 
 
-def pack_webdataset(out: Path, target: Path, shard_size: int = 1000, seed: int = 0) -> list[Path]:
+def pack_webdataset(
+    out: Path, target: Path, shard_size: int = 1000, seed: int = 0, progress: Progress | None = None
+) -> list[Path]:
     """Write the verified dataset as tar shards: <key>.<png|jpg|webp>, <key>.cls (class index), <key>.json (the
     manifest row). The samples are shuffled across classes with `seed` (the same seed, the same shards): a
     streaming loader shuffles only within a buffer of a few thousand samples, so shards in class order would feed
@@ -98,6 +107,8 @@ def pack_webdataset(out: Path, target: Path, shard_size: int = 1000, seed: int =
     target.mkdir(parents=True, exist_ok=True)
     shards = []
     for n, start in enumerate(range(0, len(rows), shard_size)):
+        if progress:
+            progress(start, 0, total=len(rows))
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for row in rows[start : start + shard_size]:

@@ -235,11 +235,12 @@ def compact_manifest(out: Path, name: str) -> set[tuple[str, int]]:
     return done
 
 
-def merge_manifests(out: Path) -> tuple[int, int]:
+def merge_manifests(out: Path, progress=None) -> tuple[int, int]:
     """Fold the shards' manifests (manifest.shard-I-of-N.jsonl) into OUT/manifest.jsonl, for the tools that read one
     manifest: rows streamed in file order, a key listed twice kept once. The merged file is written and fsync'd
     before any shard file goes, so a crash at any point loses no row and the merge can simply run again.
-    Run it once every shard has finished. Returns (rows, shard files merged)."""
+    Run it once every shard has finished. `progress(rows, 0)` is called per row read. Returns (rows, shard files
+    merged)."""
     main = out / manifest_name((0, 1))
     shards = [f for f in manifest_files(out) if f.name != main.name]
     if not shards:
@@ -251,6 +252,8 @@ def merge_manifests(out: Path) -> tuple[int, int]:
         for source in ([main] if main.exists() else []) + shards:
             for row, line in iter_manifest(source):
                 key = (row["class_id"], int(row["index"]))
+                if progress:
+                    progress(len(seen), 0)
                 if key not in seen:
                     seen.add(key)
                     merged.write(line)

@@ -54,8 +54,10 @@ class ProgressLines:
         self.extra = ""
         self.lines = 0
 
-    def update(self, done: int, failed: int = 0, extra: str = "") -> None:
+    def update(self, done: int, failed: int = 0, extra: str = "", total: int | None = None) -> None:
         self.done, self.failed, self.extra = done, failed, extra
+        if total is not None:
+            self.total = total
         now = time.monotonic()
         if now - self.last >= self.every:
             self.last = now
@@ -68,12 +70,11 @@ class ProgressLines:
         pct = 100.0 * finished / self.total if self.total else 100.0
         left = self.total - finished
         eta = duration(left / rate) if rate > 0 and left > 0 else ("0s" if left <= 0 else "unknown")
-        parts = [
-            f"{self.label}: {finished}/{self.total} ({pct:.1f}%)",
-            f"{rate:.1f} {self.unit}/s",
-            f"ETA {eta}",
-            f"{self.failed} failed",
-        ]
+        if self.total > 0:
+            parts = [f"{self.label}: {finished}/{self.total} ({pct:.1f}%)", f"{rate:.1f} {self.unit}/s", f"ETA {eta}"]
+        else:  # a total not known in advance
+            parts = [f"{self.label}: {finished} {self.unit}", f"{rate:.1f} {self.unit}/s"]
+        parts.append(f"{self.failed} failed")
         if self.extra:
             parts.append(self.extra)
         self.lines += 1

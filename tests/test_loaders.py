@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -101,3 +102,21 @@ def test_sharded_job_gets_its_loader_files_from_merge(triton, tmp_path):
     lines = (out / "metadata.jsonl").read_text().splitlines()
     assert len(lines) == 20 and len({json.loads(x)["file_name"] for x in lines}) == 20
     assert (out / "classes.txt").read_text().split() == sorted(p.name for p in out.iterdir() if p.is_dir())
+
+
+def test_unattended_runs_print_plain_progress_lines(triton, tmp_path):
+    """A pod's or a Slurm task's log (no terminal, and the deploy files pass --quiet): before, --quiet printed
+    nothing for the whole job, and verify, merge and pack nothing until they ended."""
+    env = {"RF_PROGRESS_EVERY": "0"}  # a line at every update (the default is a line a minute)
+    out = tmp_path / "quiet"
+    r = rf("rf-client", *generate_args(out, triton.url, shard="0/2", **JOB), env=env)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("generate: ")]
+    assert lines, r.stderr
+    assert re.fullmatch(r"generate: \d+/10 \(\d+\.\d%\), \d+\.\d img/s, ETA \S+, 0 failed, servers up 1/1", lines[-1])
+    assert lines[-1].startswith("generate: 10/10") or len(lines) >= 2
+    for command in (["merge", str(out)], ["verify", str(out)], ["pack", str(out), "--out", str(tmp_path / "s")]):
+        r = rf("rf-client", *command, env=env)
+        assert r.returncode == 0, r.stderr
+        label = command[0]
+        assert re.search(rf"^{label}: \d+", r.stderr, re.M), (command, r.stderr)
