@@ -30,7 +30,9 @@ if [ -f "$models/bundle/model_index.json" ]; then
         exit 2
       fi ;;
   esac
-  [ -f "$models/onnx/export.json" ] || rf-export onnx "$models/bundle" --out "$models/onnx"
+  # exported again when the mounted bundle is not the one the export was made from (a replaced or finetuned bundle
+  # must never keep serving the old model); TensorRT plans follow the graphs' digests, so they are rebuilt too
+  rf-export onnx "$models/bundle" --out "$models/onnx" --if-changed
   case "$runtime" in
     tensorrt)
       rf-export engines "$models/onnx" --out "$models/engines" --batch-sizes "${RF_BATCH_SIZES:-1,4,8,16}"

@@ -50,12 +50,32 @@ def onnx(
     out_positional: Annotated[Path | None, typer.Argument(hidden=True)] = None,  # the old positional OUT
     out: Annotated[Path | None, typer.Option(help="Directory for <component>.onnx, export.json, parity.json.")] = None,
     tolerance: Annotated[float, typer.Option(help="Max |ONNX - PyTorch| allowed per component.")] = 1e-3,
+    if_changed: Annotated[
+        bool,
+        typer.Option(
+            "--if-changed",
+            help="Keep an export in --out made from this very bundle (export.json's bundle identity); an export "
+            "of another bundle is removed and made again. Without it the export is always made.",
+        ),
+    ] = False,
     debug: Debug = False,
 ) -> None:
     """Export text encoder, UNet, VAE decoder/encoder (and image encoder) to ONNX, then check parity."""
-    from realfake.export.onnx_export import export_onnx
+    from realfake.export.onnx_export import clear_export, export_is_current, export_onnx
 
     out = moved_to_out(out_positional, out)
+    if if_changed:
+        current, made_from = export_is_current(bundle, out)
+        if current:
+            typer.echo(f"{out}: the export of this bundle ({made_from}) is up to date")
+            return
+        if made_from is not None:
+            typer.echo(
+                f"{out} holds the export of another bundle ({made_from}): the mounted bundle changed, exporting it "
+                "again (its TensorRT plans and int8 UNet are made again from the new graphs)",
+                err=True,
+            )
+            clear_export(out)
     _quiet_tracer_warnings()
     export_onnx(bundle, out, tolerance=tolerance)
     typer.echo(f"ONNX export ok: {out} (parity report: {out / 'parity.json'})")

@@ -183,6 +183,29 @@ def _place_graph(raw: Path, target: Path, external_above: int) -> None:
     os.replace(staged / target.name, target)
 
 
+def export_is_current(bundle: str | Path, out: str | Path) -> tuple[bool, str | None]:
+    """Whether `out` holds an export of exactly `bundle` (its identity, a content hash of the files the pipeline
+    loads, is the one export.json records); and the recorded identity, None when there is no export."""
+    record = Path(out) / "export.json"
+    if not record.is_file():
+        return False, None
+    try:
+        made_from = json.loads(record.read_text()).get("bundle_identity")
+    except ValueError:
+        return False, "unreadable"
+    return made_from == bundle_identity(bundle), made_from
+
+
+def clear_export(out: Path) -> None:
+    """Remove an export's files from `out` (the graphs, their weights, the int8 UNet, the records), so a stale
+    derived file can never be read beside a new export."""
+    for path in sorted(Path(out).iterdir()):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 def export_onnx(
     bundle: str | Path,
     out: str | Path,

@@ -25,7 +25,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = ROOT / "deploy" / "slurm"
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo")
-JOB = {"RF_CLASSES": "cifar10", "RF_PER_CLASS": "4", "RF_GENERATE_ARGS": "--steps 4 --batch 2"}
 # what a CPU-only test node can give: the scripts' GPU, core and memory requests are overridden like a user would
 SMALL_NODE = ["--gres=none", "--cpus-per-task=1", "--mem=1G"]
 
@@ -182,21 +181,64 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
+def _real_folder(root: Path, per: int = 2) -> tuple[Path, Path]:
+    """A small real ImageFolder of the cifar10 classes, and its captions file."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from realfake.core.classes import load_classes
+
+    rng = np.random.default_rng(0)
+    captions = []
+    for c in load_classes("cifar10"):
+        (root / c.id).mkdir(parents=True)
+        for i in range(per):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / c.id / f"{i}.jpg")
+            captions.append({"image": f"{c.id}/{i}.jpg", "caption": f"a {c.name} number {i}"})
+    path = root.parent / "captions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in captions))
+    return root, path
+
+
+def _rows(path: Path) -> int:
+    return path.read_text().count("\n") if path.exists() else 0
+
+
 def test_slurm_array_then_finish_equals_one_process(cluster, tiny_repo, triton, tmp_path):
+    """The array in Real-Fake mode (the script's default: --real, --captions, --versions), task 1 told its time
+    limit is near mid-shard (USR1, what --signal=B:USR1@300 sends): it requeues itself and resumes, so the
+    afterok finishing job runs. Before, a time-limited task exited 143, stayed FAILED and finish never ran."""
     from realfake.client.generate import GenerateConfig, generate_dataset
 
+    real, captions = _real_folder(tmp_path / "real")
     reference = tmp_path / "reference"
     generate_dataset(
-        GenerateConfig(classes="cifar10", out=reference, per_class=4, steps=4, batch_size=2, urls=[triton.url]),
+        GenerateConfig(
+            classes="cifar10",
+            out=reference,
+            real=real,
+            captions=captions,
+            versions=2,
+            steps=4,
+            batch_size=2,
+            urls=[triton.url],
+        ),  # fmt: skip
         log=lambda _m: None,
     )
     out = tmp_path / "out"
-    env = {"RF_REPO": str(tiny_repo), "RF_OUT": str(out), **JOB}
+    env = {
+        "RF_REPO": str(tiny_repo), "RF_OUT": str(out), "RF_REAL": str(real), "RF_CAPTIONS": str(captions),
+        "RF_VERSIONS": "2", "RF_CLASSES": "cifar10", "RF_GENERATE_ARGS": "--steps 4 --batch-size 2",
+        "RF_PROGRESS_EVERY": "0",
+    }  # fmt: skip
     logs = tmp_path / "slurm-out"
     logs.mkdir()
     array = cluster.sbatch(
-        "--array=0-1", *SMALL_NODE, f"--output={logs}/generate-%a.out", str(SLURM / "generate.sbatch"), env=env
-    )
+        "--array=0-1", *SMALL_NODE, f"--output={logs}/generate-%a.out", "--open-mode=append",
+        str(SLURM / "generate.sbatch"), env=env,
+    )  # fmt: skip
     finish = cluster.sbatch(
         f"--dependency=afterok:{array}",
         *SMALL_NODE,
@@ -204,12 +246,23 @@ def test_slurm_array_then_finish_equals_one_process(cluster, tiny_repo, triton, 
         str(SLURM / "finish.sbatch"),
         env=env,
     )
+    shard1 = out / "manifest.shard-1-of-2.jsonl"
+    deadline = time.monotonic() + 300
+    while _rows(shard1) < 4:
+        assert time.monotonic() < deadline, [f.read_text() for f in logs.glob("*.out")]
+        time.sleep(0.2)
+    cluster.run("scancel", "--signal=USR1", "--batch", f"{array}_1")
     states = cluster.wait(array, timeout=400)
     outputs = {f.name: f.read_text() for f in sorted(logs.glob("*.out"))}
     assert len(states) == 2 and all(s == ("COMPLETED", "0:0") for s in states.values()), (states, outputs)
     assert cluster.wait(finish, timeout=120)[finish] == ("COMPLETED", "0:0"), outputs
     outputs = {f.name: f.read_text() for f in sorted(logs.glob("*.out"))}
-    assert "shard 1/2 on" in outputs["generate-1.out"]
+    task1 = outputs["generate-1.out"]
+    assert "the time limit is near; requeueing task" in task1, task1
+    assert task1.count("shard 1/2 on") == 2  # it ran again, and resumed (nothing made twice: checked below)
+    restarts = re.search(r"Restarts=(\d+)", cluster.run("scontrol", "show", "job", f"{array}_1").stdout)
+    assert restarts and int(restarts[1]) >= 1
+    assert "generate: " in task1  # the plain progress lines of an unattended task's log
     assert "40 rows in" in outputs["finish.out"] and "2 shard manifests merged" in outputs["finish.out"]
 
     # one manifest after the merge; the images are those of the single-process run, byte for byte
@@ -217,12 +270,24 @@ def test_slurm_array_then_finish_equals_one_process(cluster, tiny_repo, triton, 
     made = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.glob("*/*.png")}
     assert made == {p.relative_to(reference).as_posix(): p.read_bytes() for p in reference.glob("*/*.png")}
     assert len(made) == 40
+    assert _rows(out / "manifest.jsonl") == 40  # every image once
     assert rf("rf-client", "verify", str(out)).returncode == 0
     # each task stopped its server: the address it served is free again and nothing answers there
     serve_logs = sorted(Path(f"{out}.logs").glob("serve-*.log"))
     assert not (out / "logs").exists()  # nothing in the dataset that ImageFolder would take for a class
     urls = [re.search(r"^Triton ready: HTTP ([^,]+),", log.read_text(), re.M)[1] for log in serve_logs]
-    assert len(urls) == 2
+    assert len(urls) >= 2
     for url in urls:
         host, port = url.rsplit(":", 1)
         assert port_is_free(int(port), host) and not server_ready(url, timeout=1.0), url
+
+
+def test_the_array_refuses_real_fake_mode_without_its_inputs(tmp_path):
+    """Real-Fake mode is the default: a task given no RF_REAL (and no RF_TEXT_ONLY=1) stops at once, saying so."""
+    env = {**os.environ, "RF_REPO": "x", "RF_OUT": str(tmp_path / "o"), "SLURM_ARRAY_TASK_ID": "0",
+           "SLURM_ARRAY_TASK_COUNT": "1"}  # fmt: skip
+    r = subprocess.run(["bash", str(SLURM / "generate.sbatch")], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and "set RF_REAL to the real training ImageFolder" in r.stderr
+    r = subprocess.run(["bash", str(SLURM / "generate.sbatch")], env={**env, "RF_REAL": str(tmp_path)},
+                       capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert r.returncode != 0 and "set RF_CAPTIONS" in r.stderr

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import rf
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -55,3 +57,34 @@ def test_serving_image_default_runtime_without_gpu_stops_with_one_line(tiny_bund
         "RF_RUNTIME=openvino"
     ]
     assert not (models / "repo").exists() and not (models / "engines").exists()
+
+
+def test_a_replaced_bundle_is_exported_again_at_start_up(tiny_bundle, tiny_onnx, tmp_path):
+    """The entrypoint exported once and then kept the export whatever bundle was mounted: a replaced (say, newly
+    finetuned) bundle kept serving the old model, silently. Now `rf-export onnx --if-changed` keeps an export only
+    while it is the mounted bundle's, by the bundle identity export.json records."""
+    import json
+
+    from realfake.export.tiny_bundle import build_tiny_bundle
+
+    assert (
+        'rf-export onnx "$models/bundle" --out "$models/onnx" --if-changed'
+        in (ROOT / "docker" / "entrypoint.sh").read_text()
+    )
+    models = tmp_path / "models"
+    shutil.copytree(tiny_bundle, models / "bundle")
+    shutil.copytree(tiny_onnx, models / "onnx")
+    unet = models / "onnx" / "unet.onnx"
+    before = unet.stat().st_mtime_ns
+    r = rf("rf-export", "onnx", str(models / "bundle"), "--out", str(models / "onnx"), "--if-changed")
+    assert r.returncode == 0 and "is up to date" in r.stdout, r.stderr
+    assert unet.stat().st_mtime_ns == before  # the same bundle (a copy: the identity is its content) is kept
+    old = json.loads((models / "onnx" / "export.json").read_text())["bundle_identity"]
+    (models / "onnx" / "unet.int8.xml").write_text("<quantized from the old model/>")
+    shutil.rmtree(models / "bundle")
+    build_tiny_bundle(models / "bundle", seed=1)  # another model at the same path
+    r = rf("rf-export", "onnx", str(models / "bundle"), "--out", str(models / "onnx"), "--if-changed")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"holds the export of another bundle ({old})" in r.stderr
+    new = json.loads((models / "onnx" / "export.json").read_text())["bundle_identity"]
+    assert new != old and not (models / "onnx" / "unet.int8.xml").exists()
