@@ -4,6 +4,7 @@ rendered client command run (with --dry-run) against that server, so an option t
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ from conftest import rf
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
-OVERLAYS = ("overlays/gpu", "overlays/cpu")
+OVERLAYS = ("overlays/gpu", "overlays/cpu", "overlays/gpu-text-only")
 
 
 def render(path: str) -> list[dict]:
@@ -71,7 +72,7 @@ def test_overlay_renders_the_fleet(rendered, overlay):
     runtime = env_of(triton)["RF_RUNTIME"]["value"]
     startup = triton["startupProbe"]
     allowed = startup["periodSeconds"] * startup["failureThreshold"]
-    if overlay.endswith("gpu"):
+    if "gpu" in overlay:
         assert resources["limits"]["nvidia.com/gpu"] == "1" and runtime == "tensorrt"
         assert allowed >= 30 * 60  # the first start builds TensorRT plans
     else:
@@ -110,6 +111,36 @@ def test_overlay_renders_the_fleet(rendered, overlay):
     claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in job["spec"]["template"]["spec"]["volumes"]}
     assert option(args, "out").startswith(data["data"] + "/") and claims["data"] == "realfake-data"
     assert one(objects, "PersistentVolumeClaim", "realfake-data")["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert option(args, "concurrency") == ("4" if overlay.endswith("cpu") else "2")
+    # Real-Fake mode by default: the real training images and their captions mounted read-only and passed
+    if overlay.endswith("text-only"):
+        assert "real" not in data and option(args, "per-class") == "1300"
+        assert not [a for a in args if a.startswith(("--real=", "--captions=", "--versions="))]
+    else:
+        real_mount = next(m for m in client["volumeMounts"] if m["name"] == "real")
+        assert real_mount["readOnly"] is True and claims["real"] == "realfake-real"
+        assert option(args, "real").startswith(data["real"] + "/") and option(args, "versions") == "1"
+        assert option(args, "captions").startswith(data["real"] + "/")
+        assert not [a for a in args if a.startswith("--per-class=")]
+    # a user error (exit 2) fails the Job at once; disruptions are retried without counting
+    rules = spec["podFailurePolicy"]["rules"]
+    assert {"action": "FailJob", "onExitCodes": {"containerName": client["name"], "operator": "In", "values": [2]}} in rules
+    assert any(r["action"] == "Ignore" and r["onPodConditions"] == [{"type": "DisruptionTarget"}] for r in rules)
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"  # what podFailurePolicy requires
+
+
+def test_server_pods_can_be_pinned_to_one_gpu_type(tmp_path):
+    """components/gpu-type adds a nodeSelector on the GPU product label to the server pods of an overlay."""
+    overlay = tmp_path / "pinned"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources: [{os.path.relpath(K8S / 'overlays' / 'gpu', overlay)}]\n"
+        f"components: [{os.path.relpath(K8S / 'components' / 'gpu-type', overlay)}]\n"
+    )
+    objects = render(str(overlay))  # an absolute path: K8S / it is itself
+    pod = one(objects, "Deployment", "realfake-server")["spec"]["template"]["spec"]
+    assert set(pod["nodeSelector"]) == {"nvidia.com/gpu.product"} and pod["nodeSelector"]["nvidia.com/gpu.product"]
 
 
 def test_probe_and_metrics_paths_answer_on_a_real_server(rendered, triton):
@@ -144,10 +175,36 @@ def test_rendered_client_command_runs_against_a_real_server(rendered, triton, ov
         for a in _expand(client["args"], env)
     ]
     assert client["command"] == ["rf-client"]
+    if overlay.endswith("text-only"):
+        expected = "images        1,300,000"
+    else:  # Real-Fake mode: the claim's train/ and captions.jsonl, here an ImageNet-shaped folder of 3 classes
+        real, captions = _imagenet_shaped(tmp_path / "real")
+        args = [
+            f"--real={real}" if a.startswith("--real=") else f"--captions={captions}" if a.startswith("--captions=")
+            else a
+            for a in args
+        ]  # fmt: skip
+        expected = "images        6"
     r = rf("rf-client", *args, "--dry-run")
     assert r.returncode == 0, r.stderr
-    assert f"shard         {shards - 1}/{shards}:" in r.stdout and "images        1,300,000" in r.stdout
+    assert f"shard         {shards - 1}/{shards}:" in r.stdout and expected in r.stdout, r.stdout
     assert not (tmp_path / "out").exists()
+
+
+def _imagenet_shaped(root: Path) -> tuple[Path, Path]:
+    import json
+
+    from PIL import Image
+
+    rows = []
+    for wnid in ("n01440764", "n01443537", "n01484850"):
+        (root / wnid).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (48, 40), (i * 90, 40, 10)).save(root / wnid / f"{wnid}_{i}.JPEG")
+            rows.append({"image": f"{wnid}/{wnid}_{i}.JPEG", "caption": f"a fish {i}"})
+    captions = root.parent / "captions.jsonl"
+    captions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root, captions
 
 
 def test_rendered_verify_command_runs(rendered, triton, tmp_path):
