@@ -19,11 +19,10 @@ COPY export ./export
 COPY serving ./serving
 COPY training ./training
 COPY triton_repo ./triton_repo
-# onnxruntime (CPU, from the server extra) and onnxruntime-gpu install the same module: keep only the GPU build.
-# Plans must be built by the TensorRT that Triton's tensorrt_plan backend loads (a plan from another version is
-# refused), so the Python package is pinned to the version of the image's own libnvinfer.
+# ONNX Runtime's GPU build only (the `server` extra brings no onnxruntime; `cpu` would bring the CPU build of the
+# same module). Plans must be built by the TensorRT that Triton's tensorrt_plan backend loads (a plan from another
+# version is refused), so the Python package is pinned to the version of the image's own libnvinfer.
 RUN python3 -m pip install '.[server,openvino]' \
- && python3 -m pip uninstall -y onnxruntime \
  && python3 -m pip install 'onnxruntime-gpu>=1.18' \
  && trt="$(python3 -c 'import ctypes; v = ctypes.CDLL("libnvinfer.so.10").getInferLibVersion(); print(f"{v // 10000}.{v // 100 % 100}.{v % 100}")')" \
  && echo "TensorRT in the image: ${trt}" \

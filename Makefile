@@ -14,7 +14,7 @@ SYSTEM_PACKAGES := libnss-wrapper munge slurmctld slurmd slurm-client
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check 'torch==2.14.1' 'torchvision==0.29.1'
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[server,openvino,test]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[server,cpu,openvino,test]'
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps 'open-clip-torch>=2.20'
 	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
 	  (command -v apt-get >/dev/null && (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \

@@ -492,14 +492,26 @@ def serve(
         int, typer.Option(help="Triton's Prometheus metrics port (what `rf-client bench` reads server time from).")
     ] = DEFAULT_METRICS_PORT,
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
+    triton_bin: Annotated[
+        Path | None,
+        typer.Option(
+            help="The tritonserver to run (a full install, e.g. /opt/tritonserver/bin/tritonserver, with its "
+            "backends/ beside bin/). Default: the first of nvidia-pytriton's (Python backend only), PATH's and "
+            "/opt/tritonserver's that has every backend the repository needs."
+        ),
+    ] = None,
     debug: Debug = False,
 ) -> None:
-    """Start a local Triton server on a model repository and keep it running until Ctrl-C (or SIGTERM/SIGHUP)."""
+    """Start a local Triton server on a model repository and keep it running until Ctrl-C (or SIGTERM/SIGHUP).
+    A repository of TensorRT plans or native ONNX Runtime models needs a full Triton install (NGC's, or
+    --triton-bin); pytriton's bundled server has only the Python backend, and such a repository is refused."""
     from realfake.client.default_model import local_repository
     from realfake.client.server import LocalServer
 
     repo = local_repository(repo, lambda m: typer.echo(m, err=True), option="--repo", bundles=False)
-    with LocalServer(repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, host=host) as server:
+    with LocalServer(
+        repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, host=host, triton_bin=triton_bin
+    ) as server:
         typer.echo(
             f"Triton ready: HTTP {server.url}, gRPC {server.host}:{server.grpc_port}, metrics {server.metrics_url}"
         )

@@ -1,4 +1,10 @@
-"""Start, watch and stop a local Triton server (the `tritonserver` on PATH or the one in nvidia-pytriton).
+"""Start, watch and stop a local Triton server: a full Triton install (`--triton-bin`, `tritonserver` on PATH, or
+NGC's /opt/tritonserver layout) or the one nvidia-pytriton bundles, which has the Python backend only.
+
+The repository's models name the backends they need (config.pbtxt `backend:` or `platform:`); the first install
+that has them all serves it, and when none has, the server is refused before it starts, in one line naming the
+backends that are missing (a TensorRT repository cannot load under pytriton's server: it would fail model by
+model in Triton's log instead).
 
 Pure standard library, so the light client can start the embedded default server without torch.
 """
@@ -26,33 +32,99 @@ from realfake.core.errors import UserError
 LOOPBACK = "127.0.0.1"
 
 
+NGC_TRITON = Path("/opt/tritonserver/bin/tritonserver")  # where the official Triton images install it
+# config.pbtxt `platform:` values and the backend that serves each
+PLATFORM_BACKENDS = {"tensorrt_plan": "tensorrt", "onnxruntime_onnx": "onnxruntime", "pytorch_libtorch": "pytorch"}
+
+
 @dataclass(frozen=True)
 class TritonInstall:
     binary: Path
-    backends: Path  # folder holding python/libtriton_python.so
+    backends: Path  # folder holding one folder per backend: python/, tensorrt/, onnxruntime/, ...
     stub: Path | None  # python backend stub matching this Python, when the install ships several
     libs: tuple[Path, ...]  # extra shared-library folders
 
+    @property
+    def backend_names(self) -> set[str]:
+        return {p.name for p in self.backends.iterdir() if p.is_dir()} if self.backends.is_dir() else set()
 
-def find_triton() -> TritonInstall:
-    """Locate a Triton server: nvidia-pytriton's bundled binary first (it matches this venv), else PATH."""
+
+def repository_backends(repo: Path) -> dict[str, list[str]]:
+    """backend -> the models of `repo` that need it, from each model's config.pbtxt."""
+    needed: dict[str, list[str]] = {}
+    for config in sorted(Path(repo).glob("*/config.pbtxt")):
+        text = config.read_text(errors="replace")
+        backend = re.search(r'^\s*backend:\s*"([^"]+)"', text, re.M)
+        platform = re.search(r'^\s*platform:\s*"([^"]+)"', text, re.M)
+        name = backend[1] if backend else PLATFORM_BACKENDS.get(platform[1], platform[1]) if platform else None
+        if name:
+            needed.setdefault(name, []).append(config.parent.name)
+    return needed
+
+
+def _pytriton_install() -> TritonInstall | None:
     spec = importlib.util.find_spec("pytriton")
-    if spec is not None and spec.submodule_search_locations:
-        root = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
-        binary = root / "bin" / "tritonserver"
-        if binary.is_file():
-            version = f"{sys.version_info.major}.{sys.version_info.minor}"
-            stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
-            if not stub.is_file():
-                raise UserError(f"nvidia-pytriton ships no Python backend stub for Python {version}")
-            libs = root.parent.parent / "nvidia_pytriton.libs"
-            return TritonInstall(binary, root / "backends", stub, (libs,) if libs.is_dir() else ())
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+    binary = root / "bin" / "tritonserver"
+    if not binary.is_file():
+        return None
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise UserError(f"nvidia-pytriton ships no Python backend stub for Python {version}")
+    libs = root.parent.parent / "nvidia_pytriton.libs"
+    return TritonInstall(binary, root / "backends", stub, (libs,) if libs.is_dir() else ())
+
+
+def _full_install(binary: Path) -> TritonInstall:
+    """A Triton installed as NGC lays it out: <root>/bin/tritonserver beside <root>/backends/."""
+    binary = Path(binary).absolute()
+    backends = binary.parent.parent / "backends"
+    if not backends.is_dir():  # a link to the binary (e.g. in /usr/local/bin): the install it points into
+        backends = binary.resolve().parent.parent / "backends"
+    return TritonInstall(binary, backends, None, ())
+
+
+def triton_installs(triton_bin: str | Path | None = None) -> list[TritonInstall]:
+    """The Triton servers to choose from, in order: `triton_bin` alone when given; else nvidia-pytriton's (it
+    matches this venv's Python), `tritonserver` on PATH, and NGC's /opt/tritonserver."""
+    if triton_bin is not None:
+        path = Path(triton_bin)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise UserError(f"--triton-bin {path} is not an executable tritonserver")
+        return [_full_install(path)]
+    found = [i for i in [_pytriton_install()] if i is not None]
     on_path = shutil.which("tritonserver")
-    if on_path:
-        return TritonInstall(Path(on_path), Path("/opt/tritonserver/backends"), None, ())
+    for candidate in [Path(on_path)] if on_path else []:
+        found.append(_full_install(candidate))
+    if NGC_TRITON.is_file() and all(i.binary.resolve() != NGC_TRITON.resolve() for i in found):
+        found.append(_full_install(NGC_TRITON))
+    return found
+
+
+def find_triton(repo: str | Path | None = None, triton_bin: str | Path | None = None) -> TritonInstall:
+    """The first Triton install that has every backend `repo`'s models need (see the module docstring)."""
+    installs = triton_installs(triton_bin)
+    if not installs:
+        raise UserError(
+            "no Triton server found: install the server extra (`pip install 'realfake[server,cpu]'` or "
+            "`[server,gpu]`, which brings nvidia-pytriton's tritonserver), put a full Triton's `tritonserver` on "
+            "PATH or pass --triton-bin, or pass --url of a running server"
+        )
+    needed = repository_backends(Path(repo)) if repo is not None else {}
+    for install in installs:
+        if set(needed) <= install.backend_names:
+            return install
+    best = installs[0]
+    missing = sorted(set(needed) - best.backend_names)
+    models = ", ".join(f"{b} ({', '.join(needed[b][:3])}{', ...' if len(needed[b]) > 3 else ''})" for b in missing)
+    has = ", ".join(sorted(best.backend_names)) or "none"
     raise UserError(
-        "no Triton server found: install the server extra (`pip install realfake[server]`, which brings "
-        "nvidia-pytriton's tritonserver) or put `tritonserver` on PATH, or pass --url of a running server"
+        f"the repository {repo} needs the Triton backend(s) {models}, which no Triton server here has "
+        f"({best.binary} has: {has}): use a full Triton install (NGC's image, or --triton-bin "
+        f"/opt/tritonserver/bin/tritonserver), or write the repository for --runtime python-ort"
     )
 
 
@@ -86,10 +158,12 @@ class LocalServer:
         host: str = LOOPBACK,
         log_path: str | Path | None = None,
         ready_timeout: float = 300.0,
+        triton_bin: str | Path | None = None,
     ):
         self.repo = Path(repo).resolve()
         if not self.repo.is_dir():
             raise UserError(f"model repository {self.repo} does not exist (build it with `rf-export repo`)")
+        self.install = find_triton(self.repo, triton_bin)  # refused here, before a port is taken
         for port in (http_port, grpc_port, metrics_port):
             if port is not None and not port_is_free(port, host):
                 raise UserError(
@@ -139,7 +213,7 @@ class LocalServer:
     def launcher(self) -> tuple[list[str], dict[str, str]]:
         """The tritonserver binary with this install's backend folder, and the environment it needs: what the
         official Triton image has built in (tests start the serving image's entrypoint on it)."""
-        install = find_triton()
+        install = self.install
         return [str(install.binary), f"--backend-directory={self._backend_dir(install)}"], self._env(install)
 
     def start(self) -> LocalServer:

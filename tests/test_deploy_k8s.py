@@ -124,7 +124,10 @@ def test_overlay_renders_the_fleet(rendered, overlay):
         assert not [a for a in args if a.startswith("--per-class=")]
     # a user error (exit 2) fails the Job at once; disruptions are retried without counting
     rules = spec["podFailurePolicy"]["rules"]
-    assert {"action": "FailJob", "onExitCodes": {"containerName": client["name"], "operator": "In", "values": [2]}} in rules
+    assert {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": client["name"], "operator": "In", "values": [2]},
+    } in rules
     assert any(r["action"] == "Ignore" and r["onPodConditions"] == [{"type": "DisruptionTarget"}] for r in rules)
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"  # what podFailurePolicy requires
 

@@ -182,3 +182,35 @@ def test_a_bundle_without_image_encoder_gets_one_and_nothing_runs_without_it_una
     r = rf("rf-train", "add-image-encoder", "--bundle", str(base), "--image-encoder", str(base / "unet"),
            "--out", str(tmp_path / "notclip"))  # fmt: skip
     assert r.returncode == 2 and "CLIP model" in r.stderr
+
+
+# -- GPU serving outside Docker: the repository's backends against the server's ----------------------------
+
+
+def test_rf_serve_refuses_a_repository_whose_backends_the_server_lacks(tiny_onnx, tmp_path):
+    """Before: rf-serve started pytriton's tritonserver (Python backend only) on a native-backend repository,
+    which then failed model by model inside Triton's log."""
+    from realfake.client.server import find_triton, repository_backends, triton_installs
+    from realfake.export.triton_repo import write_repository
+
+    repo = write_repository(tiny_onnx, tmp_path / "repo", runtime="onnxruntime")
+    needed = repository_backends(repo)
+    assert set(needed) == {"python", "onnxruntime"} and "unet" in needed["onnxruntime"]
+    bundled = triton_installs()[0]
+    assert bundled.backend_names == {"python"}  # what nvidia-pytriton's server has
+    r = rf("rf-serve", "--repo", str(repo), "--http-port", "0", timeout=60)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "needs the Triton backend(s) onnxruntime (" in r.stderr and "has: python" in r.stderr
+    assert "--triton-bin" in r.stderr
+    # an explicit binary is the only candidate; one that is not there is one line too
+    r = rf("rf-serve", "--repo", str(repo), "--triton-bin", str(tmp_path / "nope"), timeout=60)
+    assert r.returncode == 2 and "is not an executable tritonserver" in r.stderr
+    # a full install's layout (bin/ beside backends/) is read for its backends
+    full = tmp_path / "opt" / "tritonserver"
+    for backend in ("python", "onnxruntime", "tensorrt"):
+        (full / "backends" / backend).mkdir(parents=True)
+    (full / "bin").mkdir()
+    (full / "bin" / "tritonserver").symlink_to(bundled.binary)
+    install = find_triton(repo, full / "bin" / "tritonserver")
+    assert install.backends == full / "backends" and install.backend_names >= {"onnxruntime", "python"}
+    assert find_triton(tmp_path / "empty-repo-is-fine").binary == bundled.binary  # nothing needed: the first

@@ -27,9 +27,23 @@ def test_dockerfile_structure():
     for path in re.findall(r"^COPY\s+(\S+)\s", text, flags=re.M):
         assert (ROOT / path).exists(), path
     # one onnxruntime build (the GPU one), and the TensorRT Python package of the image's own libnvinfer
-    assert text.index("pip uninstall -y onnxruntime") < text.index("install 'onnxruntime-gpu")
+    assert "install '.[server,openvino]'" in text and "install 'onnxruntime-gpu" in text
     assert "getInferLibVersion" in text and "tensorrt-cu12==${trt}.*" in text
     assert not re.search(r"'tensorrt>=", text)
+
+
+def test_extras_install_one_onnxruntime_build_and_a_gpu_node_in_one_command():
+    """The server extra brought the CPU onnxruntime, so a bare-metal GPU node needed an uninstall and two more
+    installs; now `.[server,gpu]` is the one command, `.[server,cpu]` the CPU one."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {k: {re.split(r"[<>=\[ ]", d)[0] for d in v} for k, v in extras.items()}
+    assert "onnxruntime" not in names["server"] and "onnxruntime-gpu" not in names["server"]
+    assert names["cpu"] == {"onnxruntime"}
+    assert names["gpu"] >= {"onnxruntime-gpu", "tensorrt-cu12"} and "onnxruntime" not in names["gpu"]
+    assert all(re.search(r">=\d", d) for d in extras["gpu"])  # lower bounds pinned
+    assert "'.[server,cpu,openvino,test]'" in (ROOT / "Makefile").read_text()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on machines without a GPU")
