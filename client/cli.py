@@ -68,7 +68,11 @@ def generate(
         Path | None, typer.Option(help='JSONL captions: {"image": <path or stem>, "caption": <text>} per line.')
     ] = None,
     partial_captions: Annotated[
-        bool, typer.Option(help="Accept a --captions file that covers only some real images (the rest: class prompt).")
+        bool,
+        typer.Option(
+            "--partial-captions",
+            help="Accept a --captions file that covers only some real images (the rest: class prompt).",
+        ),
     ] = False,
     guidance_token: Annotated[
         GuidanceToken,

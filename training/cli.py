@@ -36,7 +36,11 @@ def finetune(
     out: Annotated[Path, typer.Option(help="Run directory: lora/, bundle/, checkpoints/, metrics.jsonl.")],
     captions: Annotated[Path | None, typer.Option(help='JSONL {"image": <path or stem>, "caption": ...}.')] = None,
     partial_captions: Annotated[
-        bool, typer.Option(help="Accept a --captions file that covers only some real images (the rest: class prompt).")
+        bool,
+        typer.Option(
+            "--partial-captions",
+            help="Accept a --captions file that covers only some real images (the rest: class prompt).",
+        ),
     ] = False,
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = FinetuneConfig.rank,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (constant).")] = FinetuneConfig.lr,
