@@ -14,7 +14,16 @@ import typer
 from realfake.client.generate import GenerateConfig
 from realfake.client.server_metrics import DEFAULT_METRICS_PORT
 from realfake.core.classes import BUILTIN, load_classes
-from realfake.core.cli import Debug, GuidanceToken, ImageFormat, int_list, make_app, moved_to_out, run_cli
+from realfake.core.cli import (
+    Debug,
+    GuidanceToken,
+    ImageFormat,
+    PartialCaptions,
+    int_list,
+    make_app,
+    moved_to_out,
+    run_cli,
+)
 from realfake.core.defaults import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_STEPS,
@@ -67,13 +76,7 @@ def generate(
     captions: Annotated[
         Path | None, typer.Option(help='JSONL captions: {"image": <path or stem>, "caption": <text>} per line.')
     ] = None,
-    partial_captions: Annotated[
-        bool,
-        typer.Option(
-            "--partial-captions",
-            help="Accept a --captions file that covers only some real images (the rest: class prompt).",
-        ),
-    ] = False,
+    partial_captions: PartialCaptions = False,
     guidance_token: Annotated[
         GuidanceToken,
         typer.Option(help="Image-embedding guidance token (with --real): auto (when the model has one), on, off."),

@@ -17,6 +17,13 @@ from realfake.core.errors import UserError
 from realfake.core.images import FORMATS
 
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks of internal errors.")]
+PartialCaptions = Annotated[
+    bool,
+    typer.Option(
+        "--partial-captions",
+        help="Accept a --captions file that covers only some real images (the rest: class prompt).",
+    ),
+]
 
 # -- the vocabulary ---------------------------------------------------------------------------------------------
 # One option name per concept, in every command that has the concept; tests/test_vocabulary.py walks every

@@ -8,7 +8,16 @@ from typing import Annotated
 
 import typer
 
-from realfake.core.cli import CpuPrecision, Debug, DemoRuntime, GuidanceToken, Precision, make_app, run_cli
+from realfake.core.cli import (
+    CpuPrecision,
+    Debug,
+    DemoRuntime,
+    GuidanceToken,
+    PartialCaptions,
+    Precision,
+    make_app,
+    run_cli,
+)
 from realfake.core.errors import UserError
 from realfake.core.precision import AUTO_RULE
 from realfake.training.caption import CaptionConfig
@@ -35,13 +44,7 @@ def finetune(
     ],
     out: Annotated[Path, typer.Option(help="Run directory: lora/, bundle/, checkpoints/, metrics.jsonl.")],
     captions: Annotated[Path | None, typer.Option(help='JSONL {"image": <path or stem>, "caption": ...}.')] = None,
-    partial_captions: Annotated[
-        bool,
-        typer.Option(
-            "--partial-captions",
-            help="Accept a --captions file that covers only some real images (the rest: class prompt).",
-        ),
-    ] = False,
+    partial_captions: PartialCaptions = False,
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = FinetuneConfig.rank,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (constant).")] = FinetuneConfig.lr,
     batch_size: Annotated[
