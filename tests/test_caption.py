@@ -275,3 +275,4 @@ def test_two_processes_one_killed_then_rerun_caption_every_image_once(blip2, tmp
     # finetune and generate read the merged file as any captions file
     again = rf("rf-train", *argv(0)[1:], env=env)
     assert again.returncode == 0 and "0 to do" in again.stderr and rows(out) == merged
+    assert not list(tmp_path.glob("caps.jsonl.part-*"))  # a re-run after the merge leaves no part behind

@@ -146,7 +146,12 @@ def test_real_conditioned_mode(triton, tiny_onnx, tmp_path):
     captions.write_text(json.dumps({"image": "cat_1", "caption": "a cat on a red sofa"}) + "\n")
     (real / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "out"
-    r = rf("rf-client", *generate_args(out, triton.url, real=real, versions=2, captions=captions, steps=8, quiet=True))
+    r = rf(
+        "rf-client",
+        *generate_args(
+            out, triton.url, real=real, versions=2, captions=captions, partial_captions=True, steps=8, quiet=True
+        ),
+    )
     assert r.returncode == 0, r.stderr
     assert "2 images skipped" in r.stderr  # the broken file, both its versions
     rows = {json.loads(line)["path"]: json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()}

@@ -247,6 +247,10 @@ def run_caption(cfg: CaptionConfig, log=print) -> dict:
     todo = [rel for rel in share if rel not in done]
     where = f" (process {index} of {count}: every {count}th image)" if count > 1 else ""
     log(f"{len(share)} images in {data}{where}: {len(share) - len(todo)} already captioned, {len(todo)} to do")
+    if count > 1 and not todo and not part_files(out) and out.exists():
+        # a re-run after the merge: OUT holds this share already; a part record now would wait for a merge forever
+        return {"images": len(share), "captioned": len(share), "new": 0, "unreadable": [], "seconds": 0.0,
+                "images_per_sec": 0.0, "part": [index, count], "merged": False}  # fmt: skip
     record = {"captioner": {**identity, "path": str(model_dir.resolve())}, **cfg.settings()}
     mine.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(record_path(mine), json.dumps({**record, "complete": False}, indent=1).encode())
