@@ -52,7 +52,6 @@ class ProgressLines:
         self.start = self.last = time.monotonic()
         self.done = self.failed = 0
         self.extra = ""
-        self.lines = 0
 
     def update(self, done: int, failed: int = 0, extra: str = "", total: int | None = None) -> None:
         self.done, self.failed, self.extra = done, failed, extra
@@ -77,7 +76,6 @@ class ProgressLines:
         parts.append(f"{self.failed} failed")
         if self.extra:
             parts.append(self.extra)
-        self.lines += 1
         return ", ".join(parts)
 
     def close(self) -> None:

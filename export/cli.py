@@ -61,23 +61,14 @@ def onnx(
     debug: Debug = False,
 ) -> None:
     """Export text encoder, UNet, VAE decoder/encoder (and image encoder) to ONNX, then check parity."""
-    from realfake.export.onnx_export import clear_export, export_is_current, export_onnx
+    from realfake.export.onnx_export import export_onnx, export_onnx_if_changed
 
     out = moved_to_out(out_positional, out)
-    if if_changed:
-        current, made_from = export_is_current(bundle, out)
-        if current:
-            typer.echo(f"{out}: the export of this bundle ({made_from}) is up to date")
-            return
-        if made_from is not None:
-            typer.echo(
-                f"{out} holds the export of another bundle ({made_from}): the mounted bundle changed, exporting it "
-                "again (its TensorRT plans and int8 UNet are made again from the new graphs)",
-                err=True,
-            )
-            clear_export(out)
     _quiet_tracer_warnings()
-    export_onnx(bundle, out, tolerance=tolerance)
+    if not if_changed:
+        export_onnx(bundle, out, tolerance=tolerance)
+    elif export_onnx_if_changed(bundle, out, tolerance=tolerance, warn=lambda m: typer.echo(m, err=True)) is None:
+        return
     typer.echo(f"ONNX export ok: {out} (parity report: {out / 'parity.json'})")
 
 

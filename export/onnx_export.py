@@ -206,6 +206,26 @@ def clear_export(out: Path) -> None:
             path.unlink()
 
 
+def export_onnx_if_changed(
+    bundle: str | Path, out: str | Path, *, tolerance: float = DEFAULT_TOLERANCE, log=print, warn=None
+):
+    """`export_onnx` unless `out` already holds the export of this very bundle; an export of another bundle is
+    removed first, said through `warn` (its TensorRT plans and int8 UNet then follow the new graphs). Returns the
+    export's report, or None when the one in `out` was kept."""
+    out = Path(out)
+    current, made_from = export_is_current(bundle, out)
+    if current:
+        log(f"{out}: the export of this bundle ({made_from}) is up to date")
+        return None
+    if made_from is not None:
+        (warn or log)(
+            f"{out} holds the export of another bundle ({made_from}): the mounted bundle changed, exporting it "
+            "again (its TensorRT plans and int8 UNet are made again from the new graphs)"
+        )
+        clear_export(out)
+    return export_onnx(bundle, out, tolerance=tolerance, log=log)
+
+
 def export_onnx(
     bundle: str | Path,
     out: str | Path,

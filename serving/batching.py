@@ -145,7 +145,7 @@ def _sample(sampler: Sampler, chunk: list[Item], settings: Settings, has_init: b
     except BadImages as exc:  # the sound images stand; the requests of the others fail, saying why
         for k, (it, img) in enumerate(zip(chunk, exc.images, strict=True)):
             if exc.problems[k]:
-                results[it.request] = ValueError(exc.message(k, it.seed))
+                results[it.request] = ValueError(exc.message(k))
             else:
                 images[(it.request, it.row)] = img
         return

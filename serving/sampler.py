@@ -225,12 +225,12 @@ class BadImages(ValueError):
     `problems` one entry per image (None: the image is sound)."""
 
     def __init__(self, images: np.ndarray, problems: list[str | None], seeds: list[int]):
-        self.images, self.problems = images, problems
-        bad = [f"seed {seed}: {p}" for seed, p in zip(seeds, problems, strict=True) if p]
+        self.images, self.problems, self.seeds = images, problems, seeds
+        bad = [self.message(k) for k, p in enumerate(problems) if p]
         super().__init__(f"{len(bad)} of {len(problems)} images are not images ({'; '.join(bad[:3])})")
 
-    def message(self, k: int, seed: int) -> str:
-        return f"the image of seed {seed} is not an image: {self.problems[k]}"
+    def message(self, k: int) -> str:
+        return f"the image of seed {self.seeds[k]} is not an image: {self.problems[k]}"
 
 
 def image_problems(image: torch.Tensor, pixels: np.ndarray) -> list[str | None]:

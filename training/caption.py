@@ -330,20 +330,20 @@ def _merge_parts(
     if unfinished and not force:
         log(f"{len(unfinished)} part(s) still being captioned ({unfinished[0]}, ...): the last to finish merges")
         return False
-    counts = {p.name.rsplit("-of-", 1)[1] for p in parts}
-    expected = {int(n) for n in counts}
-    if not force and len(expected) == 1 and len(parts) < expected.pop():
-        log(f"{len(parts)} of {counts.pop().lstrip('0')} parts have finished: the last to finish merges")
+    splits = {int(p.name.rsplit("-of-", 1)[1]) for p in parts}
+    if not force and len(splits) == 1 and len(parts) < min(splits):
+        log(f"{len(parts)} of {min(splits)} parts have finished: the last to finish merges")
         return False
     captions = _read_checked([out, *parts], identity, cfg)
-    order = [rel for rel in images if rel in captions] + sorted(set(captions) - set(images))
+    covered = [rel for rel in images if rel in captions]
+    order = covered + sorted(set(captions) - set(images))
     body = "".join(json.dumps({"image": k, "caption": captions[k]}) + "\n" for k in order)
     write_atomic(out, body.encode("utf-8"), durable=True)
     write_atomic(record_path(out), json.dumps({**record, "complete": True}, indent=1).encode())
     for p in parts:
-        p.unlink()
+        p.unlink(missing_ok=True)  # a part whose share was captioned already has a record and no file
         record_path(p).unlink(missing_ok=True)
-    missing = len(images) - sum(1 for rel in images if rel in captions)
+    missing = len(images) - len(covered)
     log(
         f"merged {len(parts)} part(s) into {out}: {len(order)} captions"
         + (f"; {missing} images have none (re-run to retry them)" if missing else "")

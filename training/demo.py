@@ -143,6 +143,11 @@ class Demo:
     # -- stages ---------------------------------------------------------------------------------------------
 
     @cached_property
+    def own_images(self) -> dict[str, list[str]]:
+        """`--real`'s images by class, once checked to make a demo (check_own_data)."""
+        return check_own_data(Path(self.cfg.real), self.classes, bool(self.cfg.real_test))
+
+    @cached_property
     def train_split(self) -> tuple[np.ndarray, np.ndarray]:
         """Fashion-MNIST's training split, read once per run (the data and base stages both need it)."""
         return load_split(self.cfg.fmnist, "train")
@@ -167,7 +172,7 @@ class Demo:
         """Your ImageFolder: `per_class` images of each class to OUT/real_train (seeded pick), and unless
         `real_test` is given, up to test_images / classes of the others to OUT/real_test."""
         root, per = Path(self.cfg.real), self.cfg.per_class
-        by_class = check_own_data(root, self.classes, bool(self.cfg.real_test))
+        by_class = self.own_images
         held_out = 0 if self.cfg.real_test else max(1, self.cfg.test_images // len(self.classes))
         rng = np.random.default_rng(self.cfg.seed)
         train = test = 0
@@ -367,7 +372,7 @@ class Demo:
         from realfake.client.server import LocalServer
 
         if self.cfg.real:
-            check_own_data(Path(self.cfg.real), self.classes, bool(self.cfg.real_test))
+            self.own_images  # noqa: B018 - checked before any stage (and the folder scanned once)
         self.check_settings()
         started = time.perf_counter()
         s = {}
