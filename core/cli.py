@@ -41,6 +41,9 @@ VOCABULARY = {
     "classifier-free guidance scale": "--guidance-scale",
     "a model served on this machine": "--local",  # a repository, a diffusers bundle, or `tiny` (said explicitly)
     "accept captions for only some real images": "--partial-captions",
+    "the side of the images a model trains on": "--image-size",  # finetune, classify (diffusers: --resolution)
+    "data-loading processes per training process": "--workers",
+    "a training run's length in passes over the data": "--epochs",
 }
 
 # Fixed choices as types: --help lists the values, a wrong one is one line naming them, and the value is a plain

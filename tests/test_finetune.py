@@ -167,6 +167,19 @@ def test_finetune_resume_merge_and_lora_format(tiny_bundle, real_set, tmp_path):
     assert steps[rows_before:] == list(range(resumed_from + 1, resumed_from + 7))
     summary = json.loads((out / "finetune.json").read_text())
     assert summary["steps"] == resumed_from + 6 and summary["guidance_token"] is True
+    assert summary["processes"] == 1 and "finetune: 1 process(es) x 4 images = 4 per step" in r.stderr
+    # the end always leaves a checkpoint (resumed_from + 6 is no multiple of 10): a finished run re-run with the
+    # same settings does nothing; a longer one continues from the end, not from the last multiple of 10
+    assert (out / "checkpoints" / f"step-{resumed_from + 6:07d}.pt").is_file()
+    bundle_mtime = (out / "bundle" / "model_index.json").stat().st_mtime_ns
+    again = rf(*args, "--max-steps", str(resumed_from + 6))
+    assert again.returncode == 0 and f"finetune already complete: {resumed_from + 6} steps" in again.stderr
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == rows_before + 6
+    assert (out / "bundle" / "model_index.json").stat().st_mtime_ns == bundle_mtime
+    longer = rf(*args, "--max-steps", str(resumed_from + 7))
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    assert f"resuming from checkpoint step-{resumed_from + 6:07d}.pt" in longer.stderr
+    assert json.loads((out / "finetune.json").read_text())["steps"] == resumed_from + 7
 
     # the saved LoRA loads with diffusers, and the merged bundle equals base + LoRA at scale 0.5
     pipe = StableDiffusionPipeline.from_pretrained(tiny_bundle, local_files_only=True)

@@ -17,7 +17,7 @@ from realfake.core.precision import resolve_precision
 from conftest import rf
 
 # options whose values are a fixed set: --help must list them, a wrong one is refused by the parser
-CHOICES = ("--runtime", "--scheduler", "--placement", "--format", "--guidance-token", "--precision")
+CHOICES = ("--runtime", "--scheduler", "--placement", "--format", "--guidance-token", "--precision", "--lr-schedule")
 # other spellings of a concept in the table (any command using one of these fails)
 OTHER_SPELLINGS = {
     "--precision": re.compile(r"^--(no-)?(dtype|fp16|bf16|amp|mixed-precision|half)$"),
@@ -26,6 +26,9 @@ OTHER_SPELLINGS = {
     "--out": re.compile(r"^--(output|output-dir|out-dir|target|dest)$"),
     "--fresh": re.compile(r"^--(no-)?(resume|restart|overwrite|clean)$|^--no-fresh$"),
     "--guidance-scale": re.compile(r"^--(guidance|cfg|cfg-scale)$"),
+    "--image-size": re.compile(r"^--(resolution|size|img-size|input-size)$"),
+    "--workers": re.compile(r"^--(num-workers|dataloader-workers|loader-workers|jobs)$"),
+    "--epochs": re.compile(r"^--(num-epochs|num-train-epochs|train-epochs)$"),
 }
 
 

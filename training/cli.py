@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -24,7 +24,9 @@ from realfake.training.caption import CaptionConfig
 from realfake.training.classify_config import ClassifyConfig
 from realfake.training.demo import RUNTIMES, DemoConfig
 from realfake.training.evaluate_data_config import EvaluateDataConfig
-from realfake.training.finetune_config import FinetuneConfig
+from realfake.training.finetune_config import LR_SCHEDULES, FinetuneConfig
+
+FinetuneSchedule = Literal[LR_SCHEDULES]
 
 app = make_app("Real-Fake training: distribution-matched LoRA finetuning, and classifiers on synthetic data.")
 
@@ -46,14 +48,44 @@ def finetune(
     captions: Annotated[Path | None, typer.Option(help='JSONL {"image": <path or stem>, "caption": ...}.')] = None,
     partial_captions: PartialCaptions = False,
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = FinetuneConfig.rank,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate (constant).")] = FinetuneConfig.lr,
+    lr: Annotated[float, typer.Option(help="AdamW peak learning rate.")] = FinetuneConfig.lr,
+    lr_schedule: Annotated[
+        FinetuneSchedule, typer.Option(help="Learning rate after the warmup (constant: the paper's).")
+    ] = FinetuneConfig.lr_schedule,
+    lr_warmup_steps: Annotated[
+        int, typer.Option(help="Steps of linear warmup from 0 to --lr.")
+    ] = FinetuneConfig.lr_warmup_steps,
+    max_grad_norm: Annotated[
+        float, typer.Option(help="Clip the LoRA gradients to this norm (0: no clipping).")
+    ] = FinetuneConfig.max_grad_norm,
     batch_size: Annotated[
         int, typer.Option(help="Images per step, per process (the global batch is this x processes x --grad-accum).")
     ] = FinetuneConfig.batch_size,
     grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = FinetuneConfig.grad_accum,
     max_steps: Annotated[
-        int, typer.Option(help="Optimizer steps in total (a resumed run counts on).")
+        int | None,
+        typer.Option(
+            help="Length in optimizer steps (a resumed run counts on). Default: with no --epochs either, "
+            "at least 1000 steps and one epoch; the images seen are printed."
+        ),
     ] = FinetuneConfig.max_steps,
+    epochs: Annotated[
+        float | None, typer.Option(help="Length in passes over the real images (instead of --max-steps).")
+    ] = FinetuneConfig.epochs,
+    image_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Side the images are cropped to, a multiple of 8 (diffusers' --resolution; "
+            "default: the bundle's, 512 for SD-1.5)."
+        ),
+    ] = FinetuneConfig.image_size,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Data-loading processes per training process, decoding ahead of the step (default: its "
+            "share of the cores, max 8; 0: in the training process)."
+        ),
+    ] = FinetuneConfig.workers,
     dm_weight: Annotated[
         float, typer.Option(help="Lambda of the distribution-matching term.")
     ] = FinetuneConfig.dm_weight,
@@ -89,9 +121,15 @@ def finetune(
         partial_captions=partial_captions,
         rank=rank,
         lr=lr,
+        lr_schedule=lr_schedule,
+        lr_warmup_steps=lr_warmup_steps,
+        max_grad_norm=max_grad_norm,
         batch_size=batch_size,
         grad_accum=grad_accum,
         max_steps=max_steps,
+        epochs=epochs,
+        image_size=image_size,
+        workers=workers,
         dm_weight=dm_weight,
         snr_gamma=snr_gamma,
         checkpoint_every=checkpoint_every,

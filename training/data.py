@@ -82,20 +82,33 @@ def random_crop_flip(image: np.ndarray, size: int, rng: np.random.Generator) -> 
 
 
 class FinetuneDataset(torch.utils.data.Dataset):
-    """Items: pixels [-1,1] 3xSxS (augmented), prompt, sample index (for the cached image embedding)."""
+    """Items: pixels [-1,1] 3xSxS (augmented), prompt, its token ids (with a tokenizer), sample index (for the
+    cached image embedding). Indexed by i (no augmentation salt) or by (i, salt), as the finetune's StepBatches
+    sampler gives them, so DataLoader workers do the decoding, cropping and tokenising."""
 
-    def __init__(self, root: Path, samples: list[RealSample], size: int, seed: int = 0):
-        self.root, self.samples, self.size, self.seed = root, samples, size, seed
+    def __init__(self, root: Path, samples: list[RealSample], size: int, seed: int = 0, tokenizer=None):
+        self.root, self.samples, self.size, self.seed, self.tokenizer = root, samples, size, seed, tokenizer
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
-        return self.item(i, 0)
+    def __getitem__(self, key: int | tuple[int, int]):
+        i, salt = key if isinstance(key, tuple) else (key, 0)
+        return self.item(i, salt)
 
     def item(self, i: int, salt: int):
         """Sample i with the augmentation drawn from (seed, salt, i): a resumed run sees the same crops."""
         rng = np.random.default_rng([self.seed, salt, i])
         image = random_crop_flip(load_rgb(self.root / self.samples[i].relpath), self.size, rng)
         pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1.0
-        return {"pixels": pixels, "prompt": self.samples[i].prompt, "index": i}
+        item = {"pixels": pixels, "prompt": self.samples[i].prompt, "index": i}
+        if self.tokenizer is not None:
+            item["input_ids"] = token_ids(self.tokenizer, [item["prompt"]])[0]
+        return item
+
+
+def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """CLIP token ids [B, 77]: padded to the tokenizer's length, truncated."""
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,9 +24,11 @@ from realfake.core.errors import UserError
 from realfake.core.files import write_atomic
 from realfake.core.precision import resolve_precision as core_precision
 from realfake.serving.model_bundle import TRAINING_RECORD, TrainingRecord, check_bundle
-from realfake.training.data import FinetuneDataset, RealSample, collect_samples, jsonable, load_rgb
+from realfake.training.classify_config import default_workers
+from realfake.training.data import FinetuneDataset, RealSample, collect_samples, jsonable, load_rgb, token_ids
 from realfake.training.embeddings import KEY_DTYPE, EmbeddingCache, ImageEmbeddings, file_key, fill_cache
 from realfake.training.finetune_config import PRECISIONS, FinetuneConfig
+from realfake.training.finetune_loader import StepBatches, resolve_length, step_loader
 from realfake.training.objective import realfake_loss, snr
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -165,15 +168,10 @@ def _square(image: np.ndarray) -> np.ndarray:
     return image[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
 
 
-def conditioning(models: Models, prompts: list[str], image_embeds: torch.Tensor | None) -> torch.Tensor:
-    """Text-encoder hidden states [B,77,D]; with image embeddings, they replace each sample's last token."""
-    ids = models.tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=models.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
+def conditioning(models: Models, prompts: list[str] | torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
+    """Text-encoder hidden states [B,77,D] of prompts (or their token ids, tokenised by a loader worker); with image
+    embeddings, they replace each sample's last token."""
+    ids = prompts if isinstance(prompts, torch.Tensor) else token_ids(models.tokenizer, prompts)
     with torch.no_grad():
         context = models.text_encoder(ids.to(models.text_encoder.device))[0]
     if image_embeds is not None:
@@ -295,6 +293,17 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
         )
     classes = load_classes(cfg.classes)
     samples = collect_samples(Path(cfg.real), classes, cfg.captions, cfg.partial_captions, log)
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)  # accelerate launch / torchrun; the same as below
+    per_optimizer_step = cfg.batch_size * launched * cfg.grad_accum
+    max_steps, length = resolve_length(cfg.max_steps, cfg.epochs, len(samples), per_optimizer_step)
+    done = completed_run(cfg, max_steps)
+    if done is not None:
+        if os.environ.get("RANK", "0") == "0":  # every process of a launch returns; one says so
+            log(
+                f"finetune already complete: {done['steps']} steps, merged bundle {done['merged_bundle']} "
+                f"({out / 'finetune.json'}); nothing to do (a longer run continues from its last checkpoint)"
+            )
+        return done
     out.mkdir(parents=True, exist_ok=True)
     precision = resolve_precision(cfg.precision)
     accelerator = Accelerator(
@@ -314,12 +323,14 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
         embeds = image_embeddings(models, bundle, Path(cfg.real), samples, out / "cache", say, accelerator)
         encoder_size = int(models.image_encoder.config.image_size)
         models.image_encoder = None  # its embeddings are cached: training does not need its memory
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices start random (B at 0): the same seed, the same run
     add_lora(models.unet, cfg.rank, cfg.lora_alpha)
     if cfg.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
     params = lora_parameters(models.unet)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     unet, optimizer = accelerator.prepare(models.unet, optimizer)
+    scheduler = lr_scheduler(optimizer, cfg, max_steps)  # stepped once per optimizer step, by this loop
 
     step = 0
     checkpoints = _checkpoints(out)
@@ -328,25 +339,38 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
         set_peft_model_state_dict(accelerator.unwrap_model(unet), state["lora"])
         optimizer.load_state_dict(state["optimizer"])
         step = int(state["step"])
+        # the schedule is a function of the step (and of this run's length, which a longer re-run changes): set
+        # the rate of `step` afresh rather than keep the one the checkpoint's optimizer state carries
+        scheduler.last_epoch = step - 1
+        with warnings.catch_warnings():  # "step() before optimizer.step()": here it only sets the resumed rate
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()
         say(f"resuming from checkpoint {checkpoints[-1].name} (step {step})")
     (out / "finetune_config.json").write_text(json.dumps(jsonable(asdict(cfg)), indent=1))
 
-    dataset = FinetuneDataset(Path(cfg.real), samples, info.image_size, cfg.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
-    per_step = cfg.batch_size * world
-    metrics = open(out / "metrics.jsonl", "a") if accelerator.is_main_process else None
-    bar = tqdm(
-        total=cfg.max_steps, initial=step, desc="finetune", mininterval=1.0, disable=not accelerator.is_main_process
+    size = cfg.image_size or info.image_size
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    dataset = FinetuneDataset(Path(cfg.real), samples, size, cfg.seed, tokenizer=models.tokenizer)
+    sampler = StepBatches(
+        len(samples), cfg.batch_size, rank, world, cfg.seed, step * cfg.grad_accum, max_steps * cfg.grad_accum
     )
-    t0, images_seen = time.perf_counter(), 0
+    batches = iter(step_loader(dataset, sampler, workers, pin_memory=device.type == "cuda"))
+    say(
+        f"finetune: {world} process(es) x {cfg.batch_size} images = {cfg.batch_size * world} per step"
+        + (f" x {cfg.grad_accum} accumulated" if cfg.grad_accum > 1 else "")
+        + f", {size} px, {workers} loader worker(s) per process; {length}"
+    )
+    metrics = open(out / "metrics.jsonl", "a") if accelerator.is_main_process else None
+    bar = tqdm(total=max_steps, initial=step, desc="finetune", mininterval=1.0, disable=not accelerator.is_main_process)
+    t0, images_seen, grad_norm = time.perf_counter(), 0, None
     unet.train()
-    while step < cfg.max_steps:
+    while step < max_steps:
         for micro in range(cfg.grad_accum):
-            indices = _batch_indices(len(samples), per_step, step * cfg.grad_accum + micro, cfg.seed)
-            mine = indices[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
-            batch = [dataset.item(i, step * cfg.grad_accum + micro) for i in mine]
-            pixels = torch.stack([b["pixels"] for b in batch]).to(device)
-            context = conditioning(models, [b["prompt"] for b in batch], embeds[mine] if embeds is not None else None)
+            batch = next(batches)
+            mine = batch["indices"]
+            pixels = batch["pixels"].to(device, non_blocking=True)
+            context = conditioning(models, batch["input_ids"], embeds[mine] if embeds is not None else None)
             generator = torch.Generator().manual_seed(
                 cfg.seed * 1_000_003 + (step * cfg.grad_accum + micro) * 97 + rank
             )
@@ -354,33 +378,38 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
                 with accelerator.autocast():
                     loss, denoise, dm = training_step_loss(models, unet, pixels, context.to(device), generator, cfg)
                 accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
                 optimizer.step()
                 optimizer.zero_grad()
             images_seen += len(mine) * world
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step used
+        scheduler.step()
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if metrics is not None:
             rate = images_seen / (time.perf_counter() - t0)
-            metrics.write(
-                json.dumps(
-                    {
-                        "step": step,
-                        "loss": loss.item(),
-                        "loss_denoise": denoise.item(),
-                        "loss_dm": dm.item(),
-                        "lr": cfg.lr,
-                        "images_per_sec": round(rate, 3),
-                    }
-                )
-                + "\n"
-            )
+            row = {
+                "step": step,
+                "loss": loss.item(),
+                "loss_denoise": denoise.item(),
+                "loss_dm": dm.item(),
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "images_seen": step * cfg.batch_size * world * cfg.grad_accum,
+                "images_per_sec": round(rate, 3),
+            }
+            metrics.write(json.dumps(row) + "\n")
             metrics.flush()
         if step % cfg.checkpoint_every == 0 and accelerator.is_main_process:
             _save_checkpoint(out, accelerator.unwrap_model(unet), optimizer, step, cfg)
     bar.close()
     if metrics is not None:
         metrics.close()
+    if accelerator.is_main_process and not any(c.name == f"step-{step:07d}.pt" for c in _checkpoints(out)):
+        # the end always has a checkpoint: a longer run continues from here
+        _save_checkpoint(out, accelerator.unwrap_model(unet), optimizer, step, cfg)
     accelerator.wait_for_everyone()
     result = {}
     if accelerator.is_main_process:
@@ -395,6 +424,7 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
         merged = merge_bundle(bundle, out / "lora", out / "bundle", cfg.merge_scale, record)
         result = {
             "steps": step,
+            "processes": world,
             "images": len(samples),
             "classes": len({s.cls.id for s in samples}),
             "guidance_token": use_token,
@@ -408,13 +438,25 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
     return result
 
 
-def _batch_indices(n: int, per_step: int, micro_step: int, seed: int) -> list[int]:
-    """The sample indices of a global micro-step: epoch-wise permutations, so any step is reproducible."""
-    start = micro_step * per_step
-    out: list[int] = []
-    while len(out) < per_step:
-        epoch, offset = divmod(start + len(out), n)
-        order = np.random.default_rng([seed, epoch]).permutation(n)
-        take = min(per_step - len(out), n - offset)
-        out.extend(int(i) for i in order[offset : offset + take])
-    return out
+def completed_run(cfg: FinetuneConfig, max_steps: int) -> dict | None:
+    """The record of a run in `cfg.out` that finished with these very settings (finetune.json written after its
+    merged bundle, the same finetune_config.json, `max_steps` done), else None: re-running a finished job redoes
+    nothing."""
+    out = Path(cfg.out)
+    try:
+        record = json.loads((out / "finetune.json").read_text())
+        settings = json.loads(json.dumps(jsonable(asdict(cfg))))
+        same = json.loads((out / "finetune_config.json").read_text()) == settings
+    except (OSError, ValueError):
+        return None
+    if same and record.get("steps") == max_steps and (out / "bundle" / "model_index.json").is_file():
+        return record
+    return None
+
+
+def lr_scheduler(optimizer, cfg: FinetuneConfig, max_steps: int):
+    """diffusers' schedules: linear warmup over --lr-warmup-steps, then constant, cosine or linear to 0."""
+    from diffusers.optimization import get_scheduler
+
+    name = "constant_with_warmup" if cfg.lr_schedule == "constant" else cfg.lr_schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=max_steps)

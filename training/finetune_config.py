@@ -10,6 +10,7 @@ from realfake.core.defaults import GUIDANCE_TOKEN_MODES
 from realfake.core.errors import UserError
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # auto: realfake.core.precision
+LR_SCHEDULES = ("constant", "cosine", "linear")  # after --lr-warmup-steps of linear warmup (diffusers' schedules)
 
 
 @dataclass
@@ -23,9 +24,15 @@ class FinetuneConfig:
     rank: int = 4
     lora_alpha: float | None = None  # None: equal to rank
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # LR_SCHEDULES; constant is the paper's
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # clip the LoRA gradients' norm (diffusers' LoRA script: 1.0); 0: no clipping
     batch_size: int = 8
     grad_accum: int = 1
-    max_steps: int = 1000
+    max_steps: int | None = None  # the run's length in optimizer steps, or:
+    epochs: float | None = None  # in passes over the real images; neither: >= 1000 steps and >= 1 epoch
+    image_size: int | None = None  # the side images are cropped to; None: the bundle's (512 for SD-1.5)
+    workers: int | None = None  # DataLoader processes per training process; None: its share of the cores, max 8
     dm_weight: float = 0.003
     snr_gamma: float = 5.0
     checkpoint_every: int = 100
@@ -39,8 +46,18 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         for name in ("rank", "batch_size", "grad_accum", "max_steps", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.epochs is not None:
+            raise UserError("--max-steps and --epochs exclude each other: give the run's length one way")
+        if self.epochs is not None and self.epochs <= 0:
+            raise UserError(f"--epochs must be > 0, got {self.epochs:g}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.lr_warmup_steps < 0 or self.max_grad_norm < 0 or (self.workers is not None and self.workers < 0):
+            raise UserError("--lr-warmup-steps, --max-grad-norm and --workers must be >= 0")
+        if self.image_size is not None and (self.image_size < 8 or self.image_size % 8):
+            raise UserError(f"--image-size must be a multiple of 8 (the VAE's factor), got {self.image_size}")
         if self.lr <= 0 or self.dm_weight < 0 or self.snr_gamma <= 0:
             raise UserError("--lr and --snr-gamma must be > 0 and --dm-weight >= 0")
         if self.precision not in PRECISIONS:
