@@ -3,7 +3,6 @@ only the rest, processes split the work with each image computed once, and the f
 image encoder's."""
 
 import hashlib
-import subprocess
 import threading
 import time
 
@@ -13,8 +12,6 @@ import torch
 from test_finetune import make_real_set
 
 from realfake.training.embeddings import EmbeddingCache, fill_cache
-
-from conftest import VENV_BIN
 
 DIM = 8
 
@@ -131,21 +128,3 @@ def test_chunks_other_processes_wrote_out_of_sight_is_one_clear_error(tmp_path):
 
     with pytest.raises(UserError, match="500 image embeddings other processes computed are not in .*must be on a"):
         fill_cache(EmbeddingCache(tmp_path / "cache"), _keys(1000), _encoder([]), rank=0, world=2)
-
-
-@pytest.mark.slow
-def test_two_torchrun_processes_compute_each_image_once(tiny_bundle, tmp_path):
-    real = make_real_set(tmp_path / "real", per=5)
-    out = tmp_path / "run"
-    args = ["--bundle", tiny_bundle, "--real", real, "--classes", "cifar10", "--out", out, "--max-steps", "1"]
-    r = subprocess.run(
-        [VENV_BIN / "torchrun", "--nproc-per-node", "2", "-m", "realfake.training.cli", "finetune", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "guidance token: 15 image embeddings computed, 0 from cache" in r.stderr
-    chunks = [np.load(f) for f in sorted(out.glob("cache/*/*.keys.npy"))]
-    assert sorted(len(c) for c in chunks) == [7, 8]  # one chunk per process, half the images each
-    assert len(set(np.concatenate(chunks))) == 15

@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_finetune import make_real_set
 
 from realfake.core.errors import UserError
 from realfake.training.finetune_loader import EpochOrder, StepBatches, resolve_length, step_loader
-
-from test_finetune import make_real_set
 
 
 def _per_step_reference(n: int, per_step: int, micro_step: int, seed: int) -> list[int]:
