@@ -29,7 +29,7 @@ from realfake.core.files import atomic_file, write_atomic
 from realfake.core.precision import resolve_precision
 from realfake.training.classify_config import MODELS, RESUME_KEYS, RUN_FILES, ClassifyConfig, default_workers
 from realfake.training.image_sets import (
-    Ref,
+    RefTable,
     ValSpec,
     folder_refs,
     read_devkit_classes,
@@ -46,7 +46,7 @@ class RefDataset(torch.utils.data.Dataset):
     """Images by index; an (index, seed) item is augmented with that seed, so a sample's augmentation does not
     depend on which worker loads it, how many there are, or whether the run was resumed."""
 
-    def __init__(self, refs: list[Ref], transform):
+    def __init__(self, refs: RefTable, transform):
         self.refs, self.transform = refs, transform
 
     def __len__(self) -> int:
@@ -116,7 +116,7 @@ class ValSet:
     them, or only its own classes when it covers a subset of the training classes, as ImageNet-A/-R do)."""
 
     spec: ValSpec
-    refs: list[Ref]
+    refs: RefTable
     scored_over: list[int] | None
     absent: int  # labelled images missing from the folder (a partial copy of a flat set)
 
@@ -129,7 +129,7 @@ def load_val_sets(cfg: ClassifyConfig, classes: list[ClassInfo], train_labels: s
     sets = []
     for n, spec in enumerate(val_specs(cfg.val, cfg.val_labels)):
         refs, absent = val_refs(spec, classes, devkit)
-        labels = {r.label for r in refs}
+        labels = refs.label_set()
         only_val, only_train = labels - train_labels, (train_labels - labels if n == 0 else set())
         if only_val or only_train:
             where = "validation sets" if len(cfg.val) == 1 else f"validation sets ({spec.name})"
@@ -297,13 +297,13 @@ def run_classify(cfg: ClassifyConfig, log=print, on_epoch: Callable[[dict], None
     # 1. the data: training images, validation sets, and their classes
     cfg.validate()
     classes = load_classes(cfg.classes)
-    syn = synthetic_refs(Path(cfg.synthetic), classes) if cfg.synthetic else []
-    real_all = folder_refs(Path(cfg.real), classes) if cfg.real else []
-    real = stratified_fraction(real_all, cfg.real_fraction, cfg.seed) if real_all else []
+    syn = synthetic_refs(Path(cfg.synthetic), classes) if cfg.synthetic else RefTable.empty()
+    real_all = folder_refs(Path(cfg.real), classes) if cfg.real else RefTable.empty()
+    real = stratified_fraction(real_all, cfg.real_fraction, cfg.seed) if len(real_all) else RefTable.empty()
     train_refs = syn + real
-    if not train_refs:
+    if not len(train_refs):
         raise UserError("the training set is empty")
-    val_sets = load_val_sets(cfg, classes, {r.label for r in train_refs})
+    val_sets = load_val_sets(cfg, classes, train_refs.label_set())
 
     # 2. processes, model, optimizer, loaders
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
