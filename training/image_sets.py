@@ -59,7 +59,7 @@ class RefTable:
     and a Ref (13 M rows: well under 1 GB per rank); and DataLoader workers share the arrays copy-on-write (a
     list of objects is copied page by page into every worker as their reference counts are written)."""
 
-    CHUNK = 1 << 20  # rows collected as Python objects before they become arrays (bounds the build's peak)
+    CHUNK = 1 << 16  # rows held as Python objects before they become arrays (bounds the build's peak and leftovers)
 
     def __init__(self, roots, root_index, names, labels, offsets=None, sizes=None):
         n = len(labels)
@@ -161,6 +161,7 @@ class _TableBuilder:
             return RefTable.empty()
         out = RefTable.concat(self._tables) if len(self._tables) > 1 else self._tables[0]
         out.roots = list(self.roots)  # the chunks index into the one list of roots
+        self._tables = []  # the chunks' arrays go as the table is made (else a caller's builder keeps 2x)
         return out
 
 
