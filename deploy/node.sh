@@ -79,7 +79,7 @@ stage_finetune() {
   say "finetune: $gpus processes -> $RF_WORK/finetune"
   # shellcheck disable=SC2086  # RF_FINETUNE_ARGS is a list of options
   "${launch[@]}" "$train" finetune --bundle "$(base_with_encoder)" --real "$RF_REAL" --captions "$captions" \
-    --classes "$classes" --out "$RF_WORK/finetune" ${RF_FINETUNE_ARGS:---batch-size 8 --max-steps 20000 --precision auto}
+    --classes "$classes" --out "$RF_WORK/finetune" ${RF_FINETUNE_ARGS:---batch-size 8 --epochs 1 --precision auto}
 }
 
 stage_export() {
