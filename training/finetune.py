@@ -293,18 +293,6 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
         )
     classes = load_classes(cfg.classes)
     samples = collect_samples(Path(cfg.real), classes, cfg.captions, cfg.partial_captions, log)
-    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)  # accelerate launch / torchrun; the same as below
-    per_optimizer_step = cfg.batch_size * launched * cfg.grad_accum
-    max_steps, length = resolve_length(cfg.max_steps, cfg.epochs, len(samples), per_optimizer_step)
-    done = completed_run(cfg, max_steps)
-    if done is not None:
-        if os.environ.get("RANK", "0") == "0":  # every process of a launch returns; one says so
-            log(
-                f"finetune already complete: {done['steps']} steps, merged bundle {done['merged_bundle']} "
-                f"({out / 'finetune.json'}); nothing to do (a longer run continues from its last checkpoint)"
-            )
-        return done
-    out.mkdir(parents=True, exist_ok=True)
     precision = resolve_precision(cfg.precision)
     accelerator = Accelerator(
         mixed_precision="no" if precision == "fp32" else precision,  # accelerate's name for fp32
@@ -312,6 +300,17 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
         cpu=not torch.cuda.is_available(),
     )
     say = log if accelerator.is_main_process else (lambda *_: None)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_optimizer_step = cfg.batch_size * world * cfg.grad_accum
+    max_steps, length = resolve_length(cfg.max_steps, cfg.epochs, len(samples), per_optimizer_step)
+    done = completed_run(cfg, max_steps)
+    if done is not None:  # before any model is loaded
+        say(
+            f"finetune already complete: {done['steps']} steps, merged bundle {done['merged_bundle']} "
+            f"({out / 'finetune.json'}); nothing to do (a longer run continues from its last checkpoint)"
+        )
+        return done
+    out.mkdir(parents=True, exist_ok=True)
     use_token = cfg.guidance_token != "off"
     models = load_models(bundle, use_token)
     if not use_token:
@@ -348,7 +347,6 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
         say(f"resuming from checkpoint {checkpoints[-1].name} (step {step})")
     (out / "finetune_config.json").write_text(json.dumps(jsonable(asdict(cfg)), indent=1))
 
-    world, rank = accelerator.num_processes, accelerator.process_index
     size = cfg.image_size or info.image_size
     workers = default_workers() if cfg.workers is None else cfg.workers
     dataset = FinetuneDataset(Path(cfg.real), samples, size, cfg.seed, tokenizer=models.tokenizer)
@@ -363,7 +361,7 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
     )
     metrics = open(out / "metrics.jsonl", "a") if accelerator.is_main_process else None
     bar = tqdm(total=max_steps, initial=step, desc="finetune", mininterval=1.0, disable=not accelerator.is_main_process)
-    t0, images_seen, grad_norm = time.perf_counter(), 0, None
+    t0, seen_here, grad_norm = time.perf_counter(), 0, None  # seen_here: images of this session (the rate)
     unet.train()
     while step < max_steps:
         for micro in range(cfg.grad_accum):
@@ -382,14 +380,14 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
                     grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
                 optimizer.step()
                 optimizer.zero_grad()
-            images_seen += len(mine) * world
+            seen_here += len(mine) * world
         lr = optimizer.param_groups[0]["lr"]  # the rate this step used
         scheduler.step()
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if metrics is not None:
-            rate = images_seen / (time.perf_counter() - t0)
+            rate = seen_here / (time.perf_counter() - t0)
             row = {
                 "step": step,
                 "loss": loss.item(),
@@ -397,7 +395,7 @@ def run_finetune(cfg: FinetuneConfig, log=print) -> dict:
                 "loss_dm": dm.item(),
                 "lr": lr,
                 "grad_norm": grad_norm,
-                "images_seen": step * cfg.batch_size * world * cfg.grad_accum,
+                "images_seen": step * per_optimizer_step,
                 "images_per_sec": round(rate, 3),
             }
             metrics.write(json.dumps(row) + "\n")

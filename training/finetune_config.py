@@ -48,8 +48,7 @@ class FinetuneConfig:
         for name in ("rank", "batch_size", "grad_accum", "max_steps", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.epochs is not None:
-            raise UserError("--max-steps and --epochs exclude each other: give the run's length one way")
+        # --max-steps with --epochs: refused by finetune_loader.resolve_length, where the length is decided
         if self.epochs is not None and self.epochs <= 0:
             raise UserError(f"--epochs must be > 0, got {self.epochs:g}")
         if self.lr_schedule not in LR_SCHEDULES:

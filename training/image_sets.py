@@ -136,15 +136,12 @@ class _TableBuilder:
     """Rows appended one at a time, turned into arrays a chunk at a time."""
 
     def __init__(self):
-        self.roots: list[str] = []
-        self._root_ids: dict[str, int] = {}
+        self._root_ids: dict[str, int] = {}  # root -> its index, in the order first seen
         self._rows: list[tuple[int, bytes, int, int, int]] = []
         self._tables: list[RefTable] = []
 
     def add(self, root: str, name: str, label: int, offset: int = -1, size: int = 0) -> None:
         r = self._root_ids.setdefault(root, len(self._root_ids))
-        if r == len(self.roots):
-            self.roots.append(root)
         self._rows.append((r, name.encode("utf-8"), label, offset, size))
         if len(self._rows) >= RefTable.CHUNK:
             self._flush()
@@ -160,7 +157,7 @@ class _TableBuilder:
         if not self._tables:
             return RefTable.empty()
         out = RefTable.concat(self._tables) if len(self._tables) > 1 else self._tables[0]
-        out.roots = list(self.roots)  # the chunks index into the one list of roots
+        out.roots = list(self._root_ids)  # the chunks index into the one list of roots
         self._tables = []  # the chunks' arrays go as the table is made (else a caller's builder keeps 2x)
         return out
 
