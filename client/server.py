@@ -27,6 +27,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from realfake.core.defaults import CUDA_MEMORY_POOL_MB
 from realfake.core.errors import UserError
 
 LOOPBACK = "127.0.0.1"
@@ -145,6 +146,18 @@ def free_port(host: str = LOOPBACK) -> int:
         return s.getsockname()[1]
 
 
+def cuda_pool_flags(gpus: int | None = None, megabytes: int = CUDA_MEMORY_POOL_MB) -> list[str]:
+    """Triton's CUDA memory pool for each GPU this process sees (core.defaults.CUDA_MEMORY_POOL_MB says why);
+    none without a GPU, or without torch to count them."""
+    if gpus is None:
+        try:
+            import torch
+        except ImportError:
+            return []
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [f"--cuda-memory-pool-byte-size={g}:{megabytes << 20}" for g in range(gpus)]
+
+
 class LocalServer:
     """A tritonserver child process serving `repo` on loopback; use as a context manager."""
 
@@ -230,6 +243,7 @@ class LocalServer:
             f"--metrics-port={self.metrics_port}",
             "--exit-timeout-secs=10",
             "--log-verbose=0",
+            *cuda_pool_flags(),
         ]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")

@@ -44,6 +44,8 @@ VOCABULARY = {
     "the side of the images a model trains on": "--image-size",  # finetune, classify (diffusers: --resolution)
     "data-loading processes per training process": "--workers",
     "a training run's length in passes over the data": "--epochs",
+    "how the learning rate moves over a run": "--lr-schedule",  # each command's schedules, typed choices
+    "a known recipe's settings, under the options given": "--recipe",
 }
 
 # Fixed choices as types: --help lists the values, a wrong one is one line naming them, and the value is a plain

@@ -20,6 +20,11 @@ SCHEDULERS = ("unipc", "ddim", "euler", "dpm")
 # pipeline model), onnxruntime and tensorrt (Triton's native GPU backends), pytorch (the bundle's modules)
 RUNTIMES = ("python-ort", "openvino", "onnxruntime", "tensorrt", "pytorch")
 PLACEMENTS = ("bls", "inprocess")  # the graphs as their own models called by BLS, or inside the pipeline model
+# Triton's CUDA memory pool per GPU (--cuda-memory-pool-byte-size), through which the Python backend passes GPU
+# tensors to and from its stub: Triton's 64 MB default is less than one SD-1.5 decode of 16 images (16 x 3 x 512 x
+# 512 fp32 = 48 MB) beside the UNet's inputs, and a tensor that does not fit is copied through the host instead.
+# docker/entrypoint.sh says the same number (RF_CUDA_POOL_MB); a test keeps them equal.
+CUDA_MEMORY_POOL_MB = 512
 GUIDANCE_TOKEN_MODES = ("auto", "on", "off")  # the image-embedding guidance token with real images
 # the command that gives a bundle (a stock SD-1.5 has none) the CLIP image encoder the guidance token needs
 ADD_IMAGE_ENCODER = "rf-train add-image-encoder --bundle BASE --image-encoder CLIP_DIR --out BUNDLE"

@@ -169,7 +169,7 @@ stage_classify() {
   # shellcheck disable=SC2086  # RF_CLASSIFY_ARGS is a list of options
   torchrun --standalone --nproc-per-node "$gpus" "$train" classify --classes "$classes" \
     --synthetic "$synthetic.wds" "${val[@]}" --out "$RF_WORK/classifier" \
-    ${RF_CLASSIFY_ARGS:---model resnet50 --epochs 90 --batch-size 1024 --workers 8}
+    ${RF_CLASSIFY_ARGS:---recipe torchvision-resnet50 --workers 8}
 }
 
 all=(captions encoder finetune export generate finish classify)

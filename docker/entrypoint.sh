@@ -8,9 +8,18 @@
 #   RF_PRECISION    openvino precision: fp32 (default) | bf16 | int8 (the UNet is quantized once, kept in the volume);
 #                   RF_DTYPE, its old name, is read when it is unset
 #   RF_CLASSES      class set whose prompts calibrate the int8 UNet (default imagenet)
+#   RF_CUDA_POOL_MB Triton's CUDA memory pool per GPU, through which the Python backend passes GPU tensors
+#                   (default 512; realfake.core.defaults.CUDA_MEMORY_POOL_MB says why)
+# A container that sees several GPUs serves them with RF_PLACEMENT=inprocess only: with bls, Triton may send a
+# pipeline's BLS calls to another GPU's component. Run one container per GPU (docker run --gpus device=K) instead.
 set -euo pipefail
 models="${RF_MODELS:-/models}"
 runtime="${RF_RUNTIME:-tensorrt}"
+placement="${RF_PLACEMENT:-${RF_COMPONENTS:-bls}}"
+gpus=0
+if command -v nvidia-smi >/dev/null; then
+  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+fi
 if [ ! -f "$models/bundle/model_index.json" ] && [ ! -f "$models/repo/pipeline/config.pbtxt" ]; then
   echo "error: mount a diffusers-layout bundle at $models/bundle (or a ready repository at $models/repo)" >&2
   exit 2
@@ -21,6 +30,12 @@ if [ -f "$models/bundle/model_index.json" ]; then
   if command -v flock >/dev/null; then
     exec 9>"$models/.rf-prepare.lock"
     flock 9
+  fi
+  if [ "$gpus" -gt 1 ] && [ "$placement" = bls ] && { [ "$runtime" = tensorrt ] || [ "$runtime" = onnxruntime ]; }; then
+    echo "error: this container sees $gpus GPUs, and with RF_PLACEMENT=bls a pipeline's BLS calls may run on another" \
+      "GPU's component: run one container per GPU (docker run --gpus device=K) or RF_PLACEMENT=inprocess" \
+      "(RF_RUNTIME=tensorrt)" >&2
+    exit 2
   fi
   case "$runtime" in
     tensorrt|onnxruntime|pytorch)
@@ -37,7 +52,7 @@ if [ -f "$models/bundle/model_index.json" ]; then
     tensorrt)
       rf-export engines "$models/onnx" --out "$models/engines" --batch-sizes "${RF_BATCH_SIZES:-1,4,8,16}"
       rf-export repo "$models/onnx" --out "$models/repo" --runtime tensorrt --engines "$models/engines" \
-        --placement "${RF_PLACEMENT:-${RF_COMPONENTS:-bls}}" ;;
+        --placement "$placement" ;;
     pytorch)
       rf-export repo "$models/onnx" --out "$models/repo" --runtime pytorch --bundle "$models/bundle" ;;
     openvino)
@@ -54,4 +69,8 @@ if [ -f "$models/bundle/model_index.json" ]; then
     exec 9>&-
   fi
 fi
-exec tritonserver --model-repository="$models/repo" "$@"
+pool=()
+for ((g = 0; g < gpus; g++)); do
+  pool+=("--cuda-memory-pool-byte-size=$g:$((${RF_CUDA_POOL_MB:-512} * 1048576))")
+done
+exec tritonserver --model-repository="$models/repo" "${pool[@]}" "$@"

@@ -1,17 +1,23 @@
 """`rf-export engines`: ONNX -> TensorRT fp16 plans with optimisation profiles, a shared timing cache, and a
-metadata JSON per plan; a plan built for another GPU, TensorRT version, ONNX graph or profile is rebuilt.
+metadata JSON per plan; a plan built for another GPU, TensorRT version, ONNX graph or profile is rebuilt. Each
+new plan is run against ONNX Runtime (fp32) on the same seeded inputs; its error is recorded in its metadata and
+in engines.json, and a plan over PARITY_TOLERANCE fails the command and is never served.
 
-Plans are named `<component>.<gpu-arch>.<trt-version>.plan` (e.g. `unet.sm90.10.13.0.plan`). Everything that
-can be decided without a GPU (profiles, names, the rebuild decision) is plain Python and unit-tested on CPU;
-building needs an NVIDIA GPU and the `tensorrt` package, and says so in one line when either is missing.
+Plans are named `<component>.<gpu-arch>.<gpu-model>.<trt-version>.plan` (e.g.
+`unet.sm90.h100-80gb-hbm3.10.13.0.plan`). Everything that can be decided without a GPU (profiles, names, the
+rebuild decision, the comparison's inputs and verdict) is plain Python and unit-tested on CPU; building needs an
+NVIDIA GPU and the `tensorrt` package, and says so in one line when either is missing.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from realfake.core.errors import UserError
 from realfake.core.files import write_atomic
@@ -20,10 +26,15 @@ from realfake.serving.export_files import graph_sha256, load_export_meta
 from realfake.serving.model_bundle import TEXT_MAX_LENGTH
 from realfake.serving.tensorrt_plans import GpuInfo, detect_gpu, import_tensorrt, profile_max_images
 
+# The largest relative RMS error (||plan - ort|| / ||ort|| over one call's output) a plan may have against ONNX
+# Runtime's fp32 run of the same graph on the same inputs. fp16 keeps 11 significant bits (~5e-4 per value) and a
+# UNet call compounds it over ~50 layers; bf16 keeps 8 (~4e-3 per value); fp32 plans differ only by kernel choice.
+PARITY_TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 5e-2}
+
 
 def timing_cache_name(gpu: GpuInfo) -> str:
-    """One timing cache per GPU architecture: TensorRT rejects a cache made on another device."""
-    return f"timing.{gpu.arch}.cache"
+    """One timing cache per GPU model: TensorRT rejects a cache made on another device."""
+    return f"timing.{gpu.arch}.{gpu.model}.cache"
 
 
 @dataclass(frozen=True)
@@ -75,7 +86,7 @@ def component_profiles(meta: dict, batch_sizes: list[int], cfg: bool = True) -> 
 
 
 def plan_name(component: str, gpu: GpuInfo, trt_version: str) -> str:
-    return f"{component}.{gpu.arch}.{trt_version}.plan"
+    return f"{component}.{gpu.arch}.{gpu.model}.{trt_version}.plan"
 
 
 def plan_meta(component: str, gpu: GpuInfo, trt_version: str, onnx_hash: str, profile: Profile, precision: str) -> dict:
@@ -100,7 +111,10 @@ def rebuild_reason(meta_path: Path, wanted: dict) -> str | None:
         have = json.loads(meta_path.read_text())
     except json.JSONDecodeError:
         return "metadata unreadable"
+    if have.get("parity", {}).get("passed") is False:
+        return "its last build failed the comparison with ONNX Runtime"
     for key, label in (
+        ("gpu_name", "GPU model"),
         ("compute_capability", "GPU architecture"),
         ("tensorrt_version", "TensorRT version"),
         ("onnx_sha256", "ONNX graph"),
@@ -153,6 +167,106 @@ def build_plan(
     write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
 
 
+# -- the comparison with ONNX Runtime ---------------------------------------------------------------------------
+
+
+def parity_inputs(profile: Profile, onnx_types: dict[str, str], seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded inputs of the profile's smallest shapes, in the graph's own types, drawn as the pipeline's are:
+    token ids of common tokens, timesteps of the 1000-step schedule, images in [-1, 1], latents and hidden states
+    from a standard normal."""
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for name, (lo, _, _) in sorted(profile.shapes.items()):
+        kind = onnx_types.get(name, "tensor(float)")
+        if name == "input_ids":
+            value = rng.integers(0, 1000, size=lo)
+        elif name == "timestep":
+            value = rng.integers(0, 1000, size=lo) if "int" in kind else rng.uniform(0, 999, size=lo)
+        elif name in ("image", "pixel_values"):
+            value = rng.uniform(-1, 1, size=lo)
+        else:
+            value = rng.standard_normal(size=lo)
+        inputs[name] = value.astype(_NUMPY_TYPES.get(kind, np.float32))
+    return inputs
+
+
+_NUMPY_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+
+
+def compare_outputs(expected: np.ndarray, actual: np.ndarray, precision: str) -> dict:
+    """The plan's output against ONNX Runtime's: relative RMS and largest absolute error, and the verdict against
+    PARITY_TOLERANCE[precision] (a non-finite value, or another shape, fails whatever the error)."""
+    expected, actual = np.asarray(expected, np.float64), np.asarray(actual, np.float64)
+    tolerance = PARITY_TOLERANCE[precision]
+    if expected.shape != actual.shape:
+        return {"passed": False, "reason": f"shape {list(actual.shape)}, expected {list(expected.shape)}",
+                "rel_rms_error": float("inf"), "max_abs_error": float("inf"), "tolerance": tolerance}  # fmt: skip
+    finite = bool(np.isfinite(actual).all())
+    diff = actual - expected if finite else np.full_like(expected, np.inf)
+    rel = float(np.linalg.norm(diff) / max(float(np.linalg.norm(expected)), 1e-12))
+    report = {
+        "passed": finite and rel <= tolerance,
+        "rel_rms_error": rel,
+        "max_abs_error": float(np.abs(diff).max()) if diff.size else 0.0,
+        "tolerance": tolerance,
+    }
+    if not finite:
+        report["reason"] = "non-finite values in the plan's output (fp16 overflow?)"
+    return report
+
+
+def check_parity(
+    onnx_path: Path,
+    profile: Profile,
+    precision: str,
+    run_plan: Callable[[dict[str, np.ndarray]], np.ndarray],
+    seed: int = 0,
+) -> dict:
+    """Runs the ONNX graph with ONNX Runtime in fp32 (on the GPU where its CUDA build is installed) and the plan
+    (`run_plan`) on the same inputs, and compares their first outputs (compare_outputs)."""
+    import onnxruntime as ort
+
+    wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    providers = [p for p in wanted if p in ort.get_available_providers()]
+    session = ort.InferenceSession(str(onnx_path), providers=providers)
+    inputs = parity_inputs(profile, {i.name: i.type for i in session.get_inputs()}, seed)
+    expected = session.run(None, inputs)[0]
+    report = compare_outputs(expected, run_plan(inputs), precision)
+    return report | {"inputs": {k: list(v.shape) for k, v in inputs.items()}, "reference": session.get_providers()[0]}
+
+
+def parity_line(plan: str, p: dict) -> str:
+    verdict = "ok" if p["passed"] else f"FAILED{': ' + p['reason'] if 'reason' in p else ''}"
+    return (
+        f"{plan} vs ONNX Runtime: relative RMS error {p['rel_rms_error']:.3g}, largest {p['max_abs_error']:.3g} "
+        f"(tolerance {p['tolerance']}): {verdict}"
+    )
+
+
+def _plan_runner(component: str, plan: Path, meta: dict) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """The plan as a function of numpy inputs, run as the server runs it (TrtComponents on this GPU)."""
+    import torch
+
+    from realfake.serving.components import COMPONENT_IO
+    from realfake.serving.tensorrt_components import TrtComponents
+    from realfake.serving.tensorrt_plans import SelectedPlan
+
+    runner = TrtComponents({component: SelectedPlan(plan, meta)}, "cuda")
+
+    def run(inputs: dict[str, np.ndarray]) -> np.ndarray:
+        tensors = [torch.from_numpy(inputs[name]).cuda() for name in COMPONENT_IO[component][0]]
+        out = runner._run(component, *tensors)
+        torch.cuda.synchronize()
+        return out.cpu().numpy()
+
+    return run
+
+
 @dataclass
 class PlanResult:
     component: str
@@ -160,6 +274,7 @@ class PlanResult:
     built: bool
     reason: str
     seconds: float
+    parity: dict = field(default_factory=dict)
 
 
 def build_plans(
@@ -186,11 +301,27 @@ def build_plans(
             log(f"building {plan.name}: {reason}")
             plan.with_suffix(".json").unlink(missing_ok=True)  # a crash mid-build leaves no metadata: rebuilt
             build_plan(onnx_path, plan, profile, out / timing_cache_name(gpu), precision)
+            wanted["parity"] = check_parity(onnx_path, profile, precision, _plan_runner(component, plan, wanted))
             write_atomic(plan.with_suffix(".json"), json.dumps(wanted, indent=1).encode())
+            log(parity_line(plan.name, wanted["parity"]))
+        else:
+            wanted = json.loads(plan.with_suffix(".json").read_text())
         results.append(
             PlanResult(
-                component, str(plan), reason is not None, reason or "up to date", round(time.perf_counter() - t0, 2)
+                component,
+                str(plan),
+                reason is not None,
+                reason or "up to date",
+                round(time.perf_counter() - t0, 2),
+                wanted.get("parity", {}),
             )
         )
     write_atomic(out / "engines.json", json.dumps([asdict(r) for r in results], indent=1).encode())
+    failed = [r for r in results if r.parity.get("passed") is False]
+    if failed:
+        raise UserError(
+            f"{', '.join(Path(r.plan).name for r in failed)} differ from ONNX Runtime beyond the {precision} "
+            f"tolerance ({PARITY_TOLERANCE[precision]} relative RMS; see {out / 'engines.json'}): they are not "
+            "served; rebuild with --precision fp32, or report the graph"
+        )
     return results

@@ -136,11 +136,11 @@ def _plans(engines: Path | None, onnx_dir: Path, components: list[str], max_batc
     """The plan of each component for this export (and this machine's GPU when one is visible), and the pipeline
     batch: the plans' largest profile batch unless `max_batch` asks for less; more is refused, since TensorRT
     cannot run a shape outside its optimisation profile."""
-    from realfake.serving.tensorrt_plans import select_plans, visible_gpu
+    from realfake.serving.tensorrt_plans import installed_tensorrt_version, select_plans, visible_gpu
 
     if engines is None or not Path(engines).is_dir():
         raise UserError("--runtime tensorrt needs --engines: the folder `rf-export engines` wrote")
-    plans = select_plans(Path(engines), onnx_dir, components, visible_gpu())
+    plans = select_plans(Path(engines), onnx_dir, components, visible_gpu(), installed_tensorrt_version())
     limit = min(p.max_images for p in plans.values())
     if max_batch is not None and max_batch > limit:
         raise UserError(

@@ -58,6 +58,24 @@ def check_placement(placement: str) -> None:
         raise UserError(f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
 
 
+def bls_across_gpus(placement: str, runtime: str, device: str, gpus: int) -> str | None:
+    """Why a server that sees `gpus` GPUs must not serve a pipeline of this placement and runtime, or None.
+    Triton sends a BLS call to any instance of the model called, and each component has an instance on every GPU:
+    a pipeline instance on GPU 0 may run its UNet on GPU 3, so every step's tensors cross between GPUs and one
+    GPU's queue fills while another idles."""
+    if placement != "bls" or gpus <= 1 or not (runtime in ("onnxruntime", "tensorrt") or device.startswith("cuda")):
+        return None
+    fix = "one server per GPU (CUDA_VISIBLE_DEVICES=K for each, as deploy/node.sh runs them)"
+    if "inprocess" in SERVED[runtime]:
+        fix += " or --placement inprocess (the graphs inside each pipeline instance, on its own GPU)"
+    else:
+        fix += " or --runtime tensorrt --placement inprocess"
+    return (
+        f"this server sees {gpus} GPUs, and with placement bls a pipeline instance's BLS calls may run on another "
+        f"GPU's {runtime} component: run {fix}"
+    )
+
+
 def _not_served(runtime: str, placement: str) -> str:
     return f"runtime {runtime} is served with placement {' or '.join(SERVED[runtime])}, not {placement!r}"
 

@@ -87,9 +87,10 @@ class TrtComponents(ComponentCalls):
         from realfake.serving.export_files import load_export_meta
         from realfake.serving.tensorrt_plans import detect_gpu, import_tensorrt, select_plans
 
-        import_tensorrt()  # the first thing missing is the first thing said
+        trt = import_tensorrt()  # the first thing missing is the first thing said
         meta = load_export_meta(onnx_dir)
-        return cls(select_plans(Path(engines), Path(onnx_dir), meta["components"], detect_gpu()), device)
+        plans = select_plans(Path(engines), Path(onnx_dir), meta["components"], detect_gpu(), trt.__version__)
+        return cls(plans, device)
 
     @classmethod
     def from_folder(cls, folder: str | Path, device: str | torch.device = "cuda") -> TrtComponents:

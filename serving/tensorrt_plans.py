@@ -1,10 +1,13 @@
 """What a server reads of the TensorRT plans `rf-export engines` built: which GPU it runs on, and for each
 component the plan built from this export's graph for that GPU (by the graph digest in each plan's metadata).
-Plans are named `<component>.<gpu-arch>.<trt-version>.plan` with a JSON of their profiles beside them."""
+Plans are named `<component>.<gpu-arch>.<gpu-model>.<trt-version>.plan` with a JSON of their profiles beside them:
+a plan is tuned for one GPU model, not only its architecture (an A100 plan on an A30, both sm80, may run slower or
+not load), and loads only under the TensorRT that built it."""
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +25,12 @@ class GpuInfo:
     @property
     def arch(self) -> str:
         return f"sm{self.compute_capability[0]}{self.compute_capability[1]}"
+
+    @property
+    def model(self) -> str:
+        """The GPU model as a file-name part: "NVIDIA A100-SXM4-80GB" -> "a100-sxm4-80gb"."""
+        slug = re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
+        return re.sub(r"^nvidia-", "", slug) or "gpu"
 
 
 def profile_max_images(component: str, profile_json: dict, cfg: bool = True) -> int:
@@ -60,12 +69,22 @@ class SelectedPlan:
         return profile_max_images(self.meta["component"], self.meta["profiles"])
 
 
+def installed_tensorrt_version() -> str | None:
+    """The version of the `tensorrt` Python package here, or None where it is not installed."""
+    try:
+        import tensorrt
+    except ImportError:
+        return None
+    return tensorrt.__version__
+
+
 def select_plans(
-    engines: Path, onnx_dir: Path, components: list[str], gpu: GpuInfo | None = None
+    engines: Path, onnx_dir: Path, components: list[str], gpu: GpuInfo | None = None, tensorrt: str | None = None
 ) -> dict[str, SelectedPlan]:
     """For each component, the plan in `engines` built from this export's graph (and, when `gpu` is given, for
-    its architecture); the newest when several qualify. A plan whose metadata is missing or names another
-    graph is never picked: serving it would serve other weights."""
+    that GPU model and architecture; when `tensorrt` is given, by that TensorRT version); the newest when several
+    qualify. A plan whose metadata is missing or names another graph is never picked: serving it would serve
+    other weights; nor one that failed its comparison with ONNX Runtime."""
     plans = {}
     for name in components:
         found = sorted(Path(engines).glob(f"{name}.sm*.plan"), key=lambda p: p.stat().st_mtime)
@@ -86,15 +105,40 @@ def select_plans(
                 f"metadata): run `rf-export engines {onnx_dir}` again"
             )
         if gpu is not None:
-            archs = sorted({c.path.name.split(".")[1] for c in candidates})
+            built_for = sorted(
+                {
+                    f"{c.meta.get('gpu_name')} (sm{''.join(map(str, c.meta.get('compute_capability', [])))})"
+                    for c in candidates
+                }
+            )
             candidates = [
-                c for c in candidates if list(c.meta.get("compute_capability", [])) == list(gpu.compute_capability)
+                c
+                for c in candidates
+                if list(c.meta.get("compute_capability", [])) == list(gpu.compute_capability)
+                and c.meta.get("gpu_name") == gpu.name
             ]
             if not candidates:
                 raise UserError(
-                    f"the plans for {name} in {engines} are for {', '.join(archs)}, not this {gpu.name} ({gpu.arch}): "
-                    "run `rf-export engines` here"
+                    f"the plans for {name} in {engines} are for {', '.join(built_for)}, not this {gpu.name} "
+                    f"({gpu.arch}): run `rf-export engines` here"
                 )
+        if tensorrt is not None:
+            versions = sorted({str(c.meta.get("tensorrt_version")) for c in candidates})
+            candidates = [c for c in candidates if c.meta.get("tensorrt_version") == tensorrt]
+            if not candidates:
+                raise UserError(
+                    f"the plans for {name} in {engines} were built with TensorRT {', '.join(versions)}; this server "
+                    f"has {tensorrt}, which cannot load them: run `rf-export engines` here"
+                )
+        failed = [c for c in candidates if c.meta.get("parity", {}).get("passed") is False]
+        candidates = [c for c in candidates if c not in failed]
+        if not candidates:
+            report = failed[-1].meta["parity"]
+            raise UserError(
+                f"the plan for {name} in {engines} failed its comparison with ONNX Runtime (relative RMS error "
+                f"{report['rel_rms_error']:.3g} over the tolerance {report['tolerance']}): it is not served; rebuild "
+                "with `rf-export engines --precision fp32`"
+            )
         plans[name] = candidates[-1]
     return plans
 

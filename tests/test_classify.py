@@ -96,8 +96,10 @@ def test_real_training_beats_chance_clearly(fmnist, tmp_path):
 
 
 def test_ddp_two_processes_matches_one(fmnist, tmp_path):
+    """--batch-size is per process: 2 processes of 16 take the steps 1 process of 32 takes."""
     args = cli_args(COMMON, real=fmnist / "train", val=fmnist / "val")
     single = rf("rf-train", "classify", *args, *cli_args(out=tmp_path / "one"))
+    args = cli_args(COMMON, real=fmnist / "train", val=fmnist / "val", batch_size=COMMON["batch_size"] // 2)
     assert single.returncode == 0, single.stderr[-2000:]
     ddp = subprocess.run(
         [
@@ -119,7 +121,7 @@ def test_ddp_two_processes_matches_one(fmnist, tmp_path):
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one, two = _result(tmp_path / "one"), _result(tmp_path / "two")
-    assert two["processes"] == 2
+    assert two["processes"] == 2 and one["global_batch"] == two["global_batch"] == COMMON["batch_size"]
     # Both see the same augmented samples each epoch (seeded per sample), split over processes; BatchNorm's batch
     # statistics are per process under DDP, so training differs: stated margin on the training loss (measured: at
     # most 4 % apart with seed 0, 11 % with seed 1). The final top-1 swings with BatchNorm's running statistics as
@@ -475,3 +477,163 @@ def test_a_last_batch_of_one_joins_the_one_before():
     assert _batches(np.arange(9), 4) == [[0, 1, 2, 3], [4, 5, 6, 7, 8]]
     assert _batches(np.arange(5), 4) == [[0, 1, 2, 3, 4]]
     assert _batches(np.arange(7), 4) == [[0, 1, 2, 3], [4, 5, 6]]
+
+
+# -- the classifier on timm: recipes by name, schedules, transforms, mixup ------------------------------------
+
+
+def test_recipes_resolve_to_their_sources_numbers():
+    """Each recipe's settings are the numbers its source states; an option given explicitly wins."""
+    from realfake.core.errors import UserError
+    from realfake.training.classify import recipe_line
+    from realfake.training.classify_config import RECIPES, ClassifyConfig
+
+    ref = ClassifyConfig(classes="imagenet", val="v", out="o", recipe="realfake-reference")
+    assert (ref.model, ref.epochs, ref.batch_size, ref.lr, ref.momentum, ref.weight_decay) == (
+        "resnet50", 200, 128, 0.1, 0.9, 5e-4,
+    )  # fmt: skip
+    assert ref.lr_schedule == "multistep" and ref.milestone_epochs() == [50, 100, 150] and ref.gamma == 0.2
+    assert (ref.lr_warmup_epochs, ref.warmup_lr, ref.label_smoothing, ref.color_jitter) == (5, 1e-5, 0.1, 0.4)
+    assert (ref.interpolation, ref.eval_interpolation, ref.eval_crop) == ("random", "bicubic", 0.95)
+    assert RECIPES["realfake-reference"].processes * ref.batch_size == 512  # train.sh: 4 GPUs x 128
+
+    tv = ClassifyConfig(classes="imagenet", val="v", out="o", recipe="torchvision-resnet50")
+    assert (tv.epochs, tv.milestone_epochs(), tv.gamma, tv.weight_decay, tv.lr, tv.lr_warmup_epochs) == (
+        90, [30, 60], 0.1, 1e-4, 0.1, 0,
+    )  # fmt: skip
+    assert RECIPES["torchvision-resnet50"].processes * tv.batch_size == 256 and tv.eval_crop == 224 / 256
+    assert "--lr is not rescaled" not in recipe_line(tv, world=8)
+    assert "its global batch was 256 (8 x 32), this run's is 64: --lr is not rescaled" in recipe_line(tv, world=2)
+
+    mine = ClassifyConfig(classes="imagenet", val="v", out="o", recipe="realfake-reference", epochs=100, lr=0.2)
+    assert mine.milestone_epochs() == [25, 50, 75] and mine.lr == 0.2 and mine.label_smoothing == 0.1
+    plain = ClassifyConfig(classes="imagenet", val="v", out="o")
+    assert (plain.epochs, plain.label_smoothing, plain.lr_warmup_epochs, plain.milestone_epochs()) == (
+        30,
+        0,
+        0,
+        [15, 22],
+    )
+    with pytest.raises(UserError, match="unknown recipe 'timm': choose one of realfake-reference, torchvision"):
+        ClassifyConfig(classes="imagenet", val="v", out="o", recipe="timm")
+
+
+def test_schedules_warm_up_then_decay():
+    """The reference's schedule, epoch by epoch: 5 warmup epochs from 1e-5 to 0.1, then x0.2 from the 50th, 100th
+    and 150th epochs; cosine
+    after the same warmup falls to 0 at the end; a schedule restored from its state_dict continues identically."""
+    import torch
+
+    from realfake.training.classify import make_scheduler
+    from realfake.training.classify_config import ClassifyConfig
+
+    def rates(cfg, epochs, restore_at=None):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr, momentum=0.9)
+        sched, out = make_scheduler(cfg, opt), []
+        for e in range(epochs):
+            out.append(opt.param_groups[0]["lr"])
+            if e == restore_at:  # a resumed run: new optimizer and scheduler, their saved states loaded
+                state, lr = sched.state_dict(), opt.state_dict()
+                opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr, momentum=0.9)
+                sched = make_scheduler(cfg, opt)
+                opt.load_state_dict(lr)
+                sched.load_state_dict(state)
+            sched.step(e + 1)
+        return out
+
+    ref = ClassifyConfig(classes="imagenet", val="v", out="o", recipe="realfake-reference")
+    lr = rates(ref, 200)
+    assert lr[0] == pytest.approx(1e-5) and lr[5] == pytest.approx(0.1)
+    assert lr[1:5] == pytest.approx([1e-5 + k * (0.1 - 1e-5) / 5 for k in range(1, 5)])
+    # timm's count, which the reference ran: milestone m lowers the rate from the m-th epoch on (index m - 1)
+    assert lr[48] == pytest.approx(0.1) and lr[49] == pytest.approx(0.02) and lr[98] == pytest.approx(0.02)
+    assert lr[99] == pytest.approx(0.004) and lr[149] == pytest.approx(0.0008) and lr[199] == pytest.approx(0.0008)
+    assert rates(ref, 200, restore_at=60) == lr
+
+    cos = ClassifyConfig(classes="imagenet", val="v", out="o", lr_schedule="cosine", lr_warmup_epochs=2, epochs=20)
+    lr = rates(cos, 20)
+    assert lr[0] == pytest.approx(1e-5) and max(lr) == pytest.approx(lr[2]) and lr[2] > 0.09
+    assert all(a > b for a, b in zip(lr[2:], lr[3:], strict=False)) and lr[-1] < 0.01
+    plain = rates(ClassifyConfig(classes="imagenet", val="v", out="o", epochs=4), 4)  # no warmup: 0.1 from the start
+    assert plain == pytest.approx([0.1, 0.02, 0.004, 0.004])  # milestones 0.5, 0.75 of 4: the 2nd and 3rd epochs
+
+
+def test_transforms_follow_the_recipe():
+    """timm's transforms with the recipe's crop, jitter and resampling; validation resizes to side / eval_crop."""
+    from torchvision.transforms import InterpolationMode
+
+    from realfake.training.classify import transforms
+    from realfake.training.classify_config import ClassifyConfig
+
+    ref = ClassifyConfig(classes="imagenet", val="v", out="o", recipe="realfake-reference")
+    train = transforms(224, True, False, ref.augment).transforms
+    crop, jitter = train[0], next(t for t in train if type(t).__name__ == "ColorJitter")
+    assert crop.scale == (0.08, 1.0) and crop.size == (224, 224) and len(crop.interpolation) == 2  # random of two
+    assert jitter.brightness == (0.6, 1.4) and jitter.saturation == (0.6, 1.4)
+    resize, center = transforms(224, False, False, ref.augment).transforms[:2]
+    assert resize.size == 235 and resize.interpolation == InterpolationMode.BICUBIC and center.size == (224, 224)
+    tv = ClassifyConfig(classes="imagenet", val="v", out="o", recipe="torchvision-resnet50")
+    assert not any(type(t).__name__ == "ColorJitter" for t in transforms(224, True, False, tv.augment).transforms)
+    resize = transforms(224, False, False, tv.augment).transforms[0]
+    assert resize.size == 256 and resize.interpolation == InterpolationMode.BILINEAR
+
+
+def test_models_by_timm_name_and_clear_refusals():
+    from realfake.core.errors import UserError
+    from realfake.training.classify import build_model
+
+    model = build_model("resnet50", 7)
+    assert type(model).__module__.startswith("timm.") and model.get_classifier().out_features == 7
+    assert build_model("convnext_atto", 3).get_classifier().out_features == 3
+    with pytest.raises(
+        UserError, match=r"unknown model 'resnet51': give resnet-small or a timm model name \(nearest: "
+    ):
+        build_model("resnet51", 3)
+
+
+def test_mixup_of_an_odd_batch_keeps_the_last_image_whole():
+    import torch
+
+    from realfake.training.classify import _loss, _mix, make_mixup
+    from realfake.training.classify_config import ClassifyConfig
+
+    cfg = ClassifyConfig(classes="imagenet", val="v", out="o", mixup=0.8, label_smoothing=0.1)
+    mixup = make_mixup(cfg, 4)
+    images, labels = torch.rand(5, 3, 8, 8), torch.tensor([0, 1, 2, 3, 1])
+    mixed, targets = _mix(mixup, images.clone(), labels)
+    assert mixed.shape == images.shape and targets.shape == (5, 4)
+    assert torch.equal(mixed[4], images[4]) and targets[4].tolist() == pytest.approx([0.025, 0.925, 0.025, 0.025])
+    assert targets.sum(1).tolist() == pytest.approx([1.0] * 5) and not torch.equal(mixed[:4], images[:4])
+    logits = torch.randn(5, 4)
+    hard = _loss(logits, labels, 0.1)
+    soft = _loss(logits, torch.nn.functional.one_hot(labels, 4).float() * 0.9 + 0.025, 0.0)
+    assert hard.item() == pytest.approx(soft.item(), rel=1e-5)  # smoothing as soft targets: the same loss
+    assert make_mixup(ClassifyConfig(classes="imagenet", val="v", out="o"), 4) is None
+
+
+def test_timm_model_with_mixup_and_warmup_resumes_exactly(ilsvrc, tmp_path):
+    """A timm model with the reference's training features on (warmup, label smoothing, mixup and cutmix, colour
+    jitter, random resampling; odd batches), stopped after epoch 1 and resumed: the weights of a run never stopped."""
+    from realfake.training.classify import run_classify
+
+    options = dict(
+        model="resnet10t", image_size=32, epochs=3, batch_size=9, lr_warmup_epochs=1, label_smoothing=0.1,
+        mixup=0.2, cutmix=1.0, color_jitter=0.4, interpolation="random", eval_interpolation="bicubic", eval_crop=0.95,
+    )  # fmt: skip
+    whole = run_classify(_tiny(ilsvrc, tmp_path / "whole", **options), log=lambda _: None)
+
+    def stop_after_first(row):
+        if row["epoch"] == 1:
+            raise Interrupted
+
+    cut = tmp_path / "cut"
+    with pytest.raises(Interrupted):
+        run_classify(_tiny(ilsvrc, cut, workers=2, **options), log=lambda _: None, on_epoch=stop_after_first)
+    resumed = run_classify(_tiny(ilsvrc, cut, **options), log=lambda _: None)
+    for name, tensor in _state(tmp_path / "whole")["model"].items():
+        assert torch_equal(tensor, _state(cut)["model"][name]), name
+    assert resumed["val"] == whole["val"] and resumed["attempts"] == 2
+    rows = _metrics(tmp_path / "whole")
+    # the warmup epoch, then 0.1 x 0.2 from the 2nd epoch (milestones 0.5, 0.75 of 3 epochs: the 2nd)
+    assert [r["lr"] for r in rows] == pytest.approx([1e-5, 0.02, 0.02])
+    assert whole["model"] == "resnet10t" and whole["config"]["mixup"] == 0.2 and whole["global_batch"] == 9

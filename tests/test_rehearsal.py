@@ -91,7 +91,7 @@ def test_the_recipe_runs_whole_on_two_processes_with_a_stop_and_a_resume(tmp_pat
         "RF_FINETUNE_ARGS": "--batch-size 2 --max-steps 2",
         "RF_GENERATE_ARGS": "--format jpeg --quality 95 --batch-size 2 --concurrency 2 --steps 4",
         "RF_PACK_ARGS": "--shard-size 10",
-        "RF_CLASSIFY_ARGS": "--model resnet-small --image-size 16 --epochs 2 --batch-size 12 --lr 0.05 --workers 0",
+        "RF_CLASSIFY_ARGS": "--model resnet-small --image-size 16 --epochs 2 --batch-size 6 --lr 0.05 --workers 0",
         "RF_PROGRESS_EVERY": "1",
     }
 

@@ -46,7 +46,8 @@ def test_repository_per_runtime(tiny_onnx, tiny_bundle, tmp_path):
     assert re.fullmatch(r"tensorrt-10\.13\.0 sm90 fp16 [0-9a-f]{12}, unipc", engine), engine
     again = tmp_path / "engines_again"
     shutil.copytree(plans, again)
-    (again / "unet.sm90.10.13.0.plan").write_bytes(b"plan unet, built again")  # two TensorRT builds differ
+    # two TensorRT builds of one graph differ
+    (again / "unet.sm90.h100-80gb-hbm3.10.13.0.plan").write_bytes(b"plan unet, built again")
     rebuilt = write_repository(tiny_onnx, tmp_path / "trt_re", runtime="tensorrt", engines=again)
     assert parse_config(rebuilt / "pipeline" / "config.pbtxt").parameters["engine"].string_value != engine
     smaller = parse_config(
@@ -70,7 +71,7 @@ def test_repository_per_runtime(tiny_onnx, tiny_bundle, tmp_path):
     assert (held / "unet.plan").read_bytes() == b"plan unet"
     assert json.loads((held / "unet.json").read_text())["max_images"] == 16
     with pytest.raises(UserError, match="no TensorRT plan for unet"):
-        (plans / "unet.sm90.10.13.0.plan").unlink()
+        (plans / "unet.sm90.h100-80gb-hbm3.10.13.0.plan").unlink()
         write_repository(tiny_onnx, tmp_path / "trt2", runtime="tensorrt", engines=plans)
 
     torch_repo = write_repository(tiny_onnx, tmp_path / "pt", runtime="pytorch", bundle=tiny_bundle)

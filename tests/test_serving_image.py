@@ -102,3 +102,70 @@ def test_a_replaced_bundle_is_exported_again_at_start_up(tiny_bundle, tiny_onnx,
     assert f"holds the export of another bundle ({old})" in r.stderr
     new = json.loads((models / "onnx" / "export.json").read_text())["bundle_identity"]
     assert new != old and not (models / "onnx" / "unet.int8.xml").exists()
+
+
+def _fake_gpu_host(tmp_path, gpus: int) -> dict:
+    """PATH with an `nvidia-smi -L` listing `gpus` GPUs and a `tritonserver` that records its arguments."""
+    import os
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    listing = "".join(f"GPU {g}: NVIDIA H100 80GB HBM3 (UUID: GPU-{g:08d})\\n" for g in range(gpus))
+    (bin_dir / "nvidia-smi").write_text(f'#!/bin/sh\nprintf "{listing}"\n')
+    (bin_dir / "tritonserver").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{tmp_path}/triton-args"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    return {**os.environ, "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]])}
+
+
+def test_entrypoint_sizes_the_cuda_pool_per_gpu_and_refuses_bls_across_gpus(tiny_bundle, tiny_onnx, tmp_path):
+    """Each GPU the container sees gets Triton's CUDA memory pool for the Python backend's GPU tensors; a container
+    of several GPUs with placement bls (Triton may route a pipeline's BLS calls to another GPU) stops, saying what
+    to run instead."""
+    from realfake.core.defaults import CUDA_MEMORY_POOL_MB
+    from realfake.serving.pipeline_params import bls_across_gpus
+
+    script = (ROOT / "docker" / "entrypoint.sh").read_text()
+    assert f"${{RF_CUDA_POOL_MB:-{CUDA_MEMORY_POOL_MB}}}" in script  # one number, said in both places
+    models = tmp_path / "models"
+    shutil.copytree(tiny_bundle, models / "bundle")
+    shutil.copytree(tiny_onnx, models / "onnx")
+    env = _fake_gpu_host(tmp_path, 2) | {"RF_MODELS": str(models)}
+    env.pop("RF_PLACEMENT", None)
+    run = ["bash", str(ROOT / "docker" / "entrypoint.sh")]
+    r = subprocess.run(run, env=env | {"RF_RUNTIME": "tensorrt"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: this container sees 2 GPUs, and with RF_PLACEMENT=bls a pipeline's BLS calls may run on another "
+        "GPU's component: run one container per GPU (docker run --gpus device=K) or RF_PLACEMENT=inprocess "
+        "(RF_RUNTIME=tensorrt)"
+    ]
+    assert not (models / "repo").exists()
+
+    r = subprocess.run(
+        [*run, "--http-port=8000"], env=env | {"RF_RUNTIME": "python-ort"}, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    pool = CUDA_MEMORY_POOL_MB * 1024 * 1024
+    assert (tmp_path / "triton-args").read_text().splitlines() == [
+        f"--model-repository={models}/repo",
+        f"--cuda-memory-pool-byte-size=0:{pool}",
+        f"--cuda-memory-pool-byte-size=1:{pool}",
+        "--http-port=8000",
+    ]
+    # the pipeline model's own check, for servers started any other way (a ready repository, rf-serve)
+    assert "one server per GPU" in bls_across_gpus("bls", "tensorrt", "cuda", 8)
+    assert "--runtime tensorrt --placement inprocess" in bls_across_gpus("bls", "onnxruntime", "cuda", 2)
+    assert bls_across_gpus("inprocess", "tensorrt", "cuda", 8) is None
+    assert (
+        bls_across_gpus("bls", "tensorrt", "cuda", 1) is None and bls_across_gpus("bls", "python-ort", "cpu", 4) is None
+    )
+
+
+def test_local_servers_get_the_cuda_pool_of_each_gpu():
+    from realfake.client.server import cuda_pool_flags
+
+    assert cuda_pool_flags(0) == [] and cuda_pool_flags(2, 512) == [
+        "--cuda-memory-pool-byte-size=0:536870912",
+        "--cuda-memory-pool-byte-size=1:536870912",
+    ]

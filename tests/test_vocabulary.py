@@ -17,7 +17,17 @@ from realfake.core.precision import resolve_precision
 from conftest import rf
 
 # options whose values are a fixed set: --help must list them, a wrong one is refused by the parser
-CHOICES = ("--runtime", "--scheduler", "--placement", "--format", "--guidance-token", "--precision", "--lr-schedule")
+CHOICES = (
+    "--runtime",
+    "--scheduler",
+    "--placement",
+    "--format",
+    "--guidance-token",
+    "--precision",
+    "--lr-schedule",
+    "--recipe",
+    "--interpolation",
+)
 # other spellings of a concept in the table (any command using one of these fails)
 OTHER_SPELLINGS = {
     "--precision": re.compile(r"^--(no-)?(dtype|fp16|bf16|amp|mixed-precision|half)$"),
@@ -29,6 +39,8 @@ OTHER_SPELLINGS = {
     "--image-size": re.compile(r"^--(resolution|size|img-size|input-size)$"),
     "--workers": re.compile(r"^--(num-workers|dataloader-workers|loader-workers|jobs)$"),
     "--epochs": re.compile(r"^--(num-epochs|num-train-epochs|train-epochs)$"),
+    "--lr-schedule": re.compile(r"^--(sched|lr-sched|lr-scheduler|lr-scheduler-type)$"),
+    "--recipe": re.compile(r"^--(training-recipe|train-recipe|classify-preset)$"),  # NNCF's --preset is its own
 }
 
 

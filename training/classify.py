@@ -2,6 +2,9 @@
 evaluate top-1/top-5 and per-class top-1 on one or more real validation sets. Single process, or DDP under
 `torchrun` (gloo on CPU, nccl on GPU). Re-running the same command resumes the run in its directory.
 
+Models, transforms, schedules and mixup are timm's (any timm model name; `resnet-small` is ours, for 28-32 px);
+named recipes (classify_config.RECIPES) reproduce known training recipes.
+
 Labels come from class ids resolved against one class set, never from folder sort order: the synthetic set's
 manifest rows carry class ids, real ImageFolders are matched by folder name (class id or name), flat folders
 (the ILSVRC-2012 validation layout) by a labels file (see image_sets.py).
@@ -27,7 +30,16 @@ from realfake.core.classes import ClassInfo, load_classes
 from realfake.core.errors import UserError
 from realfake.core.files import atomic_file, write_atomic
 from realfake.core.precision import resolve_precision
-from realfake.training.classify_config import MODELS, RESUME_KEYS, RUN_FILES, ClassifyConfig, default_workers
+from realfake.training.classify_config import (
+    RECIPES,
+    RESUME_KEYS,
+    RUN_FILES,
+    SMALL_MODEL,
+    Augment,
+    ClassifyConfig,
+    check_model,
+    default_workers,
+)
 from realfake.training.image_sets import (
     RefTable,
     ValSpec,
@@ -43,8 +55,9 @@ from realfake.training.image_sets import (
 
 
 class RefDataset(torch.utils.data.Dataset):
-    """Images by index; an (index, seed) item is augmented with that seed, so a sample's augmentation does not
-    depend on which worker loads it, how many there are, or whether the run was resumed."""
+    """Images by index; an (index, seed) item is augmented with that seed (torch's and Python's generators: timm's
+    crops draw from `random`), so a sample's augmentation does not depend on which worker loads it, how many there
+    are, or whether the run was resumed."""
 
     def __init__(self, refs: RefTable, transform):
         self.refs, self.transform = refs, transform
@@ -55,9 +68,14 @@ class RefDataset(torch.utils.data.Dataset):
     def __getitem__(self, item: int | tuple[int, int]):
         if isinstance(item, tuple):
             index, seed = item
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                return self._load(index)
+            state = random.getstate()
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    random.seed(seed)
+                    return self._load(index)
+            finally:
+                random.setstate(state)
         return self._load(item)
 
     def _load(self, i: int):
@@ -98,16 +116,29 @@ class EpochBatches:
         return len(_batches(self.indices(), self.batch))
 
 
-def transforms(size: int, train: bool, small: bool):
-    from torchvision.transforms import v2
-
-    norm = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)]
+def transforms(size: int, train: bool, small: bool, aug: Augment = Augment()):
+    """PIL image -> normalised tensor. resnet-small: resize, pad-and-crop, flip. Every other model: timm's
+    ImageNet transforms (training: random-resized crop of 8-100 % of the area, flip, colour jitter when asked;
+    validation: resize to size / eval_crop and centre crop), with ImageNet's mean and std."""
     if small:
-        aug = [v2.RandomCrop(size, padding=size // 8), v2.RandomHorizontalFlip()] if train else []
-        return v2.Compose([v2.Resize((size, size)), *aug, *norm])
+        from torchvision.transforms import v2
+
+        norm = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)]
+        flips = [v2.RandomCrop(size, padding=size // 8), v2.RandomHorizontalFlip()] if train else []
+        return v2.Compose([v2.Resize((size, size)), *flips, *norm])
+    from timm.data import create_transform
+
     if train:
-        return v2.Compose([v2.RandomResizedCrop(size), v2.RandomHorizontalFlip(), *norm])
-    return v2.Compose([v2.Resize(round(size * 256 / 224)), v2.CenterCrop(size), *norm])
+        return create_transform(
+            size,
+            is_training=True,
+            scale=(0.08, 1.0),
+            ratio=(3 / 4, 4 / 3),
+            hflip=0.5,
+            color_jitter=aug.color_jitter or None,
+            interpolation=aug.interpolation,
+        )
+    return create_transform(size, is_training=False, crop_pct=aug.eval_crop, interpolation=aug.eval_interpolation)
 
 
 @dataclass
@@ -146,35 +177,103 @@ def load_val_sets(cfg: ClassifyConfig, classes: list[ClassInfo], train_labels: s
 
 
 def build_model(name: str, num_classes: int) -> torch.nn.Module:
-    from torchvision.models import resnet18, resnet50
+    """A timm model by name with random weights (never fetched), or ours for 28-32 px inputs."""
+    check_model(name)
+    if name != SMALL_MODEL:
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
     from torchvision.models.resnet import BasicBlock
 
-    if name == "resnet50":
-        return resnet50(weights=None, num_classes=num_classes)
-    if name == "resnet18":
-        return resnet18(weights=None, num_classes=num_classes)
-    if name == "resnet-small":  # for 28-32 px inputs: 3x3 stem, no max-pool, three stages of basic blocks
+    # resnet-small: 3x3 stem, no max-pool, three stages of basic blocks
 
-        def stage(cin, cout, stride):
-            down = None
-            if stride != 1 or cin != cout:
-                down = torch.nn.Sequential(
-                    torch.nn.Conv2d(cin, cout, 1, stride, bias=False), torch.nn.BatchNorm2d(cout)
-                )
-            return BasicBlock(cin, cout, stride, downsample=down)
+    def stage(cin, cout, stride):
+        down = None
+        if stride != 1 or cin != cout:
+            down = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 1, stride, bias=False), torch.nn.BatchNorm2d(cout))
+        return BasicBlock(cin, cout, stride, downsample=down)
 
-        return torch.nn.Sequential(
-            torch.nn.Conv2d(3, 32, 3, 1, 1, bias=False),
-            torch.nn.BatchNorm2d(32),
-            torch.nn.ReLU(inplace=True),
-            stage(32, 32, 1),
-            stage(32, 64, 2),
-            stage(64, 128, 2),
-            torch.nn.AdaptiveAvgPool2d(1),
-            torch.nn.Flatten(),
-            torch.nn.Linear(128, num_classes),
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, 1, 1, bias=False),
+        torch.nn.BatchNorm2d(32),
+        torch.nn.ReLU(inplace=True),
+        stage(32, 32, 1),
+        stage(32, 64, 2),
+        stage(64, 128, 2),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(128, num_classes),
+    )
+
+
+# -- the schedule and the loss ----------------------------------------------------------------------------------
+
+
+def make_scheduler(cfg: ClassifyConfig, optimizer: torch.optim.Optimizer):
+    """timm's per-epoch schedule of `cfg`: `lr_warmup_epochs` of linear warmup from `warmup_lr` (counted inside the
+    schedule, as timm's train.py does), then multistep (x gamma at each milestone) or cosine to 0 at the last
+    epoch. `step(e)` sets the rate of epoch e (0-based)."""
+    from timm.scheduler import create_scheduler_v2
+
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=cfg.lr_schedule,
+        num_epochs=cfg.epochs,
+        decay_milestones=cfg.milestone_epochs(),
+        decay_rate=cfg.gamma,
+        warmup_epochs=cfg.lr_warmup_epochs,
+        warmup_lr=cfg.warmup_lr,
+        min_lr=0.0,
+        step_on_epochs=True,
+    )
+    return scheduler
+
+
+def make_mixup(cfg: ClassifyConfig, n_classes: int):
+    """timm's Mixup/CutMix with the label smoothing folded into its soft targets, or None when neither is on."""
+    if not (cfg.mixup or cfg.cutmix):
+        return None
+    from timm.data import Mixup
+
+    return Mixup(
+        mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing, num_classes=n_classes
+    )
+
+
+def _mix(mixup, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixed images and soft targets. timm mixes pairs, so an odd batch mixes all but its last image, which keeps
+    its own (smoothed) target."""
+    from timm.data.mixup import mixup_target
+
+    n = len(labels) - len(labels) % 2
+    if n == 0:
+        return images, mixup_target(labels, mixup.num_classes, 1.0, mixup.label_smoothing)
+    mixed, targets = mixup(images[:n], labels[:n])
+    if n == len(labels):
+        return mixed, targets
+    rest = mixup_target(labels[n:], mixup.num_classes, 1.0, mixup.label_smoothing)
+    return torch.cat([mixed, images[n:]]), torch.cat([targets, rest])
+
+
+def _loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Cross-entropy on class ids (label-smoothed when asked), or on mixup's soft targets."""
+    if targets.ndim == 2:
+        return torch.sum(-targets * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+    return torch.nn.functional.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+
+
+def recipe_line(cfg: ClassifyConfig, world: int) -> str:
+    """What --recipe took, from where, and how this run's global batch compares with its source's."""
+    recipe = RECIPES[cfg.recipe]
+    source_batch = recipe.processes * recipe.settings["batch_size"]
+    line = f"recipe {recipe.name}: {recipe.source}"
+    here = world * cfg.batch_size
+    if here != source_batch:
+        line += (
+            f"; its global batch was {source_batch} ({recipe.processes} x {recipe.settings['batch_size']}), this"
+            f" run's is {here}: --lr is not rescaled"
         )
-    raise UserError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+    return line
 
 
 # -- distributed ----------------------------------------------------------------------------------------
@@ -193,7 +292,7 @@ def _dist():
 def _all_sum(t: torch.Tensor, world: int, device: torch.device) -> torch.Tensor:
     """Sum of a tensor over ranks (on the device: nccl reduces CUDA tensors only), back on the CPU."""
     if world == 1:
-        return t
+        return t.cpu()
     import torch.distributed as dist
 
     t = t.to(device)
@@ -314,17 +413,18 @@ def run_classify(cfg: ClassifyConfig, log=print, on_epoch: Callable[[dict], None
     say = log if main else (lambda *_: None)
     workers = default_workers() if cfg.workers is None else cfg.workers
     torch.manual_seed(cfg.seed)
-    small = cfg.model == "resnet-small"
-    train_set = RefDataset(train_refs, transforms(cfg.size, True, small))
-    val_transform = transforms(cfg.size, False, small)
+    small = cfg.model == SMALL_MODEL
+    train_set = RefDataset(train_refs, transforms(cfg.size, True, small, cfg.augment))
+    val_transform = transforms(cfg.size, False, small, cfg.augment)
     model = build_model(cfg.model, len(classes)).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     ddp = DistributedDataParallel(model) if world > 1 else None
     net = ddp or model
-    per_rank_batch = max(1, cfg.batch_size // world)
+    per_rank_batch = cfg.batch_size
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestone_epochs(), gamma=cfg.gamma)
+    scheduler = make_scheduler(cfg, optimizer)
+    mixup = make_mixup(cfg, len(classes))
     amp_dtype = autocast_dtype(cfg.precision, device)
     use_amp = amp_dtype is not None
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)  # bf16 needs no loss scaling
@@ -365,9 +465,11 @@ def run_classify(cfg: ClassifyConfig, log=print, on_epoch: Callable[[dict], None
         say(f"resuming run {run['id']} after epoch {run['epoch']}/{cfg.epochs} (attempt {run['attempt']})")
     say(
         f"training {cfg.model} on {len(syn)} synthetic + {len(real)} real images ({len(classes)} classes), "
-        f"validating on {', '.join(f'{v.spec.name} ({len(v.refs)})' for v in val_sets)}; {world} process(es), "
-        f"{workers} loader worker(s) each"
+        f"validating on {', '.join(f'{v.spec.name} ({len(v.refs)})' for v in val_sets)}; {world} process(es) x "
+        f"{per_rank_batch} images = {world * per_rank_batch} per step, {workers} loader worker(s) each"
     )
+    if cfg.recipe:
+        say(recipe_line(cfg, world))
     for v in val_sets:
         if v.absent:
             say(f"warning: {v.absent} image(s) labelled in {v.spec.labels} are not in {v.spec.path}")
@@ -378,30 +480,30 @@ def run_classify(cfg: ClassifyConfig, log=print, on_epoch: Callable[[dict], None
             t0 = time.perf_counter()
             sampler.set_epoch(epoch)
             seen = _gather_indices(sampler.indices(), world, dist)
+            np.random.seed([cfg.seed, epoch, rank])  # mixup's draws (numpy's): the same on a resumed run
+            lr = optimizer.param_groups[0]["lr"]
             net.train()
-            sums = torch.zeros(3, dtype=torch.float64)  # loss x images, correct, images
-            bar = tqdm(
-                loader,
-                desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                disable=not (main and sys.stderr.isatty()),
-                leave=False,
-            )
+            # loss x images, correct, images: summed on the device, read once an epoch (no sync per step)
+            sums = torch.zeros(3, dtype=torch.float64, device=device)
+            show = main and sys.stderr.isatty()
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show, leave=False)
             with ddp.join() if ddp is not None else contextlib.nullcontext():
-                for images, labels in bar:
+                for step, (images, labels) in enumerate(bar):
                     images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                    inputs, targets = _mix(mixup, images, labels) if mixup is not None else (images, labels)
                     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
-                        logits = net(images)
-                        loss = torch.nn.functional.cross_entropy(logits, labels)
+                        logits = net(inputs)
+                        loss = _loss(logits, targets, cfg.label_smoothing)
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
                     scaler.step(optimizer)
                     scaler.update()
-                    sums += torch.tensor(
-                        [loss.item() * len(labels), (logits.argmax(1) == labels).sum().item(), len(labels)],
-                        dtype=torch.float64,
-                    )
-                    bar.set_postfix(loss=f"{loss.item():.3f}")
-            scheduler.step()
+                    sums[0] += loss.detach().double() * len(labels)
+                    sums[1] += (logits.argmax(1) == labels).sum()
+                    sums[2] += len(labels)
+                    if show and step % 20 == 0:
+                        bar.set_postfix(loss=f"{loss.item():.3f}")
+            scheduler.step(epoch + 1)
             loss_sum, correct, count = _all_sum(sums, world, device).tolist()
             row = {
                 "run": run["id"],
@@ -409,7 +511,7 @@ def run_classify(cfg: ClassifyConfig, log=print, on_epoch: Callable[[dict], None
                 "epoch": epoch + 1,
                 "train_loss": loss_sum / count,
                 "train_top1": correct / count,
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": lr,  # the rate this epoch trained at
                 "samples_seen": int(count),
                 "unique_samples": seen,
                 "images_per_sec": round(count / (time.perf_counter() - t0), 2),
@@ -492,7 +594,9 @@ def _result(cfg, run, val_sets, train, classes, world, workers) -> dict:
         "run": run["id"],
         "attempts": run["attempt"],
         "model": cfg.model,
+        "recipe": cfg.recipe,
         "image_size": cfg.size,
+        "global_batch": world * cfg.batch_size,
         "epochs": cfg.epochs,
         "processes": world,
         "workers": workers,

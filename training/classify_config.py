@@ -1,19 +1,117 @@
-"""The settings of `rf-train classify`, said once: the CLI's defaults, the run record and the resume check read
-them from here (no torch import, so `rf-train --help` stays quick)."""
+"""The settings of `rf-train classify`, said once: the CLI's defaults, the recipes, the run record and the resume
+check read them from here (no torch or timm import, so `rf-train --help` stays quick).
+
+A recipe (`--recipe`) is a named set of settings from a known source; a setting given explicitly overrides it,
+and whatever neither says comes from DEFAULTS. `--batch-size` is per process, as torchrun's and timm's
+`train.py` count it: N processes train on N x batch images a step."""
 
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from realfake.core.errors import UserError
 
-MODELS = ("resnet50", "resnet18", "resnet-small")
+SMALL_MODEL = "resnet-small"  # ours, for 28-32 px inputs; every other --model is a timm model name
+LR_SCHEDULES = ("multistep", "cosine")
+INTERPOLATIONS = ("bilinear", "bicubic", "random")  # random: bilinear or bicubic per image (timm's training crop)
 # what a run directory holds; --fresh replaces all of it
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "result.json")
+
+# The settings a recipe may set, with the values a run takes when neither the command nor its recipe says.
+DEFAULTS = {
+    "model": "resnet50",
+    "epochs": 30,
+    "batch_size": 128,  # per process
+    "lr": 0.1,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "lr_schedule": "multistep",
+    # fractions of the epochs; milestone m multiplies the rate by gamma from the m-th epoch on (timm's count, 1-based)
+    "milestones": "0.5,0.75",
+    "gamma": 0.2,
+    "lr_warmup_epochs": 0,  # epochs of linear warmup from warmup_lr to lr
+    "warmup_lr": 1e-5,
+    "label_smoothing": 0.0,
+    "mixup": 0.0,  # mixup alpha (0: off)
+    "cutmix": 0.0,  # cutmix alpha (0: off); with both, each batch takes one of them at even odds
+    "color_jitter": 0.0,
+    "interpolation": "bilinear",  # of the training crop
+    "eval_interpolation": "bilinear",
+    "eval_crop": 0.875,  # validation: resize to size / eval_crop, centre crop size (224 of 256)
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    source: str
+    settings: dict
+    processes: int  # how many processes its source trained with (its global batch: processes x batch_size)
+
+
+RECIPES = {
+    r.name: r
+    for r in (
+        Recipe(
+            "realfake-reference",
+            "the paper's code (BAAI-DCAI/Training-Data-Synthesis): train.sh on 4 GPUs with train.py's defaults "
+            "(timm's train.py as it shipped)",
+            {
+                "model": "resnet50",
+                "epochs": 200,
+                "batch_size": 128,
+                "lr": 0.1,
+                "momentum": 0.9,
+                "weight_decay": 5e-4,
+                "lr_schedule": "multistep",
+                "milestones": "0.25,0.5,0.75",  # epochs 50, 100, 150 of 200
+                "gamma": 0.2,
+                "lr_warmup_epochs": 5,
+                "warmup_lr": 1e-5,
+                "label_smoothing": 0.1,
+                "mixup": 0.0,
+                "cutmix": 0.0,
+                "color_jitter": 0.4,
+                "interpolation": "random",
+                "eval_interpolation": "bicubic",  # timm resnet50's default config: crop 0.95, bicubic
+                "eval_crop": 0.95,
+            },
+            processes=4,
+        ),
+        Recipe(
+            "torchvision-resnet50",
+            "torchvision's classification reference for ResNet-50 (references/classification: 8 GPUs x 32, "
+            "90 epochs, lr 0.1 x0.1 every 30 epochs, weight decay 1e-4)",
+            {
+                "model": "resnet50",
+                "epochs": 90,
+                "batch_size": 32,
+                "lr": 0.1,
+                "momentum": 0.9,
+                "weight_decay": 1e-4,
+                "lr_schedule": "multistep",
+                "milestones": "0.3333,0.6667",  # epochs 30, 60 of 90
+                "gamma": 0.1,
+                "lr_warmup_epochs": 0,
+                "warmup_lr": 1e-5,
+                "label_smoothing": 0.0,
+                "mixup": 0.0,
+                "cutmix": 0.0,
+                "color_jitter": 0.0,
+                "interpolation": "bilinear",
+                "eval_interpolation": "bilinear",
+                "eval_crop": 0.875,
+            },
+            processes=8,
+        ),
+    )
+}
+assert all(r.settings.keys() == DEFAULTS.keys() for r in RECIPES.values())
+
 # settings a resumed run must share with the run it continues (workers, eval_every: free to change)
 RESUME_KEYS = (
     "classes",
@@ -23,15 +121,8 @@ RESUME_KEYS = (
     "synthetic",
     "real",
     "real_fraction",
-    "model",
+    *DEFAULTS,
     "image_size",
-    "epochs",
-    "batch_size",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "milestones",
-    "gamma",
     "seed",
     "precision",
 )
@@ -46,6 +137,21 @@ def default_workers() -> int:
     return 0 if per_process <= 1 else min(8, per_process)
 
 
+@dataclass(frozen=True)
+class Augment:
+    """How images become tensors: the training crop's and the validation crop's settings."""
+
+    color_jitter: float = DEFAULTS["color_jitter"]
+    interpolation: str = DEFAULTS["interpolation"]
+    eval_interpolation: str = DEFAULTS["eval_interpolation"]
+    eval_crop: float = DEFAULTS["eval_crop"]
+
+    @classmethod
+    def of(cls, record: dict) -> Augment:
+        """From a run record (a checkpoint's config); settings it lacks take their defaults."""
+        return cls(**{f.name: record[f.name] for f in fields(cls) if record.get(f.name) is not None})
+
+
 @dataclass
 class ClassifyConfig:
     classes: str
@@ -54,15 +160,27 @@ class ClassifyConfig:
     synthetic: Path | None = None
     real: Path | None = None
     real_fraction: float = 1.0
-    model: str = "resnet50"
+    recipe: str | None = None  # a RECIPES name: its settings, under the ones given here
+    # None below: the recipe's value, or DEFAULTS' (resolved in __post_init__)
+    model: str | None = None  # resnet-small, or any timm model name
     image_size: int | None = None  # default: 32 for resnet-small, 224 otherwise
-    epochs: int = 30
-    batch_size: int = 128  # global: divided over DDP processes
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    milestones: str = "0.5,0.75"  # fractions of the epochs where the lr is multiplied by gamma
-    gamma: float = 0.2
+    epochs: int | None = None
+    batch_size: int | None = None  # per process
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    lr_schedule: str | None = None
+    milestones: str | None = None
+    gamma: float | None = None
+    lr_warmup_epochs: int | None = None
+    warmup_lr: float | None = None
+    label_smoothing: float | None = None
+    mixup: float | None = None
+    cutmix: float | None = None
+    color_jitter: float | None = None
+    interpolation: str | None = None
+    eval_interpolation: str | None = None
+    eval_crop: float | None = None
     workers: int | None = None  # None: default_workers()
     seed: int = 0
     precision: str = "auto"  # auto (realfake.core.precision: fp32 on the CPU), fp32, fp16, bf16
@@ -74,10 +192,15 @@ class ClassifyConfig:
     def __post_init__(self) -> None:
         self.val = tuple(str(v) for v in ([self.val] if isinstance(self.val, (str, Path)) else self.val))
         self.val_labels = tuple(str(v) for v in self.val_labels)
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise UserError(f"unknown recipe {self.recipe!r}: choose one of {', '.join(RECIPES)}")
+        base = RECIPES[self.recipe].settings if self.recipe else DEFAULTS
+        for key, value in base.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
 
     def validate(self) -> None:
-        if self.model not in MODELS:
-            raise UserError(f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}")
+        check_model(self.model)
         if self.synthetic is None and self.real is None:
             raise UserError("give --synthetic, --real, or both: there is nothing to train on")
         if not 0.0 <= self.real_fraction <= 1.0:
@@ -86,10 +209,27 @@ class ClassifyConfig:
             raise UserError("--epochs and --batch-size must be >= 1 and --lr > 0")
         if self.workers is not None and self.workers < 0:
             raise UserError(f"--workers must be >= 0, got {self.workers}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not 0 <= self.lr_warmup_epochs < self.epochs:
+            raise UserError(f"--lr-warmup-epochs must be in [0, --epochs), got {self.lr_warmup_epochs}")
+        if not 0.0 <= self.label_smoothing < 1.0 or self.mixup < 0 or self.cutmix < 0 or self.color_jitter < 0:
+            raise UserError("--label-smoothing must be in [0, 1), --mixup, --cutmix and --color-jitter >= 0")
+        if not 0.0 < self.eval_crop <= 1.0:
+            raise UserError(f"--eval-crop must be in (0, 1], got {self.eval_crop}")
+        for name in ("interpolation", "eval_interpolation"):
+            allowed = INTERPOLATIONS if name == "interpolation" else INTERPOLATIONS[:2]
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        self.milestone_epochs()
 
     @property
     def size(self) -> int:
-        return self.image_size or (32 if self.model == "resnet-small" else 224)
+        return self.image_size or (32 if self.model == SMALL_MODEL else 224)
+
+    @property
+    def augment(self) -> Augment:
+        return Augment.of(asdict(self))
 
     def milestone_epochs(self) -> list[int]:
         try:
@@ -101,3 +241,19 @@ class ClassifyConfig:
     def record(self) -> dict:
         """The settings as plain JSON values (run records, and the comparison on resume)."""
         return json.loads(json.dumps(asdict(self), default=str))
+
+
+def check_model(name: str) -> None:
+    """Refuses a --model that is neither ours nor a timm model name, naming the nearest timm names."""
+    if name == SMALL_MODEL:
+        return
+    import difflib
+
+    import timm
+
+    if not timm.is_model(name):
+        near = difflib.get_close_matches(name, timm.list_models(), n=3)
+        raise UserError(
+            f"unknown model {name!r}: give {SMALL_MODEL} or a timm model name"
+            + (f" (nearest: {', '.join(near)})" if near else " (timm.list_models() lists them)")
+        )

@@ -21,12 +21,23 @@ from realfake.core.cli import (
 from realfake.core.errors import UserError
 from realfake.core.precision import AUTO_RULE
 from realfake.training.caption import CaptionConfig
-from realfake.training.classify_config import ClassifyConfig
+from realfake.training.classify_config import DEFAULTS, INTERPOLATIONS, RECIPES, ClassifyConfig
+from realfake.training.classify_config import LR_SCHEDULES as CLASSIFY_LR_SCHEDULES
 from realfake.training.demo import RUNTIMES, DemoConfig
 from realfake.training.evaluate_data_config import EvaluateDataConfig
 from realfake.training.finetune_config import LR_SCHEDULES, FinetuneConfig
 
 FinetuneSchedule = Literal[LR_SCHEDULES]
+ClassifyLrSchedule = Literal[CLASSIFY_LR_SCHEDULES]
+ClassifyRecipe = Literal[tuple(RECIPES)]
+Interpolation = Literal[INTERPOLATIONS]
+EvalInterpolation = Literal[INTERPOLATIONS[:2]]
+
+
+def _d(key: str) -> str:
+    """A classify option's default when no --recipe sets it, for its help text."""
+    return f"[default: {DEFAULTS[key]}, or the recipe's]"
+
 
 app = make_app("Real-Fake training: distribution-matched LoRA finetuning, and classifiers on synthetic data.")
 
@@ -158,19 +169,61 @@ def classify(
     real_fraction: Annotated[
         float, typer.Option(help="Fraction of --real used (stratified per class).")
     ] = ClassifyConfig.real_fraction,
-    model: Annotated[str, typer.Option(help="resnet50, resnet18, or resnet-small (28-32 px).")] = ClassifyConfig.model,
+    recipe: Annotated[
+        ClassifyRecipe | None,
+        typer.Option(
+            help="Settings of a known recipe, under the options given: realfake-reference (the paper's code: timm "
+            "train.py, 200 epochs, 128 a process, multistep x0.2, 5 warmup epochs, label smoothing 0.1, colour "
+            "jitter 0.4, eval crop 0.95 bicubic) or torchvision-resnet50 (90 epochs, 32 a process on 8, x0.1 every "
+            "30, weight decay 1e-4). Without one, each option's default below."
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help=f"A timm model name (e.g. resnet50, resnet18, convnext_tiny) or resnet-small (28-32 px). {_d('model')}"
+        ),
+    ] = None,
     image_size: Annotated[int | None, typer.Option(help="Input side (default 224, or 32 for resnet-small).")] = None,
-    epochs: Annotated[int, typer.Option(help="Epochs.")] = ClassifyConfig.epochs,
+    epochs: Annotated[int | None, typer.Option(help=f"Epochs. {_d('epochs')}")] = None,
     batch_size: Annotated[
-        int, typer.Option(help="Images per step, global: split over the DDP processes.")
-    ] = ClassifyConfig.batch_size,
-    lr: Annotated[float, typer.Option(help="SGD learning rate.")] = ClassifyConfig.lr,
-    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = ClassifyConfig.momentum,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = ClassifyConfig.weight_decay,
+        int | None, typer.Option(help=f"Images per step per process (torchrun's and timm's count). {_d('batch_size')}")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help=f"SGD learning rate (not rescaled by the batch). {_d('lr')}")] = None,
+    momentum: Annotated[float | None, typer.Option(help=f"SGD momentum. {_d('momentum')}")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help=f"Weight decay. {_d('weight_decay')}")] = None,
+    lr_schedule: Annotated[
+        ClassifyLrSchedule | None,
+        typer.Option(help=f"multistep (x --gamma at --milestones) or cosine (to 0 at the end). {_d('lr_schedule')}"),
+    ] = None,
     milestones: Annotated[
-        str, typer.Option(help="LR decay points as fractions of the epochs.")
-    ] = ClassifyConfig.milestones,
-    gamma: Annotated[float, typer.Option(help="LR multiplier at each milestone.")] = ClassifyConfig.gamma,
+        str | None, typer.Option(help=f"Multistep decay points as fractions of the epochs. {_d('milestones')}")
+    ] = None,
+    gamma: Annotated[float | None, typer.Option(help=f"LR multiplier at each milestone. {_d('gamma')}")] = None,
+    lr_warmup_epochs: Annotated[
+        int | None,
+        typer.Option(help=f"Epochs of linear warmup from --warmup-lr, inside the schedule. {_d('lr_warmup_epochs')}"),
+    ] = None,
+    warmup_lr: Annotated[float | None, typer.Option(help=f"The warmup's first rate. {_d('warmup_lr')}")] = None,
+    label_smoothing: Annotated[float | None, typer.Option(help=f"Label smoothing. {_d('label_smoothing')}")] = None,
+    mixup: Annotated[float | None, typer.Option(help=f"Mixup alpha (0: off). {_d('mixup')}")] = None,
+    cutmix: Annotated[
+        float | None, typer.Option(help=f"CutMix alpha (0: off; with --mixup, one of the two a batch). {_d('cutmix')}")
+    ] = None,
+    color_jitter: Annotated[
+        float | None, typer.Option(help=f"Colour jitter of the training crop (0: off). {_d('color_jitter')}")
+    ] = None,
+    interpolation: Annotated[
+        Interpolation | None,
+        typer.Option(help=f"Resampling of the training crop (random: either, per image). {_d('interpolation')}"),
+    ] = None,
+    eval_interpolation: Annotated[
+        EvalInterpolation | None, typer.Option(help=f"Resampling of validation images. {_d('eval_interpolation')}")
+    ] = None,
+    eval_crop: Annotated[
+        float | None,
+        typer.Option(help=f"Validation: resize to side / this, centre crop the side. {_d('eval_crop')}"),
+    ] = None,
     workers: Annotated[
         int | None,
         typer.Option(help="Data-loading processes per training process (default: its share of the cores, max 8)."),
@@ -219,6 +272,7 @@ def classify(
         synthetic=synthetic,
         real=real,
         real_fraction=real_fraction,
+        recipe=recipe,
         model=model,
         image_size=image_size,
         epochs=epochs,
@@ -226,8 +280,18 @@ def classify(
         lr=lr,
         momentum=momentum,
         weight_decay=weight_decay,
+        lr_schedule=lr_schedule,
         milestones=milestones,
         gamma=gamma,
+        lr_warmup_epochs=lr_warmup_epochs,
+        warmup_lr=warmup_lr,
+        label_smoothing=label_smoothing,
+        mixup=mixup,
+        cutmix=cutmix,
+        color_jitter=color_jitter,
+        interpolation=interpolation,
+        eval_interpolation=eval_interpolation,
+        eval_crop=eval_crop,
         workers=workers,
         seed=seed,
         precision=precision,

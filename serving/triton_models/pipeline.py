@@ -18,7 +18,7 @@ from torch.utils.dlpack import from_dlpack, to_dlpack
 from realfake.core.protocol import PIPELINE_INPUTS
 from realfake.serving.batching import run_batch
 from realfake.serving.components import COMPONENT_IO, ComponentCalls, OrtComponents, instance_device
-from realfake.serving.pipeline_params import PipelineParams
+from realfake.serving.pipeline_params import PipelineParams, bls_across_gpus
 from realfake.serving.sampler import Sampler
 
 
@@ -60,6 +60,10 @@ class TritonPythonModel:
         device = instance_device(params.device, args.get("model_instance_kind"), args.get("model_instance_device_id"))
         threads = params.intra_op_threads or None  # in-process runtimes share the cores
         kind = params.components_kind()
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        refusal = bls_across_gpus(params.placement, params.runtime, str(device), gpus)
+        if refusal:
+            raise pb_utils.TritonModelException(refusal)
         if kind == "torch":
             from realfake.serving.torch_components import TorchComponents
 
