@@ -179,8 +179,8 @@ def test_bad_input(fmnist, tmp_path):
     empty.mkdir()
     r = _classify(COMMON, real=empty, val=fmnist / "val", out=tmp_path / "o")
     assert r.returncode == 2 and "holds no images" in r.stderr
-    r = _classify(COMMON, model="vgg11", real=fmnist / "train", val=fmnist / "val", out=tmp_path / "o")
-    assert r.returncode == 2 and "unknown model 'vgg11'" in r.stderr
+    r = _classify(COMMON, model="vgg-11", real=fmnist / "train", val=fmnist / "val", out=tmp_path / "o")
+    assert r.returncode == 2 and "unknown model 'vgg-11': give resnet-small or a timm model name (nearest: " in r.stderr
 
 
 def test_corrupt_idx_file(tmp_path):
@@ -492,7 +492,7 @@ def test_recipes_resolve_to_their_sources_numbers():
     assert (ref.model, ref.epochs, ref.batch_size, ref.lr, ref.momentum, ref.weight_decay) == (
         "resnet50", 200, 128, 0.1, 0.9, 5e-4,
     )  # fmt: skip
-    assert ref.lr_schedule == "multistep" and ref.milestone_epochs() == [50, 100, 150] and ref.gamma == 0.2
+    assert ref.lr_schedule == "multistep" and ref.milestone_epochs() == [49, 99, 149] and ref.gamma == 0.2
     assert (ref.lr_warmup_epochs, ref.warmup_lr, ref.label_smoothing, ref.color_jitter) == (5, 1e-5, 0.1, 0.4)
     assert (ref.interpolation, ref.eval_interpolation, ref.eval_crop) == ("random", "bicubic", 0.95)
     assert RECIPES["realfake-reference"].processes * ref.batch_size == 512  # train.sh: 4 GPUs x 128
@@ -506,7 +506,7 @@ def test_recipes_resolve_to_their_sources_numbers():
     assert "its global batch was 256 (8 x 32), this run's is 64: --lr is not rescaled" in recipe_line(tv, world=2)
 
     mine = ClassifyConfig(classes="imagenet", val="v", out="o", recipe="realfake-reference", epochs=100, lr=0.2)
-    assert mine.milestone_epochs() == [25, 50, 75] and mine.lr == 0.2 and mine.label_smoothing == 0.1
+    assert mine.milestone_epochs() == [24, 50, 74] and mine.lr == 0.2 and mine.label_smoothing == 0.1
     plain = ClassifyConfig(classes="imagenet", val="v", out="o")
     assert (plain.epochs, plain.label_smoothing, plain.lr_warmup_epochs, plain.milestone_epochs()) == (
         30,
@@ -545,7 +545,7 @@ def test_schedules_warm_up_then_decay():
     lr = rates(ref, 200)
     assert lr[0] == pytest.approx(1e-5) and lr[5] == pytest.approx(0.1)
     assert lr[1:5] == pytest.approx([1e-5 + k * (0.1 - 1e-5) / 5 for k in range(1, 5)])
-    # timm's count, which the reference ran: milestone m lowers the rate from the m-th epoch on (index m - 1)
+    # as timm ran the reference: its milestone 50 lowers the rate from the 50th epoch (index 49) on
     assert lr[48] == pytest.approx(0.1) and lr[49] == pytest.approx(0.02) and lr[98] == pytest.approx(0.02)
     assert lr[99] == pytest.approx(0.004) and lr[149] == pytest.approx(0.0008) and lr[199] == pytest.approx(0.0008)
     assert rates(ref, 200, restore_at=60) == lr
@@ -555,7 +555,7 @@ def test_schedules_warm_up_then_decay():
     assert lr[0] == pytest.approx(1e-5) and max(lr) == pytest.approx(lr[2]) and lr[2] > 0.09
     assert all(a > b for a, b in zip(lr[2:], lr[3:], strict=False)) and lr[-1] < 0.01
     plain = rates(ClassifyConfig(classes="imagenet", val="v", out="o", epochs=4), 4)  # no warmup: 0.1 from the start
-    assert plain == pytest.approx([0.1, 0.02, 0.004, 0.004])  # milestones 0.5, 0.75 of 4: the 2nd and 3rd epochs
+    assert plain == pytest.approx([0.1, 0.1, 0.02, 0.004])  # x0.2 after 2 (0.5 of 4) and 3 (0.75) epochs
 
 
 def test_transforms_follow_the_recipe():
@@ -634,6 +634,6 @@ def test_timm_model_with_mixup_and_warmup_resumes_exactly(ilsvrc, tmp_path):
         assert torch_equal(tensor, _state(cut)["model"][name]), name
     assert resumed["val"] == whole["val"] and resumed["attempts"] == 2
     rows = _metrics(tmp_path / "whole")
-    # the warmup epoch, then 0.1 x 0.2 from the 2nd epoch (milestones 0.5, 0.75 of 3 epochs: the 2nd)
-    assert [r["lr"] for r in rows] == pytest.approx([1e-5, 0.02, 0.02])
+    # the warmup epoch, then 0.1, then x0.2 after 2 epochs (0.5 and 0.75 of 3 both round to 2)
+    assert [r["lr"] for r in rows] == pytest.approx([1e-5, 0.1, 0.02])
     assert whole["model"] == "resnet10t" and whole["config"]["mixup"] == 0.2 and whole["global_batch"] == 9

@@ -211,15 +211,15 @@ def build_model(name: str, num_classes: int) -> torch.nn.Module:
 
 def make_scheduler(cfg: ClassifyConfig, optimizer: torch.optim.Optimizer):
     """timm's per-epoch schedule of `cfg`: `lr_warmup_epochs` of linear warmup from `warmup_lr` (counted inside the
-    schedule, as timm's train.py does), then multistep (x gamma at each milestone) or cosine to 0 at the last
-    epoch. `step(e)` sets the rate of epoch e (0-based)."""
+    schedule, as timm's train.py does), then multistep (x gamma once each milestone's epochs have finished) or
+    cosine to 0 at the last epoch. `step(e)` sets the rate of epoch e (0-based)."""
     from timm.scheduler import create_scheduler_v2
 
     scheduler, _ = create_scheduler_v2(
         optimizer,
         sched=cfg.lr_schedule,
         num_epochs=cfg.epochs,
-        decay_milestones=cfg.milestone_epochs(),
+        decay_milestones=[m + 1 for m in cfg.milestone_epochs()],  # timm applies milestone m from epoch index m - 1
         decay_rate=cfg.gamma,
         warmup_epochs=cfg.lr_warmup_epochs,
         warmup_lr=cfg.warmup_lr,

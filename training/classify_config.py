@@ -30,7 +30,8 @@ DEFAULTS = {
     "momentum": 0.9,
     "weight_decay": 5e-4,
     "lr_schedule": "multistep",
-    # fractions of the epochs; milestone m multiplies the rate by gamma from the m-th epoch on (timm's count, 1-based)
+    # fractions of the epochs after which a multistep schedule multiplies the rate by gamma (0.5 of 30: epochs 1-15
+    # at lr, 16-22 at lr x gamma, as torch's MultiStepLR counts)
     "milestones": "0.5,0.75",
     "gamma": 0.2,
     "lr_warmup_epochs": 0,  # epochs of linear warmup from warmup_lr to lr
@@ -68,7 +69,9 @@ RECIPES = {
                 "momentum": 0.9,
                 "weight_decay": 5e-4,
                 "lr_schedule": "multistep",
-                "milestones": "0.25,0.5,0.75",  # epochs 50, 100, 150 of 200
+                # timm's decay milestones 50, 100, 150, which timm applies from the 50th, 100th and 150th epoch:
+                # after 49, 99 and 149 epochs of 200
+                "milestones": "0.245,0.495,0.745",
                 "gamma": 0.2,
                 "lr_warmup_epochs": 5,
                 "warmup_lr": 1e-5,
@@ -94,7 +97,7 @@ RECIPES = {
                 "momentum": 0.9,
                 "weight_decay": 1e-4,
                 "lr_schedule": "multistep",
-                "milestones": "0.3333,0.6667",  # epochs 30, 60 of 90
+                "milestones": "0.3333,0.6667",  # after 30 and 60 epochs of 90 (StepLR(step_size=30))
                 "gamma": 0.1,
                 "lr_warmup_epochs": 0,
                 "warmup_lr": 1e-5,
@@ -232,6 +235,7 @@ class ClassifyConfig:
         return Augment.of(asdict(self))
 
     def milestone_epochs(self) -> list[int]:
+        """How many epochs have finished when each decay takes effect."""
         try:
             fractions = [float(x) for x in self.milestones.split(",") if x.strip()]
         except ValueError:
