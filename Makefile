@@ -10,12 +10,13 @@ SYSTEM_PACKAGES := libnss-wrapper munge slurmctld slurmd slurm-client
 # torch and torchvision are pinned first, as a pair that imports together: torchvision 0.29.1 needs torch 2.14.1
 # (PyPI's torchvision fails to import beside the torch 2.13.0 CPU build this machine type also caches); both are
 # served from this machine type's package cache. open-clip-torch is installed without its dependencies: only its
-# CLIP BPE vocabulary file is used. Fashion-MNIST comes from Debian's dataset-fashion-mnist (idx files).
+# CLIP BPE vocabulary file is used; imagecorruptions too (pyproject lists what it imports, with OpenCV's headless
+# build). Fashion-MNIST comes from Debian's dataset-fashion-mnist (idx files).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check 'torch==2.14.1' 'torchvision==0.29.1'
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[server,cpu,openvino,test]'
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps 'open-clip-torch>=2.20'
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps 'open-clip-torch>=2.20' 'imagecorruptions>=1.1.2'
 	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
 	  (command -v apt-get >/dev/null && (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
 	   (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null))) || \

@@ -13,8 +13,10 @@ from realfake.core.cli import (
     Debug,
     DemoRuntime,
     GuidanceToken,
+    ImageFormat,
     PartialCaptions,
     Precision,
+    int_list,
     make_app,
     run_cli,
 )
@@ -301,6 +303,78 @@ def classify(
         resume=not fresh,
     )
     run_classify(cfg, log=lambda m: typer.echo(m, err=True))
+
+
+@app.command()
+def corrupt(
+    real: Annotated[Path, typer.Option(help="Real test ImageFolder to corrupt (one folder per class).")],
+    out: Annotated[Path, typer.Option(help="OUT/<corruption>/<severity>/<class>/<image>, and corrupt.json.")],
+    corruptions: Annotated[
+        str,
+        typer.Option(
+            help="common (ImageNet-C's 15), validation (its 4 held-out), all, or comma-separated names "
+            "(gaussian_noise, shot_noise, impulse_noise, defocus_blur, glass_blur, motion_blur, zoom_blur, snow, "
+            "frost, fog, brightness, contrast, elastic_transform, pixelate, jpeg_compression, ...)."
+        ),
+    ] = "common",
+    severities: Annotated[str, typer.Option(help="Comma-separated severities, 1 (mild) to 5.")] = "1,2,3,4,5",
+    image_size: Annotated[
+        int | None,
+        typer.Option(help="Short side to this / 0.875, centre crop this first (ImageNet-C: 224); default: as is."),
+    ] = None,
+    image_format: Annotated[
+        ImageFormat, typer.Option("--format", help="File format (ImageNet-C ships JPEG; png keeps every pixel).")
+    ] = "jpeg",
+    per_class: Annotated[int | None, typer.Option(help="Only the first N images of each class.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the corruptions' randomness (per image, reproducible).")] = 0,
+    workers: Annotated[int | None, typer.Option(help="Worker processes (default: the cores this may use).")] = None,
+    debug: Debug = False,
+) -> None:
+    """Write a corrupted copy of a real test set with the ImageNet-C corruptions (the imagecorruptions package),
+    one ImageFolder per corruption and severity, to score with `rf-train classify --val NAME=OUT/<c>/<s>`.
+    Re-running keeps what is already written."""
+    from realfake.training.corrupt import CorruptConfig, run_corrupt
+
+    cfg = CorruptConfig(
+        real=real,
+        out=out,
+        corruptions=corruptions,
+        severities=int_list(severities, "--severities"),
+        image_size=image_size,
+        image_format=image_format,
+        seed=seed,
+        workers=workers,
+        limit_per_class=per_class,
+    )
+    run_corrupt(cfg, log=lambda m: typer.echo(m, err=True))
+
+
+@app.command()
+def membership(
+    classifier: Annotated[Path, typer.Option(help="An rf-train classify checkpoint (best.pt).")],
+    members: Annotated[Path, typer.Option(help="ImageFolder of the real images in question (the training set).")],
+    non_members: Annotated[Path, typer.Option(help="ImageFolder of held-out real images of the same classes.")],
+    classes: Annotated[str, typer.Option(help="The class set the classifier was trained on.")],
+    out: Annotated[Path | None, typer.Option(help="Folder for membership.json.")] = None,
+    per_class: Annotated[int | None, typer.Option(help="At most N images of each class on each side.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the subsampling.")] = 0,
+    debug: Debug = False,
+) -> None:
+    """Membership inference (loss-threshold attack) against a classifier: its AUC and TPR at 1 % FPR at telling
+    the real images it was trained on (or whose synthetic versions it was trained on) from held-out ones."""
+    from realfake.training.membership import MembershipConfig, run_membership
+
+    cfg = MembershipConfig(
+        classifier=classifier,
+        members=members,
+        non_members=non_members,
+        classes=classes,
+        out=out,
+        per_class=per_class,
+        seed=seed,
+    )
+    result = run_membership(cfg, log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"auc {result['auc']:.4f} tpr_at_1pct_fpr {result['tpr_at_1pct_fpr']:.4f}")
 
 
 @app.command("add-image-encoder")

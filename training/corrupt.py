@@ -4,6 +4,7 @@ OUT/<corruption>/<severity>/<class folder>/<image>. Each OUT/<corruption>/<sever
 source's classes, so `rf-train classify --val NAME=DIR` scores it (out-of-distribution robustness: the top-1 drop
 from the clean set).
 
+Images with a side under 32 px are enlarged (bicubic) to 32 first, the package's smallest size.
 Deterministic (each image's corruption is seeded by (seed, corruption, severity, image)), resumable (finished
 files are kept, each written atomically) and spread over worker processes; OUT/corrupt.json records what was made.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -28,6 +30,7 @@ from realfake.core.progress import ProgressLines
 SEVERITIES = (1, 2, 3, 4, 5)
 GROUPS = ("common", "validation", "all")  # imagecorruptions' sets: the 15 of the benchmark, its 4 held-out, both
 SUFFIX = {"png": ".png", "jpeg": ".JPEG", "webp": ".webp"}
+MIN_SIDE = 32  # imagecorruptions' smallest side: smaller images (28-px Fashion-MNIST) are enlarged to it first
 
 
 @dataclass
@@ -65,8 +68,10 @@ def _imagecorruptions():
     """The `imagecorruptions` module, working on today's scikit-image: it still passes `multichannel=True` to
     `skimage.filters.gaussian`, which scikit-image 0.19 renamed to `channel_axis`."""
     try:
-        import imagecorruptions
-        from imagecorruptions import corruptions
+        with warnings.catch_warnings():  # its own imports of deprecated scipy and setuptools names
+            warnings.simplefilter("ignore")
+            import imagecorruptions
+            from imagecorruptions import corruptions
     except ImportError as exc:
         raise UserError(f"rf-train corrupt needs the `imagecorruptions` package ({exc})") from None
     if not getattr(corruptions, "_realfake_shim", False):
@@ -113,6 +118,8 @@ def _corrupt_one(task: tuple) -> int:
         image = im.convert("RGB")
     if size:
         image = centre_crop(resize_short_side(image, round(size / 0.875)), size)
+    if min(image.size) < MIN_SIDE:  # imagecorruptions refuses smaller images
+        image = resize_short_side(image, MIN_SIDE)
     pixels = np.asarray(image)
     corrupt = _imagecorruptions().corrupt
     for c, s, path in targets:
