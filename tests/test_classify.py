@@ -637,3 +637,34 @@ def test_timm_model_with_mixup_and_warmup_resumes_exactly(ilsvrc, tmp_path):
     # the warmup epoch, then 0.1, then x0.2 after 2 epochs (0.5 and 0.75 of 3 both round to 2)
     assert [r["lr"] for r in rows] == pytest.approx([1e-5, 0.1, 0.02])
     assert whole["model"] == "resnet10t" and whole["config"]["mixup"] == 0.2 and whole["global_batch"] == 9
+
+
+def test_versions_select_the_first_k_of_each_real_image(tmp_path):
+    """A job of --versions 3 trains at 1x, 2x, 3x by manifest index (real image r's version v is r * 3 + v), with
+    no generation again; what the job does not hold, and shards, are refused."""
+    from realfake.core.errors import UserError
+    from realfake.training.image_sets import synthetic_refs
+
+    classes = load_classes("fashion-mnist")
+    out = tmp_path / "syn"
+    out.mkdir()
+    writer = ManifestWriter(out / "manifest.jsonl")
+    for c in classes[:2]:
+        for index in range(12):  # 4 real images x 3 versions
+            rel = f"{c.id}/{index:05d}.png"
+            write_atomic(out / rel, encode_image(np.zeros((8, 8, 3), np.uint8), "png"))
+            writer.append({"path": rel, "class_id": c.id, "class_index": c.index, "index": index, "sha256": "0"})
+    writer.close()
+    (out / "job.json").write_text(json.dumps({"versions": 3, "per_class": 4}))
+    sizes = {k: len(synthetic_refs(out, classes, k)) for k in (1, 2, 3)}
+    assert sizes == {1: 8, 2: 16, 3: 24} and len(synthetic_refs(out, classes)) == 24
+    first = sorted(str(r.path).rsplit("/", 1)[1] for r in synthetic_refs(out, classes, 1) if r.label == 0)
+    assert first == ["00000.png", "00003.png", "00006.png", "00009.png"]  # version 0 of each real image
+    with pytest.raises(UserError, match=r"--versions 4: .* holds 3 version\(s\) of each real image"):
+        synthetic_refs(out, classes, 4)
+    import tarfile
+
+    (tmp_path / "shards").mkdir()
+    tarfile.open(tmp_path / "shards" / "shard-000000.tar", "w").close()
+    with pytest.raises(UserError, match="give the rf-client output, not the shards"):
+        synthetic_refs(tmp_path / "shards", classes, 1)

@@ -396,7 +396,7 @@ def run_classify(cfg: ClassifyConfig, log=print, on_epoch: Callable[[dict], None
     # 1. the data: training images, validation sets, and their classes
     cfg.validate()
     classes = load_classes(cfg.classes)
-    syn = synthetic_refs(Path(cfg.synthetic), classes) if cfg.synthetic else RefTable.empty()
+    syn = synthetic_refs(Path(cfg.synthetic), classes, cfg.versions) if cfg.synthetic else RefTable.empty()
     real_all = folder_refs(Path(cfg.real), classes) if cfg.real else RefTable.empty()
     real = stratified_fraction(real_all, cfg.real_fraction, cfg.seed) if len(real_all) else RefTable.empty()
     train_refs = syn + real
@@ -565,6 +565,7 @@ def run_classify(cfg: ClassifyConfig, log=print, on_epoch: Callable[[dict], None
         train = {
             "synthetic": str(cfg.synthetic) if cfg.synthetic else None,
             "synthetic_images": len(syn),
+            "synthetic_versions": cfg.versions,
             "real": str(cfg.real) if cfg.real else None,
             "real_available": len(real_all),
             "real_fraction": cfg.real_fraction if cfg.real else None,

@@ -122,6 +122,7 @@ RESUME_KEYS = (
     "val_labels",
     "devkit_classes",
     "synthetic",
+    "versions",
     "real",
     "real_fraction",
     *DEFAULTS,
@@ -161,6 +162,9 @@ class ClassifyConfig:
     val: str | Path | Sequence[str | Path]  # [NAME=]DIR, one or more; the first one picks best.pt
     out: Path
     synthetic: Path | None = None
+    # the first K versions of each real image of --synthetic (1x, 2x, ... of one job); None: all. The epochs stay
+    # the same, so K versions train K times the steps: more data trained as long per image, as the paper scaled
+    versions: int | None = None
     real: Path | None = None
     real_fraction: float = 1.0
     recipe: str | None = None  # a RECIPES name: its settings, under the ones given here
@@ -206,6 +210,8 @@ class ClassifyConfig:
         check_model(self.model)
         if self.synthetic is None and self.real is None:
             raise UserError("give --synthetic, --real, or both: there is nothing to train on")
+        if self.versions is not None and (self.versions < 1 or self.synthetic is None):
+            raise UserError("--versions takes K >= 1 and selects from --synthetic")
         if not 0.0 <= self.real_fraction <= 1.0:
             raise UserError(f"--real-fraction must be in [0, 1], got {self.real_fraction}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:

@@ -171,6 +171,13 @@ def classify(
     real_fraction: Annotated[
         float, typer.Option(help="Fraction of --real used (stratified per class).")
     ] = ClassifyConfig.real_fraction,
+    versions: Annotated[
+        int | None,
+        typer.Option(
+            help="Train on the first K versions of each real image of --synthetic (the same job at 1x, 2x, ...; "
+            "same epochs, so K x the steps). Default: all."
+        ),
+    ] = None,
     recipe: Annotated[
         ClassifyRecipe | None,
         typer.Option(
@@ -274,6 +281,7 @@ def classify(
         synthetic=synthetic,
         real=real,
         real_fraction=real_fraction,
+        versions=versions,
         recipe=recipe,
         model=model,
         image_size=image_size,

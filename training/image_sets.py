@@ -173,12 +173,21 @@ def folder_refs(root: Path, classes: list[ClassInfo], option: str = "--real") ->
     return rows.table()
 
 
-def synthetic_refs(root: Path, classes: list[ClassInfo]) -> RefTable:
-    """An rf-client output (manifest rows) or a folder of WebDataset shards (`.cls` members)."""
+def synthetic_refs(root: Path, classes: list[ClassInfo], versions: int | None = None) -> RefTable:
+    """An rf-client output (manifest rows) or a folder of WebDataset shards (`.cls` members). `versions`: only the
+    first K versions of each real image (a job of `--versions V` writes real image r's version v as index
+    r * V + v), the same job at 1x, 2x, ... without generating again."""
     by_id = {c.id: c.index for c in classes}
     if not root.is_dir():
         raise UserError(f"--synthetic {root} is not a directory")
     shards = sorted(root.glob("*.tar"))
+    if versions is not None and shards:
+        raise UserError(
+            f"--versions selects by the manifest's image index: give the rf-client output, not the shards in {root}"
+        )
+    made = _job_versions(root) if versions is not None else 1
+    if versions is not None and not 1 <= versions <= made:
+        raise UserError(f"--versions {versions}: {root} holds {made} version(s) of each real image (job.json)")
     if shards:
         refs = _webdataset_refs(shards, len(classes))
         if not refs:
@@ -198,6 +207,8 @@ def synthetic_refs(root: Path, classes: list[ClassInfo]) -> RefTable:
             if label is None:
                 unknown.add(r["class_id"])
                 continue
+            if versions is not None and r["index"] % made >= versions:
+                continue
             rows.add(str(root), r["path"], label)
     if unknown:
         shown = ", ".join(sorted(unknown)[:5])
@@ -209,6 +220,18 @@ def synthetic_refs(root: Path, classes: list[ClassInfo]) -> RefTable:
     names = table.names[order]
     last = np.append(names[1:] != names[:-1], True)  # the last row of each run of one path
     return table.select(order[last])
+
+
+def _job_versions(root: Path) -> int:
+    """How many versions of each real image the job in `root` makes (its job.json)."""
+    import json
+
+    from realfake.core.dataset import JOB_FILE
+
+    try:
+        return int(json.loads((root / JOB_FILE).read_text()).get("versions", 1))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--versions needs {root / JOB_FILE}, the job's record ({exc})") from None
 
 
 def _webdataset_refs(shards: list[Path], n_classes: int) -> RefTable:
