@@ -28,6 +28,10 @@ REDUCED = [
     "12",
     "--epochs",
     "6",
+    "--ood-per-class",
+    "10",
+    "--scaling",
+    "1,2",
 ]
 # Chance is 0.10. The reduced run trains its base model for seconds (measured here: synthetic 0.39, real 0.51),
 # so its floor is far below the full run's ratio.
@@ -72,12 +76,30 @@ def test_reduced_demo_end_to_end(tmp_path, rf_home_demo):
     assert 0 <= quality["near_copy_share"] <= 1 and "classifier resnet-small" in quality["encoder"]
     assert f"| {quality['fid']:.4f} |" in md and (out / "evaluate_data" / "near_copies.png").is_file()
     assert (out / "real_vs_synthetic.png").stat().st_size > 1000
+    # out of distribution: every classifier on the corrupted test set too (15 corruptions at severity 3)
+    ood = table["out_of_distribution"]
+    assert ood["corruptions"] == 15 and ood["images"] == 100 and ood["severity"] == 3
+    assert {r["data"] for r in ood["rows"]} == set(rows)
+    for r in ood["rows"]:
+        assert len(r["per_corruption"]) == 15 and r["drop"] == pytest.approx(r["clean_top1"] - r["corrupted_top1"])
+        assert r["corrupted_top1"] < r["clean_top1"], r  # the corruptions are harder than the clean images
+    # privacy: membership inference against the real-only and the synthetic-only classifiers
+    attacks = table["privacy"]["membership_inference"]
+    assert set(attacks) == {"real only", "synthetic only (Real-Fake)"}
+    assert all(0 <= a["auc"] <= 1 and a["members"] == a["non_members"] == 300 for a in attacks.values())
+    assert "membership inference" in md and "corrupted top-1" in md
+    # more synthetic data: the set made with 2 versions of each real image, classifiers on 1x and 2x
+    scaling = table["scaling"]
+    assert [p["versions"] for p in scaling["points"]] == [1, 2]
+    assert [p["synthetic_images"] for p in scaling["points"]] == [300, 600]
+    assert rows["synthetic only, 2x"]["train_images"] == 600 and rows["real + synthetic, 2x"]["train_images"] == 900
+    assert scaling["points"][0]["synthetic_top1"] == syn["top1"] and (out / "scaling.png").stat().st_size > 500
     # every synthetic image was made by the server from a real one, and the dataset is whole
     verify = rf("rf-client", "verify", str(out / "synthetic"))
     assert verify.returncode == 0, verify.stdout
     # a second run finds every stage done (and the cached base model)
     again = rf("rf-demo", *REDUCED, "--out", str(out), env={"RF_HOME": str(rf_home_demo)})
-    assert again.returncode == 0 and again.stderr.count("done in an earlier run") == 10
+    assert again.returncode == 0 and again.stderr.count("done in an earlier run") == 14
 
 
 def test_missing_and_corrupt_data(tmp_path):

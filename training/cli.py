@@ -577,6 +577,22 @@ def demo(
             "the captions go into the finetune and the generation prompts."
         ),
     ] = None,
+    ood_per_class: Annotated[
+        int,
+        typer.Option(
+            help="Test images per class copied with each of ImageNet-C's 15 corruptions (rf-train corrupt) and scored "
+            "by every classifier beside the clean set; 0: none."
+        ),
+    ] = DemoConfig.ood_per_class,
+    ood_severity: Annotated[int, typer.Option(help="Severity of those corruptions (1-5).")] = DemoConfig.ood_severity,
+    scaling: Annotated[
+        str | None,
+        typer.Option(
+            help="Versions of each real image to scale the synthetic set to, e.g. 1,2,4: the set is made at the "
+            "largest, and synthetic-only and real + synthetic classifiers train on the first k (same epochs). "
+            "Off by default (each k adds two classifiers and the generation of the extra versions)."
+        ),
+    ] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Forget finished stages of OUT and start over.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of everything.")] = DemoConfig.seed,
     debug: Debug = False,
@@ -618,6 +634,9 @@ def demo(
         real=real,
         real_test=real_test,
         bundle=bundle,
+        ood_per_class=ood_per_class,
+        ood_severity=ood_severity,
+        scaling=tuple(int_list(scaling, "--scaling")) if scaling else (),
         captioner=captioner,
     )
     Demo(cfg, home() / "demo", log=lambda m: typer.echo(m, err=True)).run()

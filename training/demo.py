@@ -65,6 +65,13 @@ class DemoConfig:
     real_test: Path | None = None
     bundle: Path | None = None  # a base bundle to finetune: no base model is trained here
     captioner: Path | None = None  # a local image-to-text model (rf-train caption): captions in the prompts
+    # out-of-distribution: the first `ood_per_class` test images of each class with each of ImageNet-C's 15
+    # corruptions at `ood_severity` (rf-train corrupt), scored by every classifier beside the clean test set
+    ood_per_class: int = 100  # 0: no corrupted set
+    ood_severity: int = 3
+    # more synthetic data: the Real-Fake set is made with max(scaling) versions of each real image, and the
+    # synthetic-only and real + synthetic classifiers are trained on the first k versions for each k (same epochs)
+    scaling: tuple[int, ...] = ()
 
     def base_key(self) -> str:
         """Identity of the cached base model: what it was trained on and how."""
@@ -74,7 +81,8 @@ class DemoConfig:
 
     def run_key(self) -> dict:
         d = asdict(self)
-        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items() if k not in ("out", "http_port")}
+        key = {k: str(v) if isinstance(v, Path) else v for k, v in d.items() if k not in ("out", "http_port")}
+        return json.loads(json.dumps(key))  # as demo.json reads back (tuples become lists)
 
 
 def check_own_data(root: Path, classes: list, has_test_set: bool) -> dict[str, list[str]]:
@@ -306,7 +314,8 @@ class Demo:
             concurrency=2,
         )
         if gen.conditioned:
-            cfg.real, cfg.versions, cfg.strength = self.out / "real_train", 1, self.cfg.strength
+            versions = max(self.cfg.scaling or (1,)) if gen.stage == "generate" else 1
+            cfg.real, cfg.versions, cfg.strength = self.out / "real_train", versions, self.cfg.strength
             cfg.captions = Path(captions) if captions else None
             cfg.guidance_token = "on" if gen.guidance_token else "off"
         else:
@@ -325,16 +334,41 @@ class Demo:
             "images_per_sec": summary.images_per_sec,
         }
 
+    def corrupt(self) -> dict:
+        """The corrupted test set: OUT/real_test_c/<corruption>/<severity>/, one ImageFolder each."""
+        from realfake.training.corrupt import CorruptConfig, run_corrupt
+
+        cfg = CorruptConfig(
+            real=self.val_dir,
+            out=self.out / "real_test_c",
+            severities=(self.cfg.ood_severity,),
+            image_format="png",
+            seed=self.cfg.seed,
+            limit_per_class=self.cfg.ood_per_class,
+        )
+        summary = run_corrupt(cfg, log=lambda m: self.log("  " + m))
+        return {"root": str(cfg.out), "images": summary["images"], "sets": summary["sets"]}
+
+    def ood_sets(self) -> dict[str, Path]:
+        """The corrupted sets' validation names and folders (none when the demo makes none)."""
+        path = self.stages_dir / "corrupt.json"
+        if not self.cfg.ood_per_class or not path.is_file():
+            return {}
+        done = json.loads(path.read_text())
+        return {name: Path(done["root"]) / rel for name, rel in done["sets"].items()}
+
     def classify(self, c: Classifier, s: dict) -> dict:
         from realfake.training.classify import ClassifyConfig, run_classify
 
         synthetic = s[c.synthetic]["dataset"] if c.synthetic else None
+        ood = self.ood_sets()
 
         cfg = ClassifyConfig(
             classes=self.class_set,
-            val=self.val_dir,
+            val=[f"test={self.val_dir}", *(f"{name}={path}" for name, path in ood.items())],
             out=self.out / "classify" / c.name,
             synthetic=Path(synthetic) if synthetic else None,
+            versions=c.versions if c.synthetic == "generate" and self.cfg.scaling else None,
             real=self.out / "real_train" if c.real else None,
             model=self.cfg.model,
             epochs=self.cfg.epochs,
@@ -344,7 +378,33 @@ class Demo:
             eval_every=self.cfg.epochs,
         )
         result = run_classify(cfg, log=lambda m: self.log("  " + m))
-        return {"top1": result["top1"], "top5": result["top5"], "train_images": result["train"]["total_images"]}
+        row = {"top1": result["top1"], "top5": result["top5"], "train_images": result["train"]["total_images"]}
+        if ood:
+            per = {name: result["val"][name]["top1"] for name in ood}
+            mean = sum(per.values()) / len(per)
+            row["ood"] = {"corrupted_top1": mean, "drop": result["top1"] - mean, "per_corruption": per}
+        return row
+
+    def membership(self) -> dict:
+        """Membership inference against the real-only and the synthetic-only classifiers: members are the real
+        training images (which the real-only classifier saw, and which the synthetic set was made from), non-members
+        as many held-out test images of each class."""
+        from realfake.training.membership import MembershipConfig, run_membership
+
+        out = {}
+        for c in CLASSIFIERS[:2]:
+            cfg = MembershipConfig(
+                classifier=self.out / "classify" / c.name / "best.pt",
+                members=self.out / "real_train",
+                non_members=self.val_dir,
+                classes=self.class_set,
+                out=self.out / "membership" / c.name,
+                per_class=self.cfg.per_class,
+                seed=self.cfg.seed,
+            )
+            r = run_membership(cfg, log=lambda m: self.log("  " + m))
+            out[c.label] = {k: r[k] for k in ("auc", "tpr_at_1pct_fpr", "members", "non_members")}
+        return {"attacks": out}
 
     def evaluate_data(self, s: dict) -> dict:
         """The synthetic set against the real images it was conditioned on, on the features of the real-only
@@ -378,6 +438,8 @@ class Demo:
         s = {}
         # 1-4. real data, base model, finetune, export (the base model's export too, for the ablations)
         s["data"] = self.stage("data", "1/8", self.data)
+        if self.cfg.ood_per_class:
+            s["corrupt"] = self.stage("corrupt", "1/8", self.corrupt)
         s["base"] = self.stage("base", "2/8", self.base)
         captions = None
         if self.cfg.captioner:
@@ -407,12 +469,14 @@ class Demo:
             finally:
                 server.stop()
         # 6-7. the same classifier on each training set, evaluated on the real test images
-        classifiers = CLASSIFIERS + (ABLATION_CLASSIFIERS if self.cfg.ablate else ())
+        classifiers = CLASSIFIERS + (ABLATION_CLASSIFIERS if self.cfg.ablate else ()) + scaling_classifiers(self.cfg)
         for c in classifiers:
             number = "7/8" if c in ABLATION_CLASSIFIERS else "6/8"
             s[c.stage] = self.stage(c.stage, number, lambda c=c: self.classify(c, s))
-        # 8. how close the synthetic set is to the real one, then the table and the grid
+        # 8. how close the synthetic set is to the real one, how much each classifier gives away of the real
+        # training images (membership inference), then the table and the grid
         s["evaluate_data"] = self.stage("evaluate_data", "8/8", lambda: self.evaluate_data(s))
+        s["membership"] = self.stage("membership", "8/8", self.membership)
         labels = [(c.label, c.stage) for c in classifiers]
         if self.cfg.ablate:
             labels.append(("ablation: + guidance token (= Real-Fake)", "classify_synthetic"))
@@ -438,6 +502,7 @@ class Classifier:
     label: str
     synthetic: str | None  # the Generation stage whose set it trains on
     real: bool
+    versions: int = 1  # of each real image of its synthetic set (the scaling rows: more)
 
     @property
     def name(self) -> str:
@@ -463,6 +528,15 @@ ABLATION_CLASSIFIERS = (
         "classify_prior_no_token", "ablation: + latent prior (no guidance token)", "generate_prior_no_token", False
     ),
 )
+
+
+def scaling_classifiers(cfg: DemoConfig) -> tuple[Classifier, ...]:
+    """The scaling rows: synthetic only and real + synthetic on k versions of each real image, for each k > 1."""
+    rows = []
+    for k in sorted(set(cfg.scaling) - {1}):
+        rows.append(Classifier(f"classify_synthetic_{k}x", f"synthetic only, {k}x", "generate", False, k))
+        rows.append(Classifier(f"classify_mixed_{k}x", f"real + synthetic, {k}x", "generate", True, k))
+    return tuple(rows)
 
 
 def _place(source: Path, target: Path) -> None:
