@@ -146,15 +146,23 @@ def free_port(host: str = LOOPBACK) -> int:
         return s.getsockname()[1]
 
 
+def visible_gpus() -> int:
+    """How many CUDA devices a server started from here sees: CUDA_VISIBLE_DEVICES' list when it is set, else
+    what `nvidia-smi -L` lists (none without it). No model library is loaded to count them."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in listing.splitlines() if line.startswith("GPU "))
+
+
 def cuda_pool_flags(gpus: int | None = None, megabytes: int = CUDA_MEMORY_POOL_MB) -> list[str]:
-    """Triton's CUDA memory pool for each GPU this process sees (core.defaults.CUDA_MEMORY_POOL_MB says why);
-    none without a GPU, or without torch to count them."""
-    if gpus is None:
-        try:
-            import torch
-        except ImportError:
-            return []
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    """Triton's CUDA memory pool for each GPU the server sees (core.defaults.CUDA_MEMORY_POOL_MB says why); none
+    without a GPU."""
+    gpus = visible_gpus() if gpus is None else gpus
     return [f"--cuda-memory-pool-byte-size={g}:{megabytes << 20}" for g in range(gpus)]
 
 

@@ -123,11 +123,13 @@ def test_ddp_two_processes_matches_one(fmnist, tmp_path):
     one, two = _result(tmp_path / "one"), _result(tmp_path / "two")
     assert two["processes"] == 2 and one["global_batch"] == two["global_batch"] == COMMON["batch_size"]
     # Both see the same augmented samples each epoch (seeded per sample), split over processes; BatchNorm's batch
-    # statistics are per process under DDP, so training differs: stated margin on the training loss (measured: at
-    # most 4 % apart with seed 0, 11 % with seed 1). The final top-1 swings with BatchNorm's running statistics as
-    # much as with the seed (see COMMON), so it is only held to learning clearly.
+    # statistics are per process under DDP (16 images each here), so training differs: stated margin on the
+    # training loss (measured: at most 4 % apart with seed 0, 11 % with seed 1 before the timm schedule; 13 % and
+    # 15 % at epochs 2 and 3 with seed 1 since, at the same rates). The final top-1 swings with BatchNorm's running
+    # statistics as much as with the seed (see COMMON), so it is only held to learning clearly.
     for a, b in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "two"), strict=True):
-        assert abs(a["train_loss"] - b["train_loss"]) <= 0.15 * a["train_loss"], (a, b)
+        assert a["lr"] == b["lr"] and a["samples_seen"] == b["samples_seen"]
+        assert abs(a["train_loss"] - b["train_loss"]) <= 0.2 * a["train_loss"], (a, b)
     assert one["top1"] > 0.35 and two["top1"] > 0.35, (one["top1"], two["top1"])  # chance is 0.10
     for e in _metrics(tmp_path / "two"):
         assert e["samples_seen"] == e["unique_samples"] == 10 * TRAIN_PER_CLASS  # no sample twice, none lost

@@ -169,3 +169,16 @@ def test_local_servers_get_the_cuda_pool_of_each_gpu():
         "--cuda-memory-pool-byte-size=0:536870912",
         "--cuda-memory-pool-byte-size=1:536870912",
     ]
+
+
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch, tmp_path):
+    from realfake.client.server import visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert visible_gpus() == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == 0
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    env = _fake_gpu_host(tmp_path, 3)
+    monkeypatch.setenv("PATH", env["PATH"])
+    assert visible_gpus() == 3
