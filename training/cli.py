@@ -335,7 +335,9 @@ def corrupt(
     ] = "jpeg",
     per_class: Annotated[int | None, typer.Option(help="Only the first N images of each class.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the corruptions' randomness (per image, reproducible).")] = 0,
-    workers: Annotated[int | None, typer.Option(help="Worker processes (default: the cores this may use).")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes (default: this process's share of the cores, max 8).")
+    ] = None,
     debug: Debug = False,
 ) -> None:
     """Write a corrupted copy of a real test set with the ImageNet-C corruptions (the imagecorruptions package),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -26,6 +25,7 @@ from realfake.core.errors import UserError
 from realfake.core.files import write_atomic
 from realfake.core.images import IMAGE_SUFFIXES, centre_crop, encode_image, resize_short_side
 from realfake.core.progress import ProgressLines
+from realfake.training.classify_config import default_workers
 
 SEVERITIES = (1, 2, 3, 4, 5)
 GROUPS = ("common", "validation", "all")  # imagecorruptions' sets: the 15 of the benchmark, its 4 held-out, both
@@ -43,7 +43,7 @@ class CorruptConfig:
     image_format: str = "jpeg"  # ImageNet-C ships JPEG; png keeps every pixel
     quality: int = 95
     seed: int = 0
-    workers: int | None = None  # None: the cores this process may use
+    workers: int | None = None  # None: classify_config.default_workers()
     limit_per_class: int | None = None  # the first N images of each class only (a quicker, smaller set)
 
     def names(self) -> list[str]:
@@ -141,7 +141,7 @@ def run_corrupt(cfg: CorruptConfig, log: Callable[[str], None] = print) -> dict:
     rels = list_images(Path(cfg.real), cfg.limit_per_class)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    workers = cfg.workers if cfg.workers is not None else len(os.sched_getaffinity(0))
+    workers = cfg.workers if cfg.workers is not None else default_workers()
     total = len(rels) * len(names) * len(severities)
     log(
         f"corrupting {len(rels)} images x {len(names)} corruptions x {len(severities)} severities = {total} files "
