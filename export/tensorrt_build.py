@@ -260,7 +260,7 @@ def _plan_runner(component: str, plan: Path, meta: dict) -> Callable[[dict[str, 
 
     def run(inputs: dict[str, np.ndarray]) -> np.ndarray:
         tensors = [torch.from_numpy(inputs[name]).cuda() for name in COMPONENT_IO[component][0]]
-        out = runner._run(component, *tensors)
+        out = getattr(runner, component)(*tensors)  # the public call the pipeline makes (ComponentCalls)
         torch.cuda.synchronize()
         return out.cpu().numpy()
 

@@ -161,3 +161,11 @@ def test_membership_finds_an_overfit_models_members_and_not_a_strangers(three_cl
 
     bad = rf("rf-train", "membership", "--classifier", str(tmp_path / "none.pt"), *attack)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+    # a checkpoint of another class set, and a file that is no checkpoint: refused in one line, before any image
+    from realfake.core.errors import UserError
+
+    with pytest.raises(UserError, match="classifies 1000 classes, not the 10"):
+        run_membership(MembershipConfig(overfit_pt, members, non_members, "cifar10"), log=lambda _: None)
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    not_ckpt = rf("rf-train", "membership", "--classifier", str(tmp_path / "text.pt"), *attack)
+    assert not_ckpt.returncode == 2 and "is not a torch checkpoint" in not_ckpt.stderr

@@ -206,6 +206,48 @@ def build_model(name: str, num_classes: int) -> torch.nn.Module:
     )
 
 
+@dataclass
+class Checkpoint:
+    """A trained classifier read back from an rf-train classify checkpoint: the model (weights loaded), its run's
+    settings, and the validation transform it was scored with."""
+
+    model: torch.nn.Module
+    config: dict
+    image_size: int
+    transform: Callable
+
+
+def load_checkpoint(path: Path, num_classes: int | None = None, what: str = "--classifier") -> Checkpoint:
+    """Rebuild the model of `best.pt`/`last.pt` (as `run_classify` writes them) and load its weights; with
+    `num_classes`, a checkpoint of another class count is refused (the caller's class set does not fit it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist")
+    try:
+        # last.pt holds the RNG states (numpy's among them), which weights_only refuses: as resume reads it, this
+        # reads a checkpoint rf-train classify wrote (a pickle: give only files you trust)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure: not a checkpoint we can read
+        raise UserError(f"{what} {path} is not a torch checkpoint ({type(exc).__name__})") from None
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("config"), dict)):
+        raise UserError(f"{what} {path} is not an rf-train classify checkpoint (best.pt or last.pt)")
+    config, state = ckpt["config"], ckpt["model"]
+    head = next((v.shape[0] for v in reversed(list(state.values())) if getattr(v, "ndim", 0) == 2), None)
+    if head is None:
+        raise UserError(f"{what} {path} holds no classifier head")
+    if num_classes is not None and head != num_classes:
+        raise UserError(f"{what} {path} classifies {head} classes, not the {num_classes} of the class set given")
+    model = build_model(config["model"], head)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise UserError(f"{what} {path} does not fit model {config['model']}: {first}") from None
+    small = config["model"] == SMALL_MODEL
+    size = config.get("image_size") or (32 if small else 224)
+    return Checkpoint(model, config, size, transforms(size, False, small, Augment.of(config)))
+
+
 # -- the schedule and the loss ----------------------------------------------------------------------------------
 
 

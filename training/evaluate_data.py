@@ -115,22 +115,13 @@ def bundle_encoder(bundle: Path) -> Encoder:
 
 
 def classifier_encoder(checkpoint: Path) -> Encoder:
-    from realfake.training.classify import build_model, transforms
-    from realfake.training.classify_config import SMALL_MODEL, Augment
+    from realfake.training.classify import load_checkpoint
 
-    ckpt = _load(checkpoint, "--classifier")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise UserError(f"--classifier {checkpoint} is not an rf-train classify checkpoint (best.pt)")
-    name, state = ckpt["config"]["model"], ckpt["model"]
-    num_classes = next(v.shape[0] for v in reversed(list(state.values())) if v.ndim == 2)
-    model = build_model(name, num_classes)
-    model.load_state_dict(state)
-    small = name == SMALL_MODEL
-    size = ckpt["config"].get("image_size") or (32 if small else 224)
+    loaded = load_checkpoint(checkpoint)
     return Encoder(
-        f"classifier {name} from {checkpoint} ({size} px)",
-        _Head(_drop_classifier(model), lambda m, x: m(x)),
-        transforms(size, False, small, Augment.of(ckpt["config"])),  # the validation transform it was scored with
+        f"classifier {loaded.config['model']} from {checkpoint} ({loaded.image_size} px)",
+        _Head(_drop_classifier(loaded.model), lambda m, x: m(x)),
+        loaded.transform,  # the validation transform it was scored with
     )
 
 

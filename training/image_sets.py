@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -255,14 +255,19 @@ def _webdataset_refs(shards: list[Path], n_classes: int) -> RefTable:
 
 def stratified_fraction(refs: RefTable, fraction: float, seed: int) -> RefTable:
     """round(fraction x n_c) images of every class c, chosen with a seeded generator."""
+    return stratified(refs, seed, lambda n: round(fraction * n))
+
+
+def stratified(refs: RefTable, seed: int, count: Callable[[int], int]) -> RefTable:
+    """count(n_c) images of every class c (n_c: its images here), chosen with a seeded generator; class by class
+    (in label order), each class's in table order."""
     order = np.argsort(refs.labels, kind="stable")  # each class's images in table order
     labels = refs.labels[order]
     bounds = np.flatnonzero(np.diff(labels)) + 1
     rng = np.random.default_rng(seed)
     picked = []
     for pool in np.split(order, bounds) if len(order) else []:
-        k = round(fraction * len(pool))
-        picked.append(pool[np.sort(rng.choice(len(pool), k, replace=False))])
+        picked.append(pool[np.sort(rng.choice(len(pool), count(len(pool)), replace=False))])
     return refs.select(np.concatenate(picked) if picked else np.zeros(0, np.int64))
 
 

@@ -62,16 +62,11 @@ def membership_metrics(scores: np.ndarray, is_member: np.ndarray) -> dict:
     }
 
 
-def _balanced(refs, per_class: int | None, seed: int):
-    """At most `per_class` images of each class (seeded choice), in index order."""
-    if per_class is None:
-        return refs
-    rng = np.random.default_rng(seed)
-    keep = []
-    for label in sorted(refs.label_set()):
-        where = np.flatnonzero(refs.labels == label)
-        keep += sorted(rng.permutation(where)[:per_class].tolist())
-    return refs.select(np.asarray(sorted(keep), dtype=np.int64))
+def _at_most(refs, per_class: int | None, seed: int):
+    """At most `per_class` images of each class (seeded choice)."""
+    from realfake.training.image_sets import stratified
+
+    return refs if per_class is None else stratified(refs, seed, lambda n: min(n, per_class))
 
 
 def loss_scores(model: torch.nn.Module, dataset, batch: int, device: torch.device) -> np.ndarray:
@@ -87,28 +82,15 @@ def loss_scores(model: torch.nn.Module, dataset, batch: int, device: torch.devic
 
 
 def run_membership(cfg: MembershipConfig, log: Callable[[str], None] = print) -> dict:
-    from realfake.training.classify import RefDataset, build_model, transforms
-    from realfake.training.classify_config import SMALL_MODEL, Augment
+    from realfake.training.classify import RefDataset, load_checkpoint
     from realfake.training.image_sets import folder_refs
 
-    path = Path(cfg.classifier)
-    if not path.is_file():
-        raise UserError(f"--classifier {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise UserError(f"--classifier {path} is not an rf-train classify checkpoint (best.pt or last.pt)")
-    config, classes = ckpt["config"], load_classes(cfg.classes)
-    model = build_model(config["model"], len(classes))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise UserError(f"--classifier {path} does not match --classes {cfg.classes} ({exc})") from None
-    small = config["model"] == SMALL_MODEL
-    size = config.get("image_size") or (32 if small else 224)
-    transform = transforms(size, False, small, Augment.of(config))  # the validation transform: no augmentation
+    path, classes = Path(cfg.classifier), load_classes(cfg.classes)
+    loaded = load_checkpoint(path, len(classes))
+    model, transform = loaded.model, loaded.transform  # the validation transform: no augmentation
 
-    members = _balanced(folder_refs(Path(cfg.members), classes, "--members"), cfg.per_class, cfg.seed)
-    non_members = _balanced(folder_refs(Path(cfg.non_members), classes, "--non-members"), cfg.per_class, cfg.seed)
+    members = _at_most(folder_refs(Path(cfg.members), classes, "--members"), cfg.per_class, cfg.seed)
+    non_members = _at_most(folder_refs(Path(cfg.non_members), classes, "--non-members"), cfg.per_class, cfg.seed)
     n = min(len(members), len(non_members))
     if n == 0:
         raise UserError("--members and --non-members must both hold images of the class set")
@@ -124,7 +106,7 @@ def run_membership(cfg: MembershipConfig, log: Callable[[str], None] = print) ->
     result = membership_metrics(scores, is_member) | {
         "attack": "loss threshold (score = -cross-entropy)",
         "classifier": str(path),
-        "trained_on": {"synthetic": config.get("synthetic"), "real": config.get("real")},
+        "trained_on": {"synthetic": loaded.config.get("synthetic"), "real": loaded.config.get("real")},
         "member_mean_loss": float(-scores[:n].mean()),
         "non_member_mean_loss": float(-scores[n:].mean()),
         "config": json.loads(json.dumps(asdict(cfg), default=str)),
